@@ -1,0 +1,443 @@
+"""Tensor-parallel building blocks: region-change mappings, TP linear/embedding layers, vocab-parallel CE.
+
+Mappings (Megatron mappings.py style): each autograd.Function is named for the region change it makes,
+and its backward is the conjugate collective. A lowercase wrapper takes the group and is the identity
+when the group is None or of size 1, so the single-process model runs the very same code.
+
+    copy_to_tp            fwd identity               bwd all-reduce       (enter a TP region)
+    reduce_from_tp        fwd all-reduce             bwd identity         (leave it, partial sums)
+    gather_from_tp        fwd all-gather(dim)        bwd keep own chunk
+    scatter_to_tp         fwd keep own chunk         bwd all-gather(dim)
+    gather_from_sp        fwd all-gather(seq)        bwd reduce-scatter(seq)   (sequence parallel)
+    reduce_scatter_to_sp  fwd reduce-scatter(seq)    bwd all-gather(seq)
+    scatter_to_sp         fwd keep own seq chunk     bwd all-gather(seq)
+
+Every parameter of the layers here carries `param.tp_dim` (the dim it is sharded on across tp ranks,
+None = replicated): checkpointing and tests rely on it. Shards are contiguous by tp rank. A parameter
+with `grad_sum_over_tp = True` (RowParallelLinear's bias under sequence parallelism) holds only a
+partial gradient: the gradient reducer must all-reduce it over the tp group.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.context import ParallelContext, check_divisible
+
+SEQUENCE_DIM = 1  # activations are [B, S, D]
+
+
+# ----------------------------------------------------------------------------- collectives (no autograd)
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _check_split(x: torch.Tensor, dim: int, size: int, op: str) -> None:
+    """Fail on THIS rank before a collective: mismatched sizes abort gloo uncatchably."""
+    if x.dim() == 0 or x.shape[dim] % size:
+        raise ValueError(f"{op}: tensor of shape {tuple(x.shape)} cannot be split on dim {dim} into {size} "
+                         f"equal parts (group size): make that dim a multiple of {size}")
+
+
+def _all_gather_fn():
+    # torch 2.13 renames all_gather_into_tensor -> all_gather_single; older torch lacks the new name.
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _reduce_scatter_fn():
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Out-of-place all-reduce (never mutates a tensor autograd may still hold)."""
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Concatenate every rank's x along dim: [.., n, ..] -> [.., size * n, ..] (rank order)."""
+    size = _size(group)
+    x0 = x.movedim(dim, 0).contiguous()  # the *_single collectives concatenate on dim 0
+    out = torch.empty((size * x0.shape[0], *x0.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_fn()(out, x0, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Sum over ranks, keep this rank's chunk of dim: [.., size * n, ..] -> [.., n, ..]."""
+    size = _size(group)
+    _check_split(x, dim, size, "reduce-scatter")
+    x0 = x.movedim(dim, 0).contiguous()
+    out = torch.empty((x0.shape[0] // size, *x0.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_fn()(out, x0, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's contiguous chunk of dim (no communication)."""
+    size = _size(group)
+    _check_split(x, dim, size, "split")
+    n = x.shape[dim] // size
+    return x.narrow(dim, _rank(group) * n, n).contiguous()
+
+
+# ----------------------------------------------------------------------------- autograd region changes
+
+class _CopyToTP(torch.autograd.Function):
+    """Enter a TP region: every rank uses the same x, so dL/dx is the sum of the ranks' partial grads."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Leave a TP region: y = sum_r y_r; each y_r receives dL/dy unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """y = cat_r(x_r, dim); x_r only influences its own chunk, so its grad is that chunk of dL/dy."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, ctx.group, ctx.dim), None, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """x_r = chunk_r(x, dim) of a replicated x; dL/dx = cat_r(dL/dx_r) (chunks are disjoint)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """Sequence shards -> full sequence for a TP region; the region yields partial grads on the full
+    sequence, so dL/dx_r = chunk_r(sum over ranks of grad) = reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Partial sums on the full sequence -> summed sequence shard; dL/dx_r = all-gather of shard grads."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _reduce_scatter(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    """Replicated full sequence -> own shard; dL/dx = all-gather of the shard grads."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.group, ctx.dim), None, None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward, all-reduce of the gradient backward (skipped for a None/size-1 group)."""
+    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce (sum) forward, identity backward."""
+    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """All-gather along dim forward (rank order), keep own chunk of the gradient backward."""
+    return x if _size(group) == 1 else _GatherFromTP.apply(x, group, dim)
+
+
+def scatter_to_tp(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """Keep own chunk along dim forward, all-gather the gradient backward."""
+    return x if _size(group) == 1 else _ScatterToTP.apply(x, group, dim)
+
+
+def gather_from_sp(x: torch.Tensor, group, dim: int = SEQUENCE_DIM) -> torch.Tensor:
+    """All-gather the sequence forward, reduce-scatter the gradient backward."""
+    return x if _size(group) == 1 else _GatherFromSP.apply(x, group, dim)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group, dim: int = SEQUENCE_DIM) -> torch.Tensor:
+    """Reduce-scatter the sequence forward (sum, keep own shard), all-gather the gradient backward."""
+    return x if _size(group) == 1 else _ReduceScatterToSP.apply(x, group, dim)
+
+
+def scatter_to_sp(x: torch.Tensor, group, dim: int = SEQUENCE_DIM) -> torch.Tensor:
+    """Keep own sequence shard forward, all-gather the gradient backward."""
+    return x if _size(group) == 1 else _ScatterToSP.apply(x, group, dim)
+
+
+# ----------------------------------------------------------------------------- sharding helpers
+
+def shard_tensor(full: torch.Tensor, tp_dim: int | None, rank: int, size: int) -> torch.Tensor:
+    """This rank's contiguous chunk of `full` along tp_dim (a copy; tp_dim None = replicated, returned as is).
+
+    Model init generates each full tensor from the same seed on every rank and keeps its shard, so
+    every TP layout starts from exactly the single-process weights.
+    """
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"shard_tensor: rank ({rank}) must be in [0, size ({size}))")
+    if tp_dim is None or size == 1:
+        return full
+    if full.shape[tp_dim] % size:
+        raise ValueError(f"shard_tensor: dim {tp_dim} of shape {tuple(full.shape)} is not divisible by the "
+                         f"tp size ({size}): pad that dimension or choose tp dividing {full.shape[tp_dim]}")
+    n = full.shape[tp_dim] // size
+    return full.narrow(tp_dim, rank * n, n).clone(memory_format=torch.contiguous_format)
+
+
+@torch.no_grad()
+def _init_shard_(param: nn.Parameter, full_shape: tuple, std: float, rank: int, size: int,
+                 generator: torch.Generator | None) -> None:
+    """param <- shard of a full N(0, std^2) tensor, so the RNG stream matches the unsharded layer's."""
+    if param.is_meta:
+        return
+    device = generator.device if generator is not None else param.device
+    full = torch.empty(full_shape, dtype=param.dtype, device=device).normal_(0.0, std, generator=generator)
+    param.copy_(shard_tensor(full, param.tp_dim, rank, size))
+
+
+def _param(shape: tuple, tp_dim: int | None) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape))
+    p.tp_dim = tp_dim
+    return p
+
+
+# ----------------------------------------------------------------------------- layers
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W split by output rows: rank r holds W[r*o:(r+1)*o] (o = out/tp), tp_dim 0.
+
+    Input region: copy_to_tp (x replicated) or, with sequence parallelism, gather_from_sp (x arrives
+    sequence-sharded [B, S/tp, in] and is gathered to [B, S, in]). Output [.., out/tp] stays split
+    (feed a RowParallelLinear) unless gather_output, which all-gathers it to [.., out].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
+                 gather_output: bool = False, init_std: float = 0.02):
+        super().__init__()
+        check_divisible("out_features", out_features, "parallel.tp", ctx.tp)
+        self.in_features, self.out_features, self.init_std = in_features, out_features, init_std
+        self.group, self.tp, self.tp_rank = ctx.tp_group, ctx.tp, ctx.tp_rank
+        self.sequence_parallel, self.gather_output = ctx.sequence_parallel, gather_output
+        self.weight = _param((out_features // ctx.tp, in_features), tp_dim=0)
+        self.bias = _param((out_features // ctx.tp,), tp_dim=0) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """W ~ N(0, init_std^2) drawn as the full [out, in] matrix then sharded; b = 0."""
+        _init_shard_(self.weight, (self.out_features, self.in_features), self.init_std,
+                     self.tp_rank, self.tp, generator)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = gather_from_sp(x, self.group, SEQUENCE_DIM)  # [B, S/tp, in] -> [B, S, in]
+        else:
+            x = copy_to_tp(x, self.group)
+        y = F.linear(x, self.weight, self.bias)  # [.., out/tp]
+        return gather_from_tp(y, self.group, -1) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features} (local {self.weight.shape[0]}), "
+                f"bias={self.bias is not None}, gather_output={self.gather_output}, sp={self.sequence_parallel}")
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W split by input columns: rank r holds W[:, r*i:(r+1)*i] (i = in/tp), tp_dim 1.
+
+    x arrives split on its last dim (a ColumnParallelLinear's output), so x_r W_r^T is a partial sum:
+    y = sum_r x_r W_r^T, reduced by reduce_from_tp, or reduce-scattered over the sequence with sequence
+    parallelism ([B, S, out] partials -> [B, S/tp, out]). The bias is replicated (tp_dim None) and
+    added once, after the reduction. Under sequence parallelism each rank sees only its tokens, so the
+    bias gradient is a partial sum over the tp group: the bias is marked `grad_sum_over_tp = True`
+    (Megatron's `sequence_parallel` attribute) and the gradient reducer must all-reduce it over tp,
+    as for norm weights in the sequence-parallel region.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
+                 init_std: float = 0.02):
+        super().__init__()
+        check_divisible("in_features", in_features, "parallel.tp", ctx.tp)
+        self.in_features, self.out_features, self.init_std = in_features, out_features, init_std
+        self.group, self.tp, self.tp_rank = ctx.tp_group, ctx.tp, ctx.tp_rank
+        self.sequence_parallel = ctx.sequence_parallel
+        self.weight = _param((out_features, in_features // ctx.tp), tp_dim=1)
+        self.bias = _param((out_features,), tp_dim=None) if bias else None
+        if self.bias is not None and self.sequence_parallel:
+            self.bias.grad_sum_over_tp = True
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """W ~ N(0, init_std^2) drawn as the full [out, in] matrix then sharded; b = 0."""
+        _init_shard_(self.weight, (self.out_features, self.in_features), self.init_std,
+                     self.tp_rank, self.tp, generator)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # [B, S, out], partial sum over this rank's in/tp columns
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sp(y, self.group, SEQUENCE_DIM)  # -> [B, S/tp, out]
+        else:
+            y = reduce_from_tp(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features} (local {self.weight.shape[1]}), out={self.out_features}, "
+                f"bias={self.bias is not None}, sp={self.sequence_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocab rows: rank r holds rows [r*v, (r+1)*v) (v = V/tp), tp_dim 0.
+
+    Each rank looks up the tokens it owns and writes zero rows for the rest, so the sum over ranks
+    (reduce_from_tp, or reduce_scatter_to_sp giving [B, S/tp, D] with sequence parallelism) is the
+    full lookup. With tp > 1, ids outside [0, V) silently give zero rows (checking would cost a device
+    sync); with tp = 1 they raise as in nn.Embedding.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, ctx: ParallelContext, init_std: float = 0.02):
+        super().__init__()
+        check_divisible("num_embeddings (vocab)", num_embeddings, "parallel.tp", ctx.tp)
+        self.num_embeddings, self.dim, self.init_std = num_embeddings, dim, init_std
+        self.group, self.tp, self.tp_rank = ctx.tp_group, ctx.tp, ctx.tp_rank
+        self.sequence_parallel = ctx.sequence_parallel
+        self.vocab_start = ctx.tp_rank * (num_embeddings // ctx.tp)
+        self.weight = _param((num_embeddings // ctx.tp, dim), tp_dim=0)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """E ~ N(0, init_std^2) drawn as the full [V, D] table then sharded."""
+        _init_shard_(self.weight, (self.num_embeddings, self.dim), self.init_std, self.tp_rank, self.tp, generator)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.tp == 1:
+            return F.embedding(tokens, self.weight)
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # [B, S, D]
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sp(out, self.group, SEQUENCE_DIM)  # [B, S/tp, D]
+        return reduce_from_tp(out, self.group)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings} (local {self.weight.shape[0]}), {self.dim}, sp={self.sequence_parallel}"
+
+
+# ----------------------------------------------------------------------------- vocab-parallel cross-entropy
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token CE over logits split by vocab across the group, never gathering the full vocab.
+
+    With z the full logits row, m = max_j z_j and t the target id:
+        loss = log(sum_j exp(z_j - m)) - (z_t - m)
+        dloss/dz_j = softmax(z)_j - [j == t]
+    Per rank: m = all-reduce MAX of local maxima; sum_j exp = all-reduce SUM of local sums; z_t - m is
+    picked by the one rank whose contiguous vocab range [r*v, (r+1)*v) holds t (others add 0). The
+    gradient of each local shard needs only the local softmax, so backward has no communication.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_local, targets, group, ignore_index):
+        # 1. stabilise with the global max (float32 throughout)
+        logits = logits_local.float()  # [.., v]
+        v = logits.shape[-1]
+        gmax = logits.max(dim=-1).values  # [..]
+        if _size(group) > 1:
+            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - gmax.unsqueeze(-1)
+        # 2. the target logit, from whichever rank owns it
+        start = _rank(group) * v
+        in_shard = (targets >= start) & (targets < start + v)
+        local_t = torch.where(in_shard, targets - start, 0)
+        picked = torch.where(in_shard, shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0)
+        # 3. sum of exponentials, reduced together with the picked logit in one collective
+        exp = shifted.exp_()
+        stats = torch.stack([exp.sum(dim=-1), picked])  # [2, ..]
+        if _size(group) > 1:
+            dist.all_reduce(stats, group=group)
+        sum_exp, target_logit = stats[0], stats[1]
+        ignored = targets == ignore_index
+        loss = (torch.log(sum_exp) - target_logit).masked_fill(ignored, 0.0)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_t, in_shard, ignored)
+        ctx.logits_dtype = logits_local.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_t, in_shard, ignored = ctx.saved_tensors
+        g = grad_loss.float()
+        grad = softmax * g.unsqueeze(-1)  # out of place: a retained graph can backprop again
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), (-g * in_shard).unsqueeze(-1))
+        grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
+        return grad.to(ctx.logits_dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, group,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Per-token cross-entropy (float32, shape of targets) from this rank's vocab shard [.., V/tp].
+
+    Vocab ranges are contiguous by rank in `group`. Tokens whose target is ignore_index get loss 0 and
+    gradient 0. With group None / size 1 this equals F.cross_entropy(logits.float(), targets,
+    reduction="none", ignore_index=ignore_index); reduce (mean over non-ignored tokens) yourself.
+    Targets outside [0, V) other than ignore_index are not detected (that would need a device sync).
+    """
+    if logits_local.shape[:-1] != targets.shape:
+        raise ValueError(f"vocab_parallel_cross_entropy: logits {tuple(logits_local.shape)} must be targets "
+                         f"{tuple(targets.shape)} plus a vocab dim: pass logits [.., V/tp] and targets [..]")
+    if targets.is_floating_point() or targets.is_complex():
+        raise ValueError(f"vocab_parallel_cross_entropy: targets must be integer token ids, got {targets.dtype}")
+    return _VocabParallelCrossEntropy.apply(logits_local, targets, group, ignore_index)
