@@ -1,0 +1,167 @@
+"""Building blocks of the decoder: norms, positions (learned, sinusoidal, RoPE with scaling),
+attention (SDPA; MHA/GQA/MQA; optional banded window) and the dense MLP (GELU / SwiGLU).
+
+Shapes: B batch, S sequence, D d_model, H query heads, K kv heads, Dh head dim, F MLP width.
+Linear layers come from parallel.tensor: with tensor parallelism they hold a shard (heads, MLP
+columns) and do the Megatron collectives; with tp == 1 they are plain linears.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parallel.context import ParallelContext
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear
+
+from .config import ModelConfig
+
+
+# ---------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight  (LLaMA, GLM); torch's fused rms_norm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ---------------------------------------------------------------- positions
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) for the rotary dims, with the configured context scaling:
+    linear (positions / factor), NTK-aware (base * factor^(d/(d-2))), or LLaMA-3.1 per-frequency
+    scaling (long wavelengths / factor, short kept, a smooth ramp in between)."""
+    dim, base = cfg.rotary_dim, cfg.rope_theta
+    if cfg.rope_scaling == "ntk":
+        base = base * cfg.rope_scaling_factor ** (dim / (dim - 2))
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if cfg.rope_scaling == "linear":
+        inv = inv / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "llama3":
+        inv = _llama3_scale(inv, cfg)
+    return inv.float()
+
+
+def _llama3_scale(inv: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    factor, orig = cfg.rope_scaling_factor, cfg.rope_original_max_seq_len
+    low_wavelen = orig / cfg.rope_low_freq_factor
+    high_wavelen = orig / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (orig / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > low_wavelen, inv / factor, blended)
+    return torch.where(wavelen < high_wavelen, inv, out)
+
+
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [S, rotary_dim/2] in float32."""
+    inv = rope_inv_freq(cfg).to(device)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] dims of each head of x [B, H, S, Dh]; the rest pass through.
+    Pairs are (i, i + r/2) ("rotate half", LLaMA/HF) or (2i, 2i+1) (interleaved, GLM)."""
+    r = 2 * cos.shape[-1]
+    rot, rest = x[..., :r].float(), x[..., r:]
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+    else:
+        a, b = rot[..., : r // 2], rot[..., r // 2:]
+        out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+    return torch.cat((out.to(x.dtype), rest), dim=-1)
+
+
+def sinusoidal_table(seq_len: int, dim: int) -> torch.Tensor:
+    """The original Transformer's fixed positions: sin on even dims, cos on odd, [S, D]."""
+    pos = torch.arange(seq_len, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(seq_len, dim)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)
+    return table
+
+
+# ---------------------------------------------------------------- attention
+def banded_causal_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """Boolean [S, S], True where query i may attend key j: i - window < j <= i."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+class Attention(nn.Module):
+    """Causal self-attention through scaled_dot_product_attention. GQA/MQA use SDPA's enable_gqa,
+    so K/V are never repeated in memory. Under tensor parallelism each rank holds H/tp query heads
+    and K/tp kv heads (whole groups), so no communication is needed inside attention itself."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_idx: int):
+        super().__init__()
+        self.h_local = cfg.n_heads // ctx.tp
+        self.kv_local = cfg.kv_heads // ctx.tp
+        self.dh = cfg.dim_head
+        self.window = cfg.local_window if cfg.is_local_layer(layer_idx) else None
+        self.interleaved = cfg.rope_interleaved
+        self.dropout = cfg.dropout
+        qkv_bias = cfg.use_qkv_bias
+        self.wq = ColumnParallelLinear(cfg.d_model, cfg.n_heads * self.dh, qkv_bias, ctx)
+        self.wk = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * self.dh, qkv_bias, ctx)
+        self.wv = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * self.dh, qkv_bias, ctx)
+        self.wo = RowParallelLinear(cfg.n_heads * self.dh, cfg.d_model, cfg.bias, ctx)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        q = self.wq(x)
+        B, S = q.shape[:2]  # under sequence parallelism the column linear has gathered S
+        q = q.view(B, S, self.h_local, self.dh).transpose(1, 2)  # [B, H, S, Dh]
+        k = self.wk(x).view(B, S, self.kv_local, self.dh).transpose(1, 2)  # [B, K, S, Dh]
+        v = self.wv(x).view(B, S, self.kv_local, self.dh).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope[0][:S], rope[1][:S]
+            q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+        p = self.dropout if self.training else 0.0
+        gqa = self.kv_local != self.h_local
+        if self.window is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
+        else:
+            mask = banded_causal_mask(S, self.window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, S, self.h_local * self.dh))
+
+
+# ---------------------------------------------------------------- dense MLP
+def gelu(x: torch.Tensor, approx: str) -> torch.Tensor:
+    return F.gelu(x, approximate=approx)
+
+
+class DenseMLP(nn.Module):
+    """GELU: W2 gelu(W1 x).  SwiGLU: W2 (silu(W1 x) * W3 x).  W1/W3 column-parallel, W2 row-parallel,
+    so a tensor-parallel MLP needs one all-reduce (or reduce-scatter) at its output."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ffn_dim: int | None = None):
+        super().__init__()
+        f = ffn_dim or cfg.ffn
+        self.swiglu = cfg.mlp == "swiglu"
+        self.approx = cfg.gelu_approx
+        self.w1 = ColumnParallelLinear(cfg.d_model, f, cfg.bias, ctx)
+        self.w3 = ColumnParallelLinear(cfg.d_model, f, cfg.bias, ctx) if self.swiglu else None
+        self.w2 = RowParallelLinear(f, cfg.d_model, cfg.bias, ctx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(gelu(self.w1(x), self.approx))

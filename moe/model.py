@@ -1,0 +1,242 @@
+"""The Decoder: embedding -> N blocks (attention + dense or MoE MLP) -> final norm -> LM head.
+
+One definition serves every preset and every parallel layout. Blocks live in a ModuleDict keyed by
+their global index, so a pipeline stage builds only its own blocks (`layer_ids`, `pre`, `post`) and
+parameter names ("layers.7.attn.wq.weight") are the same in every layout. Weights are initialised
+layout-independently: every parameter's full tensor is drawn from a generator seeded by
+(seed, name) and each rank keeps its tensor/expert-parallel shard, so all layouts start from the
+single-process weights.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from parallel.context import ParallelContext, check_divisible
+from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_to_tp, shard_tensor, \
+    vocab_parallel_cross_entropy
+
+from .config import ModelConfig
+from .layers import Attention, DenseMLP, make_norm, rope_cos_sin, sinusoidal_table
+from .moe_layer import MoELayer, MoEStats
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor | None          # [B, S, V] (this rank's vocab shard [B, S, V/tp] under tp); None on non-last stages
+    loss: torch.Tensor | None = None     # mean LM cross-entropy over non-ignored targets (no aux terms)
+    hidden: torch.Tensor | None = None   # output activations of a non-last pipeline stage
+    aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # sum over MoE layers, detached
+    z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))    # sum over MoE layers, detached
+    moe: dict[int, MoEStats] = field(default_factory=dict)                  # layer index -> routing statistics
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).  Post-norm (GPT-1): norm(x + attn(x)), ..."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, idx: int):
+        super().__init__()
+        self.pre = cfg.norm_position == "pre"
+        self.attn_norm, self.mlp_norm = make_norm(cfg), make_norm(cfg)
+        self.attn = Attention(cfg, ctx, idx)
+        self.mlp = MoELayer(cfg, ctx) if cfg.is_moe_layer(idx) else DenseMLP(cfg, ctx)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, aux_grad_scale: float) -> tuple[torch.Tensor, MoEStats | None]:
+        if self.pre:
+            x = x + self.drop(self.attn(self.attn_norm(x), rope))
+            m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale)
+            return x + self.drop(m), stats
+        x = self.attn_norm(x + self.drop(self.attn(x, rope)))
+        m, stats = self._mlp(x, aux_grad_scale)
+        return self.mlp_norm(x + self.drop(m)), stats
+
+    def _mlp(self, x, aux_grad_scale):
+        if isinstance(self.mlp, MoELayer):
+            return self.mlp(x, aux_grad_scale)
+        return self.mlp(x), None
+
+
+def validate_layout(cfg: ModelConfig, ctx: ParallelContext) -> None:
+    """Check the model's sizes against the parallel layout before building anything."""
+    check_divisible("model.n_heads", cfg.n_heads, "parallel.tp", ctx.tp)
+    check_divisible("model.n_kv_heads", cfg.kv_heads, "parallel.tp", ctx.tp)
+    check_divisible("model.ffn_dim", cfg.ffn, "parallel.tp", ctx.tp)
+    if cfg.shared_expert_ffn_dim:
+        check_divisible("model.shared_expert_ffn_dim", cfg.shared_expert_ffn_dim, "parallel.tp", ctx.tp)
+    if cfg.padded_vocab_size % ctx.tp:
+        raise ValueError(f"padded vocabulary ({cfg.padded_vocab_size}) must be divisible by parallel.tp ({ctx.tp}): "
+                         f"set model.vocab_pad_multiple to a multiple of {ctx.tp}")
+    if cfg.n_experts:
+        check_divisible("model.n_experts", cfg.n_experts, "parallel.ep", ctx.ep)
+    elif ctx.ep > 1:
+        raise ValueError(f"parallel.ep ({ctx.ep}) > 1 needs an MoE model (model.n_experts > 0)")
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None, layer_ids: Iterable[int] | None = None,
+                 pre: bool = True, post: bool = True):
+        super().__init__()
+        ctx = ctx or ParallelContext.single()
+        validate_layout(cfg, ctx)
+        self.cfg, self.ctx, self.pre, self.post = cfg, ctx, pre, post
+        self.activation_checkpointing = False
+        ids = range(cfg.n_layers) if layer_ids is None else list(layer_ids)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, ctx, i) for i in ids})
+        if pre:
+            self.tok_emb = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.d_model, ctx)
+            if cfg.positions == "learned":
+                self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            elif cfg.positions == "sinusoidal":
+                self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+            self.emb_drop = nn.Dropout(cfg.dropout)
+        if post:
+            self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+            if not (cfg.tie_embeddings and pre):
+                self.head = ColumnParallelLinear(cfg.d_model, cfg.padded_vocab_size, False, ctx)
+                self.head.weight.tied_to = "tok_emb.weight" if cfg.tie_embeddings else None
+        self._mark_tp_partial_grads()
+
+    def _mark_tp_partial_grads(self) -> None:
+        """Under sequence parallelism every tp-replicated parameter sees only a sequence shard, so its
+        gradient is a partial sum over the tp group (Megatron's `sequence_parallel` attribute)."""
+        for p in self.parameters():
+            if getattr(p, "tp_dim", None) is None and self.ctx.sequence_parallel and self.ctx.tp > 1:
+                p.grad_sum_over_tp = True
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, aux_grad_scale: float = 1.0,
+                ) -> DecoderOutput:
+        """x: token ids [B, S] on the first stage, else the previous stage's hidden [B, S(/tp), D].
+        `aux_grad_scale`: the factor applied to this micro-batch's LM loss (e.g. 1/n_micro_batches);
+        the MoE auxiliary losses get the same factor in backward."""
+        h = self.embed(x) if self.pre else x
+        rope = self._rope(h) if self.cfg.positions == "rope" else None
+        out = DecoderOutput(logits=None)
+        for key, block in self.layers.items():
+            if self.activation_checkpointing and self.training:
+                h, stats = checkpoint(block, h, rope, aux_grad_scale, use_reentrant=False)
+            else:
+                h, stats = block(h, rope, aux_grad_scale)
+            if stats is not None:
+                out.moe[int(key)] = stats
+        if out.moe:
+            out.aux_loss = torch.stack([s.aux_loss for s in out.moe.values()]).sum()
+            out.z_loss = torch.stack([s.z_loss for s in out.moe.values()]).sum()
+        if not self.post:
+            out.hidden = h
+            return out
+        out.logits = self.logits(h)
+        if targets is not None:
+            out.loss = self.loss(out.logits, targets)
+        if self.ctx.tp == 1 and self.cfg.padded_vocab_size != self.cfg.vocab_size:
+            out.logits = out.logits[..., : self.cfg.vocab_size]
+        return out
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        h = self.tok_emb(tokens)  # [B, S(/tp under sequence parallelism), D]
+        if self.cfg.positions != "rope":
+            start = self.ctx.tp_rank * h.shape[1] if self.ctx.sequence_parallel and self.ctx.tp > 1 else 0
+            pos = torch.arange(start, start + h.shape[1], device=h.device)
+            h = h + (self.pos_emb(pos) if self.cfg.positions == "learned" else self.pos_table[pos].to(h.dtype))
+        return self.emb_drop(h)
+
+    def _rope(self, h: torch.Tensor):
+        seq = h.shape[1] * (self.ctx.tp if self.ctx.sequence_parallel and self.ctx.tp > 1 else 1)
+        cached = getattr(self, "_rope_cache", None)
+        if cached is None or cached[0].shape[0] < seq or cached[0].device != h.device:
+            self._rope_cache = rope_cos_sin(self.cfg, max(seq, 1), h.device)
+        return self._rope_cache
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's vocab shard of the logits; padded vocabulary columns are -inf."""
+        h = self.norm(h)
+        if hasattr(self, "head"):
+            logits = self.head(h)
+        else:  # tied: the embedding matrix [V/tp, D] is the head's column shard
+            from parallel.tensor import gather_from_sp
+
+            sp = self.ctx.sequence_parallel and self.ctx.tp > 1
+            h = gather_from_sp(h, self.ctx.tp_group) if sp else copy_to_tp(h, self.ctx.tp_group)
+            logits = F.linear(h, self.tok_emb.weight)
+        return self._mask_padding(logits)
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.padded_vocab_size == self.cfg.vocab_size:
+            return logits
+        v_local = logits.shape[-1]
+        cols = torch.arange(v_local, device=logits.device) + self.ctx.tp_rank * v_local
+        return logits.masked_fill(cols >= self.cfg.vocab_size, float("-inf"))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy over non-ignored targets, vocab-parallel (no rank holds full-vocab logits)."""
+        group = self.ctx.tp_group if self.ctx.tp > 1 else None
+        per_token = vocab_parallel_cross_entropy(logits, targets, group, ignore_index=ignore_index)
+        n = (targets != ignore_index).sum().clamp(min=1)
+        return per_token.sum() / n
+
+    # ------------------------------------------------------------ weights
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Layout-independent init: each parameter's full tensor from a (seed, name)-seeded generator,
+        then this rank's shard. Normal(0, init_std) for matrices (output projections scaled by
+        1/sqrt(2 n_layers), GPT-2), ones for norm weights, zeros for biases."""
+        for name, p in self.named_parameters():
+            name = getattr(p, "tied_to", None) or name
+            full = self._full_init(name, p, seed)
+            if getattr(p, "tp_dim", None) is not None:
+                full = shard_tensor(full, p.tp_dim, self.ctx.tp_rank, self.ctx.tp)
+            if getattr(p, "ep_dim", None) is not None:
+                full = shard_tensor(full, p.ep_dim, self.ctx.ep_rank, self.ctx.ep)
+            p.copy_(full)
+
+    def _full_init(self, name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
+        shape = list(p.shape)
+        if getattr(p, "tp_dim", None) is not None:
+            shape[p.tp_dim] *= self.ctx.tp
+        if getattr(p, "ep_dim", None) is not None:
+            shape[p.ep_dim] *= self.ctx.ep
+        if name.endswith("bias"):
+            return torch.zeros(shape)
+        if p.ndim == 1:  # norm weights
+            return torch.ones(shape)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        std = self.cfg.init_std
+        if name.endswith(("wo.weight", "w2.weight", "w_out")):
+            std = std / (2 * self.cfg.n_layers) ** 0.5
+        return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def param_counts(model: Decoder) -> tuple[int, int]:
+    """(total, active) parameters on this rank; active counts top_k of n_experts expert weights."""
+    cfg = model.cfg
+    total = expert = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if getattr(p, "ep_dim", None) is not None:
+            expert += p.numel()
+    active = total - expert + (expert * cfg.top_k // cfg.n_experts if cfg.n_experts else 0)
+    return total, active
+
+
+def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, seed: int = 0, device=None,
+                **stage) -> Decoder:
+    """Build on `device` (use "meta" to count parameters of any size for free) and initialise."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with device:
+        model = Decoder(cfg, ctx, **stage)
+    if device.type != "meta":
+        model.init_weights(seed)
+    return model

@@ -1,0 +1,163 @@
+"""The MoE MLP: router -> permute -> (expert-parallel dispatch) -> experts -> combine -> unpermute.
+
+Shapes: T tokens on this rank, k experts per token, D width, E experts (E_l local under EP).
+Auxiliary losses are not added to the LM loss by the caller and never stored in globals: they are
+attached to this layer's output with AttachAuxLoss, whose backward injects d(aux)/d(router) scaled
+by `aux_grad_scale` (the factor the trainer applies to the LM loss of this micro-batch). That makes
+them correct under every pipeline schedule; their detached values come back in MoEStats for logging.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from parallel.context import ParallelContext
+from parallel.tensor import gather_from_tp, scatter_to_tp
+
+from .config import ModelConfig
+from .experts import Experts
+from .layers import DenseMLP
+from .router import TopKRouter
+
+
+@dataclass
+class MoEStats:
+    aux_loss: torch.Tensor           # scalar, detached, coefficient applied
+    z_loss: torch.Tensor             # scalar, detached, coefficient applied
+    tokens_per_expert: torch.Tensor  # [E] routed slots per expert over the micro-batch (before dropping)
+    dropped_fraction: torch.Tensor   # scalar: share of routed slots dropped by the capacity limit
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Forward: returns the activations unchanged. Backward: passes their gradient through and
+    gives `loss` the gradient `scale`, i.e. behaves as if `scale * loss` were added to the objective."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, scale: float):
+        ctx.scale = scale
+        ctx.save_for_backward(loss)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.full_like(loss, ctx.scale), None
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """What unpermute needs: for each kept slot (sorted by expert) its token row and gate weight."""
+    token_idx: torch.Tensor   # [N] token row of each kept slot, expert-major order
+    weights: torch.Tensor     # [N] gate weight of each kept slot
+    counts: torch.Tensor      # [E] kept slots per expert
+    n_tokens: int
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float | None) -> int | None:
+    """Slots per expert: ceil(factor * T * k / E); None means dropless."""
+    return None if factor is None else math.ceil(factor * n_tokens * top_k / n_experts)
+
+
+def permute(experts: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity: int | None) -> Permutation:
+    """Sort the T*k routed slots by expert. With a capacity, each expert keeps its first `capacity`
+    slots in priority order - all first choices (in token order) before all second choices, as in
+    GShard/Switch - and the rest are dropped (their tokens pass through on the residual only)."""
+    T, k = experts.shape
+    priority = torch.arange(T * k, device=experts.device).view(k, T).t()  # [T, k]: choice-major order
+    key = experts * (T * k) + priority
+    order = torch.argsort(key.flatten())  # expert-major, then priority
+    sorted_experts = experts.flatten()[order]
+    counts = torch.bincount(sorted_experts, minlength=n_experts)
+    token_idx = order // k
+    if capacity is not None:
+        starts = torch.cumsum(counts, 0) - counts
+        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
+        keep = rank_in_expert < capacity
+        order, token_idx = order[keep], token_idx[keep]
+        counts = counts.clamp(max=capacity)
+    return Permutation(token_idx, weights.flatten()[order], counts, T)
+
+
+def unpermute(y: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """out[t] = sum over kept slots s of token t: weight_s * y_s. Dropped slots contribute zero."""
+    out = y.new_zeros(perm.n_tokens, y.shape[-1])
+    return out.index_add(0, perm.token_idx, y * perm.weights.to(y.dtype)[:, None])
+
+
+class LocalDispatcher:
+    """Expert parallelism of size 1: every expert is local, nothing to send."""
+
+    n_local_experts: int
+
+    def __init__(self, n_experts: int):
+        self.n_local_experts = n_experts
+
+    def dispatch(self, x: torch.Tensor, counts: torch.Tensor):
+        return x, counts, None
+
+    def combine(self, y: torch.Tensor, meta) -> torch.Tensor:
+        return y
+
+
+def make_dispatcher(cfg: ModelConfig, ctx: ParallelContext):
+    if ctx.ep == 1:
+        return LocalDispatcher(cfg.n_experts)
+    from parallel.expert import AllToAllDispatcher
+
+    return AllToAllDispatcher(cfg.n_experts, ctx.ep_group, ctx.ep)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+        super().__init__()
+        self.cfg, self.ctx = cfg, ctx
+        self.router = TopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef)
+        self.dispatcher = make_dispatcher(cfg, ctx)
+        self.experts = Experts(self.dispatcher.n_local_experts, cfg.d_model, cfg.expert_ffn, cfg.mlp == "swiglu",
+                               cfg.gelu_approx, cfg.expert_backend)
+        self.shared = DenseMLP(cfg, ctx, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
+        # The router and experts see only this rank's token shard when tp > 1: their gradients are
+        # partial sums over the tp group (reduced by the gradient reducer).
+        for p in list(self.router.parameters()) + list(self.experts.parameters()):
+            p.grad_sum_over_tp = ctx.tp > 1
+
+    def forward(self, x: torch.Tensor, aux_grad_scale: float = 1.0) -> tuple[torch.Tensor, MoEStats]:
+        # 1. flatten tokens; with tp > 1 (no sequence parallelism) each tp rank takes 1/tp of them,
+        #    so no expert work is duplicated across the tp group
+        # 2. route (float32) and compute aux/z losses over the whole micro-batch
+        # 3. permute slots expert-major, dropping over-capacity slots
+        # 4. dispatch to the ranks owning the experts (identity without EP), compute, combine
+        # 5. unpermute (weighted sum per token), restore the token layout, attach the aux losses
+        shape = x.shape
+        tp_group = self.ctx.tp_group if self.ctx.tp > 1 else None
+        tokens = x.reshape(-1, shape[-1])
+        shard_tokens = tp_group is not None and not self.ctx.sequence_parallel
+        if shard_tokens:
+            tokens = scatter_to_tp(tokens, tp_group, dim=0)
+        routing = self.router(tokens, stats_group=tp_group)
+        cap = expert_capacity(tokens.shape[0], self.cfg.top_k, self.cfg.n_experts, self.cfg.capacity_factor)
+        perm = permute(routing.experts, routing.weights, self.cfg.n_experts, cap)
+        x_local, counts_local, meta = self.dispatcher.dispatch(tokens[perm.token_idx], perm.counts)
+        y_local = self.experts(x_local, counts_local, self._local_capacity(cap))
+        y = unpermute(self.dispatcher.combine(y_local, meta), perm)
+        if shard_tokens:
+            y = gather_from_tp(y, tp_group, dim=0)
+        y = y.view(shape)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        y = AttachAuxLoss.apply(y, routing.aux_loss + routing.z_loss, aux_grad_scale)
+        return y, self._stats(routing, perm, tokens.shape[0])
+
+    def _local_capacity(self, cap: int | None) -> int | None:
+        """Padded-buffer size per local expert: rows from ep ranks each keep <= cap per expert."""
+        return None if cap is None else cap * self.ctx.ep
+
+    def _stats(self, routing, perm: Permutation, n_tokens: int) -> MoEStats:
+        routed = n_tokens * self.cfg.top_k
+        dropped = 1.0 - perm.token_idx.numel() / routed if routed else 0.0
+        return MoEStats(routing.aux_loss.detach(), routing.z_loss.detach(), routing.tokens_per_expert.detach(),
+                        torch.tensor(dropped))

@@ -1,0 +1,81 @@
+"""Top-k router with the Switch/GShard load-balancing loss and the ST-MoE router z-loss.
+
+Math (T tokens, E experts, k experts per token):
+    logits  = x W_r                        [T, E]    (computed and kept in float32)
+    p       = softmax(logits)              [T, E]
+    w, idx  = topk(p, k);  w = w / sum(w)  [T, k]    (renormalised over the chosen k)
+    f_e     = (# routed slots to e) / (T k)          fraction of assignments, no gradient
+    P_e     = mean_t p[t, e]                          mean router probability, differentiable
+    aux     = coef_aux * E * sum_e f_e P_e            == coef_aux when perfectly balanced
+    z       = coef_z * mean_t logsumexp(logits_t)^2
+When the tokens of one micro-batch are split over several ranks (tensor-parallel token sharding,
+sequence parallelism) the per-expert counts and probability sums are summed over `stats_group`
+first, so every rank computes the loss of the whole micro-batch, exactly as one process would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parallel.tensor import reduce_from_tp
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor          # [T, k] renormalised gate weights (x.dtype-independent float32)
+    experts: torch.Tensor          # [T, k] int64 expert ids
+    aux_loss: torch.Tensor         # scalar, coefficient applied, differentiable
+    z_loss: torch.Tensor           # scalar, coefficient applied, differentiable
+    tokens_per_expert: torch.Tensor  # [E] int64 counts over the whole micro-batch (before any dropping)
+
+
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int, coef: float,
+                        stats_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """aux = coef * E * sum_e f_e * P_e over all tokens of the micro-batch (see module docstring).
+    Returns (loss, tokens_per_expert)."""
+    T, k = experts.shape
+    counts = torch.bincount(experts.flatten(), minlength=n_experts)  # [E] local routed slots
+    prob_sum = probs.sum(dim=0)  # [E]
+    n_tokens = torch.tensor([T], device=probs.device, dtype=torch.float32)
+    if stats_group is not None:
+        counts = reduce_from_tp(counts.float(), stats_group).long()
+        prob_sum = reduce_from_tp(prob_sum, stats_group)
+        n_tokens = reduce_from_tp(n_tokens, stats_group)
+    f = counts.float() / (n_tokens * k)
+    P = prob_sum / n_tokens
+    return coef * n_experts * (f * P).sum(), counts
+
+
+def z_loss(logits: torch.Tensor, coef: float, stats_group=None) -> torch.Tensor:
+    """coef * mean over all micro-batch tokens of logsumexp(logits)^2. With tokens split over
+    `stats_group`, each rank contributes its sum / total tokens; the forward value is all-reduced."""
+    sq = torch.logsumexp(logits, dim=-1).square().sum()
+    n = torch.tensor([logits.shape[0]], device=logits.device, dtype=torch.float32)
+    if stats_group is not None:
+        sq = reduce_from_tp(sq, stats_group)
+        n = reduce_from_tp(n, stats_group)
+    return coef * sq / n.squeeze()
+
+
+class TopKRouter(nn.Module):
+    """Linear gate d_model -> E, then the routing math above. The gate weight is replicated on
+    every rank (it is tiny); its gradient is summed over token shards by the gradient reducer."""
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, aux_coef: float, z_coef: float):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.aux_coef, self.z_coef = aux_coef, z_coef
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+
+    def forward(self, x: torch.Tensor, stats_group=None) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())  # [T, E] float32 whatever the compute dtype
+        probs = torch.softmax(logits, dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        aux, counts = load_balancing_loss(probs, experts, self.n_experts, self.aux_coef, stats_group)
+        z = z_loss(logits, self.z_coef, stats_group)
+        return Routing(weights, experts, aux, z, counts)
