@@ -449,9 +449,9 @@ def _usable(prefix: str) -> bool:
 
 
 def resolve_data_paths(paths: Sequence[str], cache_dir: str | os.PathLike,
-                       tokenizer: Tokenizer) -> list[str]:
+                       tokenizer: Tokenizer, max_bytes: int = 8_000_000) -> list[str]:
     """Map the literal "stdlib" to the (built on demand) default corpus; keep other prefixes."""
-    return [ensure_default_corpus(cache_dir, tokenizer) if p == "stdlib" else _strip_suffix(p)
+    return [ensure_default_corpus(cache_dir, tokenizer, max_bytes) if p == "stdlib" else _strip_suffix(p)
             for p in paths]
 
 

@@ -1,0 +1,91 @@
+"""Sample text from a checkpoint: `python launchers/generate.py RUN_DIR_OR_CHECKPOINT --prompt "def "`.
+
+Greedy (--temperature 0), temperature sampling and top-k. Single process; the checkpoint must come
+from a tp=pp=ep=1 run (or be converted first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from moe.config import ModelConfig  # noqa: E402
+from moe.model import Decoder, build_model  # noqa: E402
+from train.checkpoint import list_checkpoints  # noqa: E402
+from train.data import load_tokenizer  # noqa: E402
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A step_XXXXXXXX directory, or the latest one under RUN_DIR/checkpoints or the given folder."""
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"no checkpoint under {path}: pass a run_dir or a step_XXXXXXXX directory")
+
+
+def load_model(ckpt: Path) -> tuple[Decoder, dict]:
+    import json
+
+    meta = json.loads((ckpt / "meta.json").read_text())
+    layout = meta["layout"]
+    if layout["tp"] * layout["pp"] * layout["ep"] != 1:
+        raise ValueError(f"checkpoint {ckpt} is sharded ({layout}): generate needs a tp=pp=ep=1 checkpoint")
+    cfg = ModelConfig.from_dict(meta["config"]["model"])
+    model = build_model(cfg, device="meta")
+    model = model.to_empty(device="cpu")
+    shard = torch.load(ckpt / "rank_00000.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(shard["model"])
+    return model.eval(), meta["config"]
+
+
+@torch.no_grad()
+def generate(model: Decoder, ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
+             generator: torch.Generator) -> list[int]:
+    """Autoregressive sampling; recomputes the (cropped) context each step - simple, no KV cache."""
+    x = torch.tensor([ids], dtype=torch.long)
+    for _ in range(max_new_tokens):
+        logits = model(x[:, -model.cfg.max_seq_len:]).logits[0, -1].float()
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
+    return x[0, len(ids):].tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="run_dir (latest checkpoint) or a step_XXXXXXXX directory")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--tokenizer", default=None, help="override the run's data.tokenizer")
+    args = p.parse_args(argv)
+    try:
+        model, cfg = load_model(find_checkpoint(Path(args.checkpoint)))
+        tok = load_tokenizer(args.tokenizer or cfg["data"]["tokenizer"])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k, gen)
+    print(args.prompt + tok.decode(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Data-parallel gradient reduction, bucketed and overlapped with backward, and ZeRO-1.
+
+Which group reduces which gradient (the loss on every rank is its own mean / n_micro_batches):
+  * params flagged `grad_sum_over_tp` (they saw only a token shard of the micro-batch: MoE router
+    and experts under tp, everything tp-replicated under sequence parallelism): SUM over tp first;
+  * dense params: SUM over dp, then / dp                 -> mean over data-parallel replicas;
+  * expert params (`ep_dim` set): SUM over edp, then / dp. An expert's owner already holds the sum
+    over its ep group's tokens (the all-to-all backward adds them), so summing over the edp
+    replicas covers all dp ranks once; dividing by dp (not edp) gives the same mean as dense params.
+Buckets are launched in a fixed order (reverse parameter order, the order backward produces them)
+as soon as each is complete, so communication overlaps the rest of backward; a bucket never starts
+before the previous one, which keeps the collective order identical on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .context import ParallelContext
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+@dataclass
+class _Bucket:
+    params: list[torch.nn.Parameter]
+    group: object          # dp group or edp group (None = nothing to reduce)
+    tp_group: object       # set when these grads are partial sums over tp
+    ready: int = 0
+    handle: object = None
+    buffer: torch.Tensor | None = None
+    ids: set = field(default_factory=set)
+
+
+class GradReducer:
+    """Reduce gradients after the last micro-batch's backward. Usage per optimizer step:
+        reducer.prepare(last_micro_batch)    # before each backward
+        loss.backward()
+        reducer.finish()                     # after the last backward: grads are reduced"""
+
+    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext, bucket_mb: float = 25.0):
+        self.ctx = ctx
+        self.dp = ctx.dp
+        self.buckets = self._make_buckets([p for p in params if p.requires_grad], bucket_mb)
+        self.syncing = False
+        self.next_to_launch = 0
+        self._owner = {id(p): b for b in self.buckets for p in b.params}
+        for p in params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _make_buckets(self, params, bucket_mb: float) -> list[_Bucket]:
+        limit = int(bucket_mb * 2**20)
+        ctx = self.ctx
+        buckets: list[_Bucket] = []
+        open_: dict[tuple, _Bucket] = {}
+        for p in reversed(params):
+            expert = getattr(p, "ep_dim", None) is not None
+            group = (ctx.edp_group if ctx.edp > 1 else None) if expert else (ctx.dp_group if ctx.dp > 1 else None)
+            tp_group = ctx.tp_group if getattr(p, "grad_sum_over_tp", False) and ctx.tp > 1 else None
+            key = (expert, tp_group is not None, p.dtype, p.device)
+            b = open_.get(key)
+            if b is None or sum(q.numel() * q.element_size() for q in b.params) >= limit:
+                b = open_[key] = _Bucket([], group, tp_group)
+                buckets.append(b)
+            b.params.append(p)
+            b.ids.add(id(p))
+        return [b for b in buckets if b.group is not None or b.tp_group is not None]
+
+    def prepare(self, sync: bool) -> None:
+        """Call before each backward; `sync` = this is the last micro-batch of the step."""
+        self.syncing = sync
+        if sync:
+            self.next_to_launch = 0
+            for b in self.buckets:
+                b.ready, b.handle, b.buffer = 0, None, None
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        b = self._owner.get(id(p))
+        if not self.syncing or b is None:
+            return
+        b.ready += 1
+        while self.next_to_launch < len(self.buckets) and self.buckets[self.next_to_launch].ready == \
+                len(self.buckets[self.next_to_launch].params):
+            self._launch(self.buckets[self.next_to_launch])
+            self.next_to_launch += 1
+
+    def _launch(self, b: _Bucket) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+        b.buffer = torch.cat([g.reshape(-1) for g in grads])
+        if b.tp_group is not None:
+            dist.all_reduce(b.buffer, group=b.tp_group)  # small (router, norms): synchronous
+        if b.group is not None:
+            b.handle = dist.all_reduce(b.buffer, group=b.group, async_op=True)
+
+    def finish(self) -> None:
+        """Launch what backward did not complete (unused params), wait, write the means back."""
+        while self.next_to_launch < len(self.buckets):
+            self._launch(self.buckets[self.next_to_launch])
+            self.next_to_launch += 1
+        for b in self.buckets:
+            if b.handle is not None:
+                b.handle.wait()
+            if b.group is not None:
+                b.buffer.div_(self.dp)
+            offset = 0
+            for p in b.params:
+                n = p.numel()
+                flat = b.buffer[offset:offset + n].view_as(p)
+                if p.grad is None:
+                    p.grad = flat.clone()
+                else:
+                    p.grad.copy_(flat)
+                offset += n
+            b.buffer, b.handle = None, None
+        self.syncing = False
+
+
+def norm_buckets(params: list[torch.nn.Parameter], ctx: ParallelContext) -> list[tuple[list, list]]:
+    """Buckets for train.optim.clip_grad_norm_ after reduction: each parameter counted once.
+    tp-sharded params sum over tp; expert params sum over ep; every stage's params sum over pp."""
+    tp = ctx.tp_group if ctx.tp > 1 else None
+    ep = ctx.ep_group if ctx.ep > 1 else None
+    pp = ctx.pp_group if ctx.pp > 1 else None
+    out: dict[tuple, list] = {}
+    for p in params:
+        if not p.requires_grad:
+            continue
+        key = (getattr(p, "tp_dim", None) is not None, getattr(p, "ep_dim", None) is not None)
+        out.setdefault(key, []).append(p)
+    buckets = []
+    for (tp_sharded, expert), ps in sorted(out.items()):
+        groups = [g for g in ((tp if tp_sharded else None), (ep if expert else None), pp) if g is not None]
+        buckets.append((ps, groups))
+    return buckets
+
+
+class Zero1:
+    """ZeRO stage 1: each data-parallel rank keeps optimizer state (AdamW moments) only for the
+    parameters it owns and updates only those; owners then broadcast the new values. Dense params
+    are partitioned over dp, expert params over edp, greedily by size (largest first, to the least
+    loaded rank), so memory for optimizer state drops ~dp-fold. Gradients are all-reduced as usual
+    (every rank needs them for the global-norm clip), so the update is exactly the unsharded one."""
+
+    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext):
+        self.ctx = ctx
+        self.owner: dict[int, int] = {}
+        dense = [p for p in params if getattr(p, "ep_dim", None) is None]
+        expert = [p for p in params if getattr(p, "ep_dim", None) is not None]
+        self._assign(dense, ctx.dp_group if ctx.dp > 1 else None)
+        self._assign(expert, ctx.edp_group if ctx.edp > 1 else None)
+        self.params = params
+
+    def _assign(self, params, group) -> None:
+        n = _size(group)
+        load = [0] * n
+        for p in sorted(params, key=lambda q: -q.numel()):
+            r = min(range(n), key=lambda i: load[i])
+            load[r] += p.numel()
+            src = dist.get_global_rank(group, r) if group is not None else self.ctx.rank
+            self.owner[id(p)] = src
+            p._zero_group = group
+
+    def local_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.params if self.owner[id(p)] == self.ctx.rank]
+
+    @torch.no_grad()
+    def broadcast(self) -> None:
+        """After the owners' optimizer step: every replica receives the updated values."""
+        for p in self.params:
+            group = p._zero_group
+            if group is not None:
+                dist.broadcast(p.data, src=self.owner[id(p)], group=group)

@@ -1,0 +1,213 @@
+"""TrainConfig: a YAML file plus `key.sub=value` overrides -> nested, validated dataclasses.
+
+Every field is documented where it is defined (docs/configuration.md is the long form). Unknown keys
+and wrong types are one-line errors naming the key, with a close-match suggestion; cross-field rules
+(batch sizes, schedule lengths) are checked here, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe.config import ModelConfig, dataclass_from_dict
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1                       # tensor-parallel size (Megatron column/row split); 1 = off
+    pp: int = 1                       # pipeline stages
+    vpp: int = 1                      # virtual stages per pipeline rank (interleaved 1F1B when > 1)
+    ep: int = 1                       # expert-parallel size; must divide dp
+    dp: int = 0                       # data-parallel size; 0 = world_size / (tp * pp)
+    sequence_parallel: bool = False   # shard norms/dropout activations along the sequence across tp
+    zero1: bool = False               # shard optimizer state across data-parallel ranks (ZeRO-1)
+    pp_schedule: str = "1f1b"         # gpipe | 1f1b | interleaved (used when pp > 1)
+    stage_layers: list | None = None  # explicit decoder layers per virtual stage, e.g. [5, 6, 6, 5]
+    first_stage_layers: int | None = None  # fix the first stage's layer count, balance the rest
+    last_stage_layers: int | None = None   # fix the last stage's layer count, balance the rest
+    backend: str = "auto"             # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: int = 600              # collective timeout: a hung collective becomes an error after this
+
+
+@dataclass
+class DataConfig:
+    paths: list = field(default_factory=lambda: ["stdlib"])  # token-file prefixes (from launchers/preprocess.py) or "stdlib"
+    weights: list | None = None       # blend weights, one per path; None = equal
+    tokenizer: str = "byte"           # byte | path to a HF tokenizer.json (must match the token files)
+    seq_len: int = 256                # tokens per training sequence
+    valid_fraction: float = 0.02      # last fraction of each file held out for validation
+    cache_dir: str = "data_cache"     # where the embedded "stdlib" corpus is tokenised on first use
+    stdlib_max_bytes: int = 8_000_000  # how much of the standard library the embedded corpus takes
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4                  # peak learning rate
+    min_lr: float = 3e-5              # floor of the decay
+    weight_decay: float = 0.1         # AdamW decay on >= 2-D weights (not biases / norms)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0            # max global gradient norm; 0 = no clipping
+    fused: bool | None = None         # fused AdamW kernel; null = when supported
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"              # cosine | linear | constant
+    warmup_steps: int = 100           # linear warmup length
+    decay_steps: int | None = None    # end of the decay; null = training.max_steps
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 1000             # optimizer steps
+    seed: int = 1234                  # model init and data order
+    precision: str = "bf16"           # bf16 (bf16 compute, float32 master weights) | fp32
+    global_batch_size: int = 32       # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8         # sequences per forward/backward on one rank
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    compile: bool = False             # torch.compile each block
+    eval_interval: int = 200          # steps between validation runs; 0 = never
+    eval_steps: int = 10              # validation batches per run
+    max_bad_steps: int = 5            # consecutive non-finite losses skipped before stopping with an error
+    device: str = "auto"              # auto | cpu | cuda
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 500               # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3                # checkpoints kept (older ones deleted)
+    resume: str = "none"              # none | auto (latest in run_dir/checkpoints) | path to a checkpoint
+    dir: str | None = None            # null = <run_dir>/checkpoints
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10                # steps between console lines
+    tensorboard: bool = True          # write <run_dir>/tb/
+    histograms: bool = True           # per-layer tokens-per-expert histograms in TensorBoard
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"     # everything a run writes goes under here
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(c: TrainConfig) -> None:
+    t, p = c.training, c.parallel
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "eval_steps"):
+        _check(getattr(t, name) >= 1, f"training.{name} ({getattr(t, name)}) must be >= 1")
+    _check(t.precision in ("fp32", "bf16"), f"training.precision ({t.precision!r}) must be fp32 or bf16")
+    _check(t.device in ("auto", "cpu", "cuda"), f"training.device ({t.device!r}) must be auto, cpu or cuda")
+    _check(t.global_batch_size % t.micro_batch_size == 0,
+           f"training.global_batch_size ({t.global_batch_size}) must be a multiple of training.micro_batch_size "
+           f"({t.micro_batch_size})")
+    for name in ("tp", "pp", "vpp", "ep"):
+        _check(getattr(p, name) >= 1, f"parallel.{name} ({getattr(p, name)}) must be >= 1")
+    _check(p.dp >= 0, f"parallel.dp ({p.dp}) must be >= 0 (0 = derive from the world size)")
+    _check(p.pp_schedule in ("gpipe", "1f1b", "interleaved"),
+           f"parallel.pp_schedule ({p.pp_schedule!r}) must be gpipe, 1f1b or interleaved")
+    _check(p.backend in ("auto", "nccl", "gloo"), f"parallel.backend ({p.backend!r}) must be auto, nccl or gloo")
+    _check(c.data.seq_len <= c.model.max_seq_len,
+           f"data.seq_len ({c.data.seq_len}) exceeds model.max_seq_len ({c.model.max_seq_len}): lower data.seq_len")
+    _check(c.data.weights is None or len(c.data.weights) == len(c.data.paths),
+           f"data.weights has {len(c.data.weights or [])} entries but data.paths has {len(c.data.paths)}")
+    _check(0.0 < c.data.valid_fraction < 1.0, f"data.valid_fraction ({c.data.valid_fraction}) must be in (0, 1)")
+    _check(c.schedule.kind in ("cosine", "linear", "constant"),
+           f"schedule.kind ({c.schedule.kind!r}) must be cosine, linear or constant")
+    _check(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last ({c.checkpoint.keep_last}) must be >= 1")
+    _check(c.logging.interval >= 1, f"logging.interval ({c.logging.interval}) must be >= 1")
+
+
+def check_world(c: TrainConfig, world_size: int) -> int:
+    """Data-parallel size for this world; checks the batch divides over dp. Returns dp."""
+    p = c.parallel
+    dp = p.dp or world_size // (p.tp * p.pp)
+    _check(p.tp * p.pp * dp == world_size,
+           f"parallel.tp ({p.tp}) x parallel.pp ({p.pp}) x parallel.dp ({dp}) = {p.tp * p.pp * dp} "
+           f"must equal the world size ({world_size}): change the sizes or the number of processes")
+    per_dp = c.training.global_batch_size
+    _check(per_dp % (dp * c.training.micro_batch_size) == 0,
+           f"training.global_batch_size ({per_dp}) must be divisible by dp ({dp}) x training.micro_batch_size "
+           f"({c.training.micro_batch_size})")
+    return dp
+
+
+# ---------------------------------------------------------------- loading
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML, so 3 -> int, true -> bool, [1,2] -> list)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.sub=value (e.g. training.max_steps=100)")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = d
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {part} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read YAML (safe_load), apply overrides, build and validate the TrainConfig."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} not found: pass a YAML file such as configs/tiny.yaml")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {p} must hold a mapping of sections, got {type(d).__name__}")
+    d = apply_overrides(d, list(overrides))
+    model = d.pop("model", {}) or {}
+    if not isinstance(model, dict):
+        raise ValueError("model must be a mapping (e.g. {preset: tiny-moe})")
+    cfg = dataclass_from_dict(TrainConfig, {**d, "model": {}}, "config")
+    cfg.model = ModelConfig.from_dict(model)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

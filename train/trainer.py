@@ -1,0 +1,296 @@
+"""The training loop: micro-batches, mixed precision, gradient reduction, clipping, logging,
+validation, checkpoints, NaN handling and a clean stop on SIGTERM.
+
+One optimizer step (global batch G sequences, dp data-parallel ranks, micro-batch m):
+    n_micro = G / (dp * m);  for each micro-batch: loss_i / n_micro -> backward
+    (MoE aux losses get the same 1/n_micro through aux_grad_scale)
+    reduce grads (tp partial sums, dp / edp means) -> clip by global norm -> AdamW step
+so every layout computes the gradient of the same objective: the mean LM loss over the G sequences
+(plus the aux losses averaged over micro-batches), exactly what one process computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moe.model import Decoder, build_model, param_counts
+from parallel.context import ParallelContext
+from parallel.data import GradReducer, Zero1, norm_buckets
+
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, \
+    set_rng_state
+from .config import TrainConfig, check_world, save_config
+from .data import PretrainData, load_tokenizer, resolve_data_paths
+from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
+from .optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm_
+
+
+def pick_device(cfg: TrainConfig, ctx: ParallelContext) -> torch.device:
+    if ctx.device.type == "cuda" or cfg.training.device == "cpu":
+        return ctx.device
+    if cfg.training.device == "cuda" or (cfg.training.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device=cuda but CUDA is not available: use training.device=cpu")
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, log=print):
+        self.cfg, self.ctx, self.log_fn = cfg, ctx, log
+        if ctx.pp > 1:
+            raise ValueError("parallel.pp > 1: pipeline schedules are not wired into the trainer yet; use pp=1")
+        self.dp = check_world(cfg, ctx.world_size)
+        t = cfg.training
+        self.n_micro = t.global_batch_size // (self.dp * t.micro_batch_size)
+        self.device = pick_device(cfg, ctx)
+        self.is_logger = ctx.rank == 0
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        torch.manual_seed(t.seed)
+        self.model = self._build_model()
+        self.train_data, self.valid_data = self._build_data()
+        self._build_optimizer()
+        self.step = 0
+        self.bad_steps = 0
+        self.stop_requested = False
+        self.logger = MetricsLogger(self.run_dir, self.is_logger, cfg.logging.tensorboard, cfg.logging.histograms)
+        _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
+        self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers,
+                                               cfg.model.n_heads * cfg.model.dim_head, cfg.data.seq_len)
+        self.peak = peak_flops(self.device)
+        self._maybe_resume()
+
+    # ------------------------------------------------------------ setup
+    def _build_model(self) -> Decoder:
+        model = build_model(self.cfg.model, self.ctx, seed=self.cfg.training.seed, device=self.device)
+        model.activation_checkpointing = self.cfg.training.activation_checkpointing
+        if self.cfg.training.compile:
+            for key in list(model.layers):
+                model.layers[key] = torch.compile(model.layers[key])
+        return model
+
+    def _build_data(self) -> tuple[PretrainData, PretrainData]:
+        c = self.cfg
+        tok = load_tokenizer(c.data.tokenizer)
+        if tok.vocab_size > c.model.vocab_size:
+            raise ValueError(f"tokenizer {c.data.tokenizer!r} has {tok.vocab_size} ids but model.vocab_size is "
+                             f"{c.model.vocab_size}: raise model.vocab_size")
+        prefixes = self._prepare_corpus(c, tok)
+        kw = dict(prefixes=prefixes, weights=c.data.weights, seq_len=c.data.seq_len,
+                  seed=c.training.seed, valid_fraction=c.data.valid_fraction,
+                  dp_rank=self.ctx.dp_rank, dp_size=self.dp)
+        train = PretrainData(global_batch_size=c.training.global_batch_size, split="train", **kw)
+        valid = PretrainData(global_batch_size=c.training.micro_batch_size * self.dp, split="valid", **kw)
+        if train.vocab_size > c.model.vocab_size:
+            raise ValueError(f"token files have vocab_size {train.vocab_size} > model.vocab_size "
+                             f"{c.model.vocab_size}: use a matching tokenizer or model")
+        return train, valid
+
+    def _prepare_corpus(self, c: TrainConfig, tok) -> list[str]:
+        """Resolve data paths; the embedded corpus is built once (a file lock serialises ranks)."""
+        return resolve_data_paths(c.data.paths, c.data.cache_dir, tok, max_bytes=c.data.stdlib_max_bytes)
+
+    def _build_optimizer(self) -> None:
+        o = self.cfg.optimizer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.zero = Zero1(params, self.ctx) if self.cfg.parallel.zero1 and self.dp > 1 else None
+        only = {id(p) for p in self.zero.local_params()} if self.zero else None
+        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, o.fused,
+                                         only=only)
+        s = self.cfg.schedule
+        decay = s.decay_steps if s.decay_steps is not None else self.cfg.training.max_steps
+        self.schedule = LRSchedule(s.kind, o.lr, min(o.min_lr, o.lr), min(s.warmup_steps, decay), decay)
+        self.reducer = GradReducer(params, self.ctx)
+        self.clip_buckets = norm_buckets(params, self.ctx)
+
+    # ------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.cfg.training.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_backward(self) -> dict[str, torch.Tensor]:
+        """Run the step's micro-batches; returns summed (not yet averaged) loss statistics."""
+        batch = self.train_data.next_batch().to(self.device, non_blocking=True)
+        micro = batch.split(self.cfg.training.micro_batch_size)
+        stats = {"lm": torch.zeros((), device=self.device), "aux": torch.zeros((), device=self.device),
+                 "z": torch.zeros((), device=self.device), "dropped": torch.zeros((), device=self.device)}
+        loads: dict[int, torch.Tensor] = {}
+        for i, mb in enumerate(micro):
+            self.reducer.prepare(sync=i == len(micro) - 1)
+            with self._autocast():
+                out = self.model(mb[:, :-1], mb[:, 1:], aux_grad_scale=1.0 / self.n_micro)
+            (out.loss / self.n_micro).backward()
+            stats["lm"] += out.loss.detach()
+            stats["aux"] += out.aux_loss.to(self.device)
+            stats["z"] += out.z_loss.to(self.device)
+            for layer, s in out.moe.items():
+                loads[layer] = loads.get(layer, 0) + s.tokens_per_expert
+                stats["dropped"] += s.dropped_fraction.to(self.device) / max(len(out.moe), 1)
+        self.reducer.finish()
+        return {**{k: v / self.n_micro for k, v in stats.items()}, "loads": loads}
+
+    def train_step(self) -> dict[str, float]:
+        lr = self.schedule.lr_at(self.step)
+        apply_lr(self.optimizer, lr)
+        stats = self.forward_backward()
+        lm, aux, z, dropped = self._mean_over_dp(stats["lm"], stats["aux"], stats["z"], stats["dropped"])
+        grad_norm = clip_grad_norm_(self.clip_buckets, self.cfg.optimizer.grad_clip)
+        loss = lm + aux + z
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            if self.zero is not None:
+                self.zero.broadcast()
+            self.bad_steps = 0
+        else:
+            self._skip_bad_step(loss, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm,
+                "dropped_fraction": dropped, "loads": self._sum_loads_over_dp(stats["loads"])}
+
+    def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
+        self.bad_steps += 1
+        limit = self.cfg.training.max_bad_steps
+        if self.bad_steps > limit:
+            raise FloatingPointError(f"{self.bad_steps} consecutive steps had a non-finite loss ({loss}) or grad norm "
+                                     f"({grad_norm}) at step {self.step}: lower optimizer.lr, use precision=fp32, or "
+                                     f"resume from an earlier checkpoint (training.max_bad_steps={limit})")
+        warnings.warn(f"step {self.step}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
+                      f"skipping the update ({self.bad_steps}/{limit})")
+
+    def _mean_over_dp(self, *values: torch.Tensor) -> list[float]:
+        t = torch.stack([v.float() for v in values])
+        if self.dp > 1:
+            dist.all_reduce(t, group=self.ctx.dp_group)
+            t /= self.dp
+        return t.tolist()
+
+    def _sum_loads_over_dp(self, loads: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        if self.dp > 1 and loads:
+            keys = sorted(loads)
+            t = torch.stack([loads[k].float() for k in keys])
+            dist.all_reduce(t, group=self.ctx.dp_group)
+            loads = dict(zip(keys, t.long().unbind(0)))
+        return {k: v.cpu() for k, v in loads.items()}
+
+    # ------------------------------------------------------------ validation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        self.valid_data.reset()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.training.eval_steps):
+            batch = self.valid_data.next_batch().to(self.device)
+            with self._autocast():
+                total += self.model(batch[:, :-1], batch[:, 1:]).loss.float()
+        self.model.train()
+        (loss,) = self._mean_over_dp(total / self.cfg.training.eval_steps)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        shard = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "rng": rng_state(self.device)}
+        meta = {"data": self.train_data.state_dict(), "config": self.cfg.to_dict()}
+        path = save_checkpoint(self.ckpt_dir, self.step, self.ctx, shard, meta, self.cfg.checkpoint.keep_last)
+        self._log(f"saved checkpoint {path}")
+        return path
+
+    def _maybe_resume(self) -> None:
+        path = resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
+        if path is None:
+            if self.cfg.checkpoint.resume == "auto":
+                self._log(f"no checkpoint under {self.ckpt_dir}: starting from scratch")
+            return
+        shard, meta = load_checkpoint(path, self.ctx)
+        self.model.load_state_dict(shard["model"])
+        self.optimizer.load_state_dict(shard["optimizer"])
+        set_rng_state(shard["rng"], self.device)
+        self.train_data.load_state_dict(meta["data"])
+        self.step = int(meta["step"])
+        self._log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------ loop
+    def _log(self, msg: str) -> None:
+        if self.is_logger:
+            self.log_fn(msg)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _should_stop(self) -> bool:
+        """SIGTERM on any rank stops every rank at the same step."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        if self.ctx.world_size > 1:
+            flag = flag.to(self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> dict[str, float]:
+        c = self.cfg
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(c, self.run_dir / "config.yaml")
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._log(f"training {self.active_params:,} active parameters on {self.device}, "
+                  f"{self.ctx.world_size} process(es), {self.n_micro} micro-batch(es) per step")
+        meter, start_step, t0, last = Throughput(), self.step, time.perf_counter(), {}
+        try:
+            while self.step < c.training.max_steps:
+                last = self.train_step()
+                meter.add(c.training.global_batch_size * c.data.seq_len)
+                self._after_step(last, meter, start_step, t0)
+                if self._should_stop():
+                    self._log(f"SIGTERM: stopping at step {self.step} with a final checkpoint")
+                    break
+            if not list_checkpoints(self.ckpt_dir) or list_checkpoints(self.ckpt_dir)[-1].name != f"step_{self.step:08d}":
+                self.save()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.logger.close()
+        return last
+
+    def _after_step(self, s: dict, meter: Throughput, start_step: int, t0: float) -> None:
+        c = self.cfg
+        tok_s, _ = meter.rate()
+        mfu = tok_s * self.flops_per_token / (self.peak * self.ctx.world_size) if self.peak else None
+        scalars = {k: v for k, v in s.items() if k != "loads"}
+        scalars.update(tokens_per_s=tok_s, mfu=mfu, memory_gb=memory_gb(self.device))
+        self.logger.log(self.step, scalars, s["loads"])
+        if self.step % c.logging.interval == 0 or self.step == c.training.max_steps:
+            done = self.step - start_step
+            eta = (time.perf_counter() - t0) / max(done, 1) * (c.training.max_steps - self.step)
+            self._log(f"step {self.step}/{c.training.max_steps} | loss {s['loss']:.4f} | lm {s['lm_loss']:.4f} | "
+                      f"lr {s['lr']:.2e} | grad {s['grad_norm']:.3f} | {tok_s / 1e3:.1f}k tok/s | "
+                      f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | mem {scalars['memory_gb']:.2f} GB | "
+                      f"eta {format_eta(eta)}")
+        if c.training.eval_interval and self.step % c.training.eval_interval == 0:
+            v = self.evaluate()
+            self.logger.log(self.step, {"loss": v["loss"], "perplexity": v["perplexity"]}, prefix="valid")
+            self._log(f"validation at step {self.step}: loss {v['loss']:.4f} | perplexity {v['perplexity']:.2f}")
+        if c.checkpoint.interval and self.step % c.checkpoint.interval == 0:
+            self.save()
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory (GPU) or peak resident set size of this process (CPU), in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ru_maxrss is in KB on Linux
+
+
+def run(cfg: TrainConfig, ctx: ParallelContext) -> dict[str, float]:
+    return Trainer(cfg, ctx).train()
+
+
