@@ -43,7 +43,7 @@ class ModelConfig:
     # --- norms ---
     norm: str = "rmsnorm"                 # layernorm | rmsnorm
     norm_position: str = "pre"            # pre (GPT-2 onward) | post (GPT-1, original Transformer)
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5                # epsilon inside the norm's square root
     # --- positions ---
     positions: str = "rope"               # learned | sinusoidal | rope
     rope_theta: float = 10000.0           # RoPE base

@@ -50,9 +50,9 @@ class OptimizerConfig:
     lr: float = 3e-4                  # peak learning rate
     min_lr: float = 3e-5              # floor of the decay
     weight_decay: float = 0.1         # AdamW decay on >= 2-D weights (not biases / norms)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9                # AdamW first-moment decay
+    beta2: float = 0.95               # AdamW second-moment decay
+    eps: float = 1e-8                 # AdamW denominator epsilon
     grad_clip: float = 1.0            # max global gradient norm; 0 = no clipping
     fused: bool | None = None         # fused AdamW kernel; null = when supported
 
