@@ -8,6 +8,7 @@ and wrong types are one-line errors naming the key, with a close-match suggestio
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,22 @@ def check_world(c: TrainConfig, world_size: int) -> int:
 
 
 # ---------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """safe_load plus YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string, which
+    would make `optimizer.lr=1e-3` a type error."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: no object construction
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML, so 3 -> int, true -> bool, [1,2] -> list)."""
     if "=" not in item:
@@ -167,7 +184,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {item!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ValueError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
     return key.split("."), value
@@ -194,7 +211,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} not found: pass a YAML file such as configs/tiny.yaml")
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = _yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
