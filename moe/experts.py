@@ -114,6 +114,8 @@ class Experts(nn.Module):
         gather back. Padding rows are zeros and are never read back."""
         E = counts.shape[0]
         C = capacity if capacity is not None else int(counts.max())
+        if capacity is not None and int(counts.max()) > capacity:
+            raise ValueError(f"padded experts: an expert got {int(counts.max())} rows but capacity is {capacity}")
         starts = torch.cumsum(counts, 0) - counts
         expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=x.shape[0])
         slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]

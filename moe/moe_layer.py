@@ -153,8 +153,10 @@ class MoELayer(nn.Module):
         return y, self._stats(routing, perm, tokens.shape[0])
 
     def _local_capacity(self, cap: int | None) -> int | None:
-        """Padded-buffer size per local expert: rows from ep ranks each keep <= cap per expert."""
-        return None if cap is None else cap * self.ctx.ep
+        """Padded-buffer size per local expert. Under EP every source rank keeps <= its own cap
+        (which depends on its own token count), so no fixed size is safe: let the padded backend
+        size the buffer by the largest received count."""
+        return cap if self.ctx.ep == 1 else None
 
     def _stats(self, routing, perm: Permutation, n_tokens: int) -> MoEStats:
         routed = n_tokens * self.cfg.top_k
