@@ -164,6 +164,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "model") -> "ModelConfig":
         """Build from a YAML mapping: `preset: NAME` supplies defaults, other keys override them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be a mapping (e.g. {{preset: tiny-moe}}), got {type(d).__name__}")
         d = dict(d)
         preset = d.pop("preset", None)
         base = preset_overrides(preset) if preset is not None else {}
@@ -208,18 +210,23 @@ def dataclass_from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls) if f.init}
     kwargs = {}
     for key, value in d.items():
+        name = f"{where}.{key}" if where else str(key)
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {where}.{close[0]}?" if close else f"; valid keys: {', '.join(known)}"
-            raise ValueError(f"unknown config key {where}.{key}{hint}")
+            prefix = f"{where}." if where else ""
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(known)}"
+            raise ValueError(f"unknown config key {name}{hint}")
         tp = hints[key]
+        if hasattr(tp, "from_dict"):  # e.g. ModelConfig: presets resolved first
+            kwargs[key] = tp.from_dict(value or {}, name)
+            continue
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = dataclass_from_dict(tp, value or {}, f"{where}.{key}")
+            kwargs[key] = dataclass_from_dict(tp, value or {}, name)
             continue
         if isinstance(value, int) and not isinstance(value, bool) and tp is float:
             value = float(value)
         if not _type_ok(value, tp):
-            raise ValueError(f"{where}.{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            raise ValueError(f"{name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         kwargs[key] = value
     return cls(**kwargs)
 

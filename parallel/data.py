@@ -31,6 +31,7 @@ class _Bucket:
     params: list[torch.nn.Parameter]
     group: object          # dp group or edp group (None = nothing to reduce)
     tp_group: object       # set when these grads are partial sums over tp
+    divide: bool = False   # dp > 1: divide the (reduced) sum by dp, even when edp == 1 leaves nothing to reduce
     ready: int = 0
     handle: object = None
     buffer: torch.Tensor | None = None
@@ -66,11 +67,11 @@ class GradReducer:
             key = (expert, tp_group is not None, p.dtype, p.device)
             b = open_.get(key)
             if b is None or sum(q.numel() * q.element_size() for q in b.params) >= limit:
-                b = open_[key] = _Bucket([], group, tp_group)
+                b = open_[key] = _Bucket([], group, tp_group, divide=ctx.dp > 1)
                 buckets.append(b)
             b.params.append(p)
             b.ids.add(id(p))
-        return [b for b in buckets if b.group is not None or b.tp_group is not None]
+        return [b for b in buckets if b.group is not None or b.tp_group is not None or b.divide]
 
     def prepare(self, sync: bool) -> None:
         """Call before each backward; `sync` = this is the last micro-batch of the step."""
@@ -106,7 +107,7 @@ class GradReducer:
         for b in self.buckets:
             if b.handle is not None:
                 b.handle.wait()
-            if b.group is not None:
+            if b.divide:
                 b.buffer.div_(self.dp)
             offset = 0
             for p in b.params:

@@ -67,7 +67,8 @@ def save_checkpoint(root: str | Path, step: int, ctx, shard: dict[str, Any], met
     tmp, final = root / f"step_{step:08d}.tmp", step_dir(root, step)
     if ctx.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        for stale in root.glob("step_*.tmp"):  # leftovers of crashed saves, at any step
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier(ctx)
     torch.save(shard, tmp / f"rank_{ctx.rank:05d}.pt")

@@ -1,0 +1,115 @@
+"""The launcher path end to end: `torchrun --nproc_per_node 2 launchers/pretrain.py CONFIG` with data
+parallelism (dp=2, gloo, CPU) against the single-process Trainer on the same global batch.
+
+Why the per-step losses must match: the sampler gives rank r rows [4r, 4r+4) of each 8-sequence
+global batch; with the same micro-batch size m=2 in both runs the micro-batches are the same token
+sets ({0,1},{2,3} | {4,5},{6,7} vs {0,1},{2,3},{4,5},{6,7}), so even the per-micro-batch MoE aux
+losses agree, and the dp mean of per-rank means of 2 micro-batches is the mean over all 4.
+One torchrun launch (~10 s) covers losses, final weights and the checkpoint layout check.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from parallel.context import ParallelContext
+from train.checkpoint import list_checkpoints, load_checkpoint
+from train.config import load_config
+from train.data import write_token_file
+from train.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = str(REPO / "launchers" / "pretrain.py")
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    """A tiny-MoE YAML over a 50k-token random byte file; run_dir is given per run as an override."""
+    root = tmp_path_factory.mktemp("launch")
+    rng = np.random.default_rng(1)
+    write_token_file(root / "rand", [rng.integers(0, 256, 1000) for _ in range(50)], vocab_size=257)
+    cfg = {"model": {"preset": "tiny-moe", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2,
+                     "ffn_dim": 128, "expert_ffn_dim": 32, "n_experts": 4},
+           "data": {"paths": [str(root / "rand")], "seq_len": 32},
+           "schedule": {"warmup_steps": 1},
+           "optimizer": {"lr": 1.0e-3},
+           "training": {"precision": "fp32", "device": "cpu", "global_batch_size": 8, "micro_batch_size": 2,
+                        "max_steps": STEPS, "eval_interval": 0},
+           "checkpoint": {"interval": 0}, "logging": {"tensorboard": False, "interval": 1}}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _metric(run_dir: Path, key: str) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    return [r[key] for r in records]
+
+
+def _single_process(config_file: Path, run_dir: Path, *overrides: str) -> Trainer:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(config_file, [f"run_dir={run_dir}", *overrides])
+        trainer = Trainer(cfg, ParallelContext.single(), log=lambda msg: None)
+        if not overrides:
+            trainer.train()
+        return trainer
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torchrun_data_parallel_matches_single_process(config_file, tmp_path):
+    dp_dir, single_dir = tmp_path / "dp2", tmp_path / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", LAUNCHER,
+           str(config_file), f"run_dir={dp_dir}", "parallel.dp=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "2 process(es), 2 micro-batch(es) per step" in proc.stdout
+
+    _single_process(config_file, single_dir)
+    single_losses = _metric(single_dir, "loss")
+    assert _metric(dp_dir, "loss") == pytest.approx(single_losses, rel=1e-5)
+    assert len(set(single_losses)) == STEPS  # the steps trained on different batches
+    # AdamW hides a gradient scale error (sum instead of mean over dp) from the weights; the norm does not
+    assert _metric(dp_dir, "grad_norm") == pytest.approx(_metric(single_dir, "grad_norm"), rel=1e-5)
+
+    # the same final weights: every parameter is replicated over dp (ep=1), so rank 0's shard is whole
+    (dp_ckpt,), (single_ckpt,) = list_checkpoints(dp_dir / "checkpoints"), list_checkpoints(single_dir / "checkpoints")
+    assert dp_ckpt.name == single_ckpt.name == f"step_{STEPS:08d}"
+    assert sorted(p.name for p in dp_ckpt.iterdir()) == ["meta.json", "rank_00000.pt", "rank_00001.pt"]
+    dp_model = torch.load(dp_ckpt / "rank_00000.pt", weights_only=True)["model"]
+    rank1_model = torch.load(dp_ckpt / "rank_00001.pt", weights_only=True)["model"]
+    single_model = load_checkpoint(single_ckpt, ParallelContext.single())[0]["model"]
+    for name, value in single_model.items():
+        torch.testing.assert_close(dp_model[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(dp_model[name], rank1_model[name]), name  # replicas stay identical
+
+    # resuming the 2-rank checkpoint in one process is refused with a one-line message
+    with pytest.raises(ValueError, match="saved with layout") as info:
+        _single_process(config_file, tmp_path / "other", f"checkpoint.resume={dp_ckpt}")
+    assert "'world_size': 2" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_launcher_config_error_exits_2_with_one_line(config_file, tmp_path):
+    proc = subprocess.run([sys.executable, LAUNCHER, str(config_file), "training.max_step=3"], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "training.max_steps" in lines[0] and "did you mean" in lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing was written before the error
