@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from moe.config import ModelConfig  # noqa: E402
-from moe.model import Decoder, build_model  # noqa: E402
+from moe.model import Decoder, build_empty  # noqa: E402
 from train.checkpoint import list_checkpoints  # noqa: E402
 from train.data import load_tokenizer  # noqa: E402
 
@@ -39,8 +39,7 @@ def load_model(ckpt: Path) -> tuple[Decoder, dict]:
     if layout["tp"] * layout["pp"] * layout["ep"] != 1:
         raise ValueError(f"checkpoint {ckpt} is sharded ({layout}): generate needs a tp=pp=ep=1 checkpoint")
     cfg = ModelConfig.from_dict(meta["config"]["model"])
-    model = build_model(cfg, device="meta")
-    model = model.to_empty(device="cpu")
+    model = build_empty(cfg)
     shard = torch.load(ckpt / "rank_00000.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(shard["model"])
     return model.eval(), meta["config"]

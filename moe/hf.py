@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
 
 from .config import ModelConfig
-from .model import Decoder
+from .model import Decoder, build_empty
 
 ARCHS = ("llama", "gpt2", "mixtral")
 HF_CLASS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM"}
@@ -401,34 +401,47 @@ def _check_shapes(model: Decoder, ours: dict[str, torch.Tensor], rules: list[Rul
                              f"{tuple(ours[name].shape)}, config.json implies {tuple(p.shape)}")
 
 
-def _empty_decoder(cfg: ModelConfig) -> Decoder:
-    """A Decoder with uninitialised CPU weights: built on the meta device so that no time goes into
-    random init of weights about to be overwritten. to_empty() makes new Parameter objects, so the
-    attributes our layers set on them (tp_dim, ep_dim, tied_to, ...) are copied across."""
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    attrs = {name: dict(vars(p)) for name, p in model.named_parameters()}
-    model.to_empty(device="cpu")
-    for name, p in model.named_parameters():
-        vars(p).update(attrs[name])
-    return model
-
-
 def load_hf(path: str, **overrides: Any) -> Decoder:
     """A Decoder (eval mode, float32, single process) from an HF Llama/GPT-2/Mixtral directory:
     config.json + model.safetensors (or a sharded index). `overrides` set our ModelConfig fields
     (e.g. expert_backend, vocab_pad_multiple). Every checkpoint tensor must land, strictly."""
-    hf_cfg = read_hf_config(path)
-    cfg = config_from_hf(hf_cfg, **overrides)
-    arch = hf_cfg["model_type"]
+    cfg = config_from_hf(read_hf_config(path), **overrides)
+    model = build_empty(cfg)
+    model.load_state_dict(hf_state_dict(path, cfg, model), strict=True)
+    return model.eval()
+
+
+# Fields that only change training, not what the weights compute.
+_TRAINING_ONLY = {"dropout", "init_std", "expert_backend", "capacity_factor", "aux_loss_coef", "z_loss_coef",
+                  "vocab_pad_multiple", "max_seq_len"}
+
+
+def check_matches_hf(cfg: ModelConfig, path: str) -> None:
+    """Raise if `cfg` describes a different network than the HF checkpoint's config.json."""
+    theirs = config_from_hf(read_hf_config(path))
+    for f in fields(ModelConfig):
+        if f.name in _TRAINING_ONLY:
+            continue
+        a, b = getattr(cfg, f.name), getattr(theirs, f.name)
+        if a != b and not (f.name == "ffn_dim" and cfg.ffn == theirs.ffn) and \
+                not (f.name == "n_kv_heads" and cfg.kv_heads == theirs.kv_heads) and \
+                not (f.name == "head_dim" and cfg.dim_head == theirs.dim_head) and \
+                not (f.name == "qkv_bias" and cfg.use_qkv_bias == theirs.use_qkv_bias):
+            raise ValueError(f"checkpoint.init_from={path}: model.{f.name} is {a!r} here but {b!r} in its "
+                             f"config.json: set model.{f.name}={b!r} (or use a matching checkpoint)")
+
+
+def hf_state_dict(path: str, cfg: ModelConfig, model: Decoder | None = None) -> dict[str, torch.Tensor]:
+    """The HF checkpoint at `path` as our whole-model state dict (our names, full tensors) for `cfg`,
+    checked tensor by tensor: every checkpoint key used once, every parameter present, shapes equal."""
+    arch = read_hf_config(path)["model_type"]
     sd = _normalise_keys(read_safetensors(path), cfg, arch)
-    model = _empty_decoder(cfg)
+    model = model if model is not None else build_empty(cfg, device="meta")
     fused = any(k.endswith("experts.gate_up_proj") for k in sd)
     rules = hf_rules(cfg, arch, set(model.state_dict()), fused_experts=fused)
     ours = convert_from_hf(sd, rules)
     _check_shapes(model, ours, rules)
-    model.load_state_dict(ours, strict=True)
-    return model.eval()
+    return ours
 
 
 # ---------------------------------------------------------------- writing checkpoints
@@ -467,4 +480,4 @@ def save_hf(model: Decoder, path: str, arch: str | None = None) -> None:
 
 
 __all__ = ["ARCHS", "Rule", "config_from_hf", "config_to_hf", "infer_arch", "hf_rules", "read_hf_config",
-           "read_safetensors", "convert_from_hf", "convert_to_hf", "load_hf", "save_hf"]
+           "read_safetensors", "convert_from_hf", "convert_to_hf", "load_hf", "hf_state_dict", "check_matches_hf", "save_hf"]

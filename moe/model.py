@@ -231,6 +231,39 @@ def param_counts(model: Decoder) -> tuple[int, int]:
     return total, active
 
 
+def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cpu", **stage) -> Decoder:
+    """A Decoder with uninitialised weights on `device`, built on the meta device so no time goes
+    into random init of weights about to be overwritten. to_empty() makes new Parameter objects, so
+    the attributes our layers set on them (tp_dim, ep_dim, tied_to, ...) are copied across."""
+    with torch.device("meta"):
+        model = Decoder(cfg, ctx, **stage)
+    attrs = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        vars(p).update(attrs[name])
+    return model
+
+
+@torch.no_grad()
+def load_full_state_dict(model: Decoder, full: dict[str, torch.Tensor]) -> None:
+    """Copy a whole-model (single-process) state dict into this rank's shards and stage: each
+    tensor is cut by the parameter's tp_dim / ep_dim, so any layout can start from one checkpoint."""
+    ctx = model.ctx
+    for name, p in model.named_parameters():
+        key = name if name in full else getattr(p, "tied_to", None)
+        if key not in full:
+            raise ValueError(f"checkpoint has no tensor for {name}: it does not match model {model.cfg}")
+        t = full[key]
+        if getattr(p, "tp_dim", None) is not None:
+            t = shard_tensor(t, p.tp_dim, ctx.tp_rank, ctx.tp)
+        if getattr(p, "ep_dim", None) is not None:
+            t = shard_tensor(t, p.ep_dim, ctx.ep_rank, ctx.ep)
+        if t.shape != p.shape:
+            raise ValueError(f"{name}: checkpoint shard has shape {tuple(t.shape)} but the model expects "
+                             f"{tuple(p.shape)}: the checkpoint's model config differs from this run's")
+        p.copy_(t)
+
+
 def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, seed: int = 0, device=None,
                 **stage) -> Decoder:
     """Build on `device` (use "meta" to count parameters of any size for free) and initialise."""

@@ -86,6 +86,7 @@ class CheckpointConfig:
     keep_last: int = 3                # checkpoints kept (older ones deleted)
     resume: str = "none"              # none | auto (latest in run_dir/checkpoints) | path to a checkpoint
     dir: str | None = None            # null = <run_dir>/checkpoints
+    init_from: str | None = None      # HF directory (Llama / GPT-2 / Mixtral safetensors) whose weights start the run; sharded for any layout
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe.model import Decoder, build_model, param_counts
+from moe.model import Decoder, build_model, load_full_state_dict, param_counts
 from parallel.context import ParallelContext
 from parallel.data import GradReducer, Zero1, norm_buckets
 
@@ -73,11 +73,21 @@ class Trainer:
     # ------------------------------------------------------------ setup
     def _build_model(self) -> Decoder:
         model = build_model(self.cfg.model, self.ctx, seed=self.cfg.training.seed, device=self.device)
+        if self.cfg.checkpoint.init_from:
+            self._init_from_hf(model, self.cfg.checkpoint.init_from)
         model.activation_checkpointing = self.cfg.training.activation_checkpointing
         if self.cfg.training.compile:
             for key in list(model.layers):
                 model.layers[key] = torch.compile(model.layers[key])
         return model
+
+    def _init_from_hf(self, model: Decoder, path: str) -> None:
+        """Start from an HF checkpoint: whole tensors are read on every rank and cut to its shards."""
+        from moe.hf import check_matches_hf, hf_state_dict
+
+        check_matches_hf(self.cfg.model, path)
+        load_full_state_dict(model, hf_state_dict(path, self.cfg.model))
+        self._log(f"initialised weights from {path}")
 
     def _build_data(self) -> tuple[PretrainData, PretrainData]:
         c = self.cfg
