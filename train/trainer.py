@@ -164,7 +164,7 @@ class Trainer:
             self.bad_steps = 0
         else:
             self._skip_bad_step(loss, grad_norm)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # not optimizer.zero_grad: under ZeRO-1 it only holds owned params
         self.step += 1
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm,
                 "dropped_fraction": dropped, "loads": self._sum_loads_over_dp(stats["loads"])}

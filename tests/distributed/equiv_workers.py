@@ -1,0 +1,195 @@
+"""The pieces of the parallel-equivalence suite that run inside a process (reference or gloo rank).
+
+One training step, written once and run by every layout (it mirrors train/trainer.py's
+forward_backward + train_step): the global batch of G sequences is fixed; data-parallel rank d takes
+the contiguous slice [d*G/dp, (d+1)*G/dp) and splits it into micro-batches of m sequences, so
+
+    n_micro = G / (dp * m),   backward of loss_i / n_micro  (aux_grad_scale = 1 / n_micro)
+    GradReducer: tp partial sums, then dp (dense) / edp (expert) means  ->  clip at MAX_NORM  ->  AdamW
+
+The single-process reference is the same function with the degenerate context (dp = 1, so
+n_micro = G / m): it sees the identical micro-batches, which the MoE aux loss needs (it is a
+per-micro-batch statistic), and its gradient is the mean over all G / m micro-batches, exactly the
+dp mean of the per-rank means. Every layout must therefore reproduce the reference's losses and, after
+its shards are gathered (by each parameter's `tp_dim` / `ep_dim`), the reference's updated weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moe.config import ModelConfig, get_preset
+from moe.model import Decoder, build_model
+from parallel.context import ParallelContext
+from parallel.data import GradReducer, Zero1, norm_buckets
+from train.optim import build_optimizer, clip_grad_norm_
+
+G, MICRO, SEQ, STEPS = 16, 2, 16, 3   # global batch (sequences), micro-batch, sequence length, AdamW steps
+LR, WEIGHT_DECAY = 1e-3, 0.1
+# Adam divides by sqrt(v) + eps, so an element whose gradient is ~1e-9 (a near-cancelling sum; typical
+# entries are ~1e-4) turns fp32 summation-order noise into an update difference of up to ~lr. eps = 1e-6
+# damps those elements only; it is a conditioning choice, not a tolerance (measured: 2.5e-5 -> <1e-6).
+ADAM_EPS = 1e-6
+# These tiny models start with a global grad norm of 0.82-0.84 that falls to 0.75-0.77 by step 3, so
+# 1.0 would never clip; at 0.78 the first two steps are clipped and the last is not (both paths run).
+MAX_NORM = 0.78
+TOKEN_SEED = 1234
+
+_SHRINK = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256,
+               vocab_pad_multiple=8, max_seq_len=64)
+_MOE = dict(n_experts=4, top_k=2, expert_ffn_dim=32)
+# tp=4 cannot split 2 kv heads (validate_layout rejects it), so tp=4 runs twice the heads: 8 query and
+# 4 kv heads of width 8 keep the GQA ratio (2 query heads per kv head, 1 kv head per rank).
+_HEADS8 = dict(n_heads=8, n_kv_heads=4)
+MODELS: dict[str, tuple[str, dict]] = {
+    "dense": ("tiny", {}),
+    "dense_pad": ("tiny", dict(vocab_size=250)),                  # 250 -> 256 rows: padded, masked vocab
+    "moe": ("tiny-moe", _MOE),
+    "moe_capacity": ("tiny-moe", dict(_MOE, capacity_factor=1.0)),
+    "dense_h8": ("tiny", dict(_HEADS8, vocab_size=250)),
+    "moe_h8": ("tiny-moe", dict(_MOE, **_HEADS8)),
+}
+
+
+def model_config(key: str) -> ModelConfig:
+    preset, extra = MODELS[key]
+    return get_preset(preset, **{**_SHRINK, **extra})
+
+
+def global_tokens(vocab_size: int) -> torch.Tensor:
+    """[G, SEQ + 1] fixed random token ids: inputs are [:, :-1], targets [:, 1:]."""
+    return torch.randint(0, vocab_size, (G, SEQ + 1), generator=torch.Generator().manual_seed(TOKEN_SEED))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One parallel layout of one model; dp = world // tp (pp = 1)."""
+    name: str
+    model: str
+    tp: int = 1
+    ep: int = 1
+    sp: bool = False
+    zero1: bool = False
+
+
+# ----------------------------------------------------------------------------- one step
+
+def _dp_mean(values: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    if ctx.dp > 1:
+        dist.all_reduce(values, group=ctx.dp_group)
+        values = values / ctx.dp
+    return values
+
+
+def forward_backward(model: Decoder, reducer: GradReducer, local: torch.Tensor) -> torch.Tensor:
+    """This rank's micro-batches (trainer.forward_backward); returns [lm, aux, z, dropped] means."""
+    micro = local.split(MICRO)
+    n_micro = len(micro)
+    stats = torch.zeros(4)
+    for i, mb in enumerate(micro):
+        reducer.prepare(sync=i == n_micro - 1)
+        out = model(mb[:, :-1], mb[:, 1:], aux_grad_scale=1.0 / n_micro)
+        (out.loss / n_micro).backward()
+        dropped = sum(s.dropped_fraction for s in out.moe.values()) / max(len(out.moe), 1)
+        stats += torch.stack([out.loss.detach(), out.aux_loss, out.z_loss, torch.as_tensor(dropped)])
+    reducer.finish()
+    return stats / n_micro
+
+
+def train(model: Decoder, ctx: ParallelContext, tokens: torch.Tensor, zero1: bool = False) -> dict:
+    """STEPS optimizer steps on this rank's slice of `tokens` (trainer.train_step, constant lr).
+    Returns per-step dp-mean [lm, aux, z, dropped] and the global grad norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    zero = Zero1(params, ctx) if zero1 else None
+    only = {id(p) for p in zero.local_params()} if zero else None
+    opt = build_optimizer(model, LR, WEIGHT_DECAY, eps=ADAM_EPS, only=only)
+    reducer, buckets = GradReducer(params, ctx), norm_buckets(params, ctx)
+    per_rank = G // ctx.dp
+    local = tokens[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]  # contiguous dp slice
+    losses, norms, first_grads = [], [], None
+    for step in range(STEPS):
+        losses.append(_dp_mean(forward_backward(model, reducer, local), ctx))
+        if step == 0:  # reduced, not yet clipped: Adam hides a uniform gradient scale error, this does not
+            first_grads = gather_full(model, ctx, grads=True)
+        norms.append(clip_grad_norm_(buckets, MAX_NORM))
+        opt.step()
+        if zero is not None:
+            zero.broadcast()
+        # model.zero_grad, not opt.zero_grad: under ZeRO-1 the optimizer holds only the owned params, so
+        # opt.zero_grad (as train/trainer.py calls it) leaves the others' grads to accumulate into the next step
+        model.zero_grad(set_to_none=True)
+    return {"losses": torch.stack(losses), "grad_norms": torch.tensor(norms), "first_grads": first_grads,
+            "n_owned": len(only) if only is not None else len(params)}
+
+
+# ----------------------------------------------------------------------------- gathering shards
+
+def _all_gather_cat(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+@torch.no_grad()
+def gather_full(model: Decoder, ctx: ParallelContext, grads: bool = False) -> dict[str, torch.Tensor]:
+    """name -> full parameter (or gradient): tp shards concatenated along `tp_dim`, expert shards
+    along `ep_dim`."""
+    full = {}
+    for name, p in model.named_parameters():
+        t = p.grad if grads else p.detach()
+        if getattr(p, "tp_dim", None) is not None and ctx.tp > 1:
+            t = _all_gather_cat(t, ctx.tp_group, p.tp_dim)
+        if getattr(p, "ep_dim", None) is not None and ctx.ep > 1:
+            t = _all_gather_cat(t, ctx.ep_group, p.ep_dim)
+        full[name] = t.clone()
+    return full
+
+
+def max_param_error(got: dict, want: dict) -> tuple[float, str]:
+    """(max |got - want| over all parameters, the worst parameter's name); inf on any name/shape mismatch."""
+    if set(got) != set(want):
+        return float("inf"), f"names differ: {sorted(set(got) ^ set(want))}"
+    worst, where = 0.0, ""
+    for name, w in want.items():
+        if got[name].shape != w.shape:
+            return float("inf"), f"{name}: shape {tuple(got[name].shape)} != {tuple(w.shape)}"
+        err = (got[name].double() - w.double()).abs().max().item()
+        if err > worst:
+            worst, where = err, name
+    return worst, where
+
+
+# ----------------------------------------------------------------------------- reference and workers
+
+def reference(key: str) -> dict:
+    """Single-process run of model `key`: initial and final weights, losses, grad norms."""
+    cfg, ctx = model_config(key), ParallelContext.single()
+    model = build_model(cfg, ctx, seed=0)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run = train(model, ctx, global_tokens(cfg.vocab_size))
+    return {**run, "init": init, "final": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def run_layout(rank: int, world: int, layout: Layout, ref: dict) -> dict:
+    """Build `layout` on this rank, check its initial shards, train, gather, compare to `ref`."""
+    t0 = time.perf_counter()
+    ctx = ParallelContext.for_testing(rank, world, tp=layout.tp, ep=layout.ep, sequence_parallel=layout.sp)
+    cfg = model_config(layout.model)
+    torch.manual_seed(1000 + rank)  # a layout must not depend on the global RNG state
+    model = build_model(cfg, ctx, seed=0)
+    init_err, _ = max_param_error(gather_full(model, ctx), ref["init"])
+    run = train(model, ctx, global_tokens(cfg.vocab_size), zero1=layout.zero1)
+    param_err, worst = max_param_error(gather_full(model, ctx), ref["final"])
+    grad_err, worst_grad = max_param_error(run.pop("first_grads"), ref["first_grads"])
+    return {**run, "init_err": init_err, "param_err": param_err, "worst_param": worst,
+            "grad_err": grad_err, "worst_grad": worst_grad,
+            "coords": tuple(ctx.coords), "seconds": time.perf_counter() - t0}
+
+
+def run_layouts(rank: int, world: int, layouts: list[Layout], refs: dict) -> dict:
+    """Every layout in turn on one spawn (each builds its own ParallelContext and process groups)."""
+    return {layout.name: run_layout(rank, world, layout, refs[layout.model]) for layout in layouts}
