@@ -294,8 +294,8 @@ PRESET_TABLE: dict[str, tuple[dict[str, Any], float | None]] = {
     "moe16x": (dict(_LLAMA, vocab_size=100277, vocab_pad_multiple=128, max_seq_len=8192, rope_theta=500000.0,
                     n_experts=16, top_k=2, expert_ffn_dim=6144, **_shape(32, 4096, 32, n_kv_heads=8)), None),
     # CPU-sized defaults for the quick start and tests.
-    "tiny": (dict(_LLAMA, vocab_size=257, max_seq_len=256, **_shape(4, 128, 4, n_kv_heads=2, ffn_dim=344)), None),
-    "tiny-moe": (dict(_LLAMA, vocab_size=257, max_seq_len=256, n_experts=8, top_k=2, expert_ffn_dim=128,
+    "tiny": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, **_shape(4, 128, 4, n_kv_heads=2, ffn_dim=344)), None),
+    "tiny-moe": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, n_experts=8, top_k=2, expert_ffn_dim=128,
                       **_shape(4, 128, 4, n_kv_heads=2, ffn_dim=344)), None),
 }
 

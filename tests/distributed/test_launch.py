@@ -113,3 +113,27 @@ def test_launcher_config_error_exits_2_with_one_line(config_file, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and "training.max_steps" in lines[0] and "did you mean" in lines[0]
     assert not (tmp_path / "runs").exists()  # nothing was written before the error
+
+
+def test_torchrun_tp2_ep2_matches_single_process(config_file, tmp_path):
+    """Issue 4's acceptance run: 4 processes, tp=2 x ep=2 (dp=2), against one process. Each dp rank
+    uses micro-batch 2 so its micro-batches are the single run's token sets."""
+    run_dir, single_dir = tmp_path / "tp2ep2", tmp_path / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", LAUNCHER,
+           str(config_file), f"run_dir={run_dir}", "parallel.tp=2", "parallel.ep=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "4 process(es), 2 micro-batch(es) per step" in proc.stdout
+    _single_process(config_file, single_dir)
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+        assert _metric(run_dir, key) == pytest.approx(_metric(single_dir, key), rel=1e-5), key
+
+
+def test_invalid_layout_fails_before_any_work(config_file, tmp_path):
+    """tp=3 does not divide 4 heads: every rank stops with one line, exit 2, before training starts."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", LAUNCHER,
+           str(config_file), f"run_dir={tmp_path / 'bad'}", "parallel.tp=3"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "n_heads (4) must be divisible by parallel.tp (3)" in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
