@@ -78,6 +78,8 @@ class Experts(nn.Module):
                              "install it (CUDA only) or use expert_backend=grouped_mm")
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # compute like an autocast matmul: in its dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if x.shape[0] == 0:
             return x.new_zeros(0, self.w_out.shape[-1]) + 0 * (self.w_in.sum() + self.w_out.sum()).to(x.dtype)
         if self.backend == "loop":

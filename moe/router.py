@@ -72,7 +72,8 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
 
     def forward(self, x: torch.Tensor, stats_group=None) -> Routing:
-        logits = F.linear(x.float(), self.weight.float())  # [T, E] float32 whatever the compute dtype
+        with torch.autocast(x.device.type, enabled=False):  # float32 even inside a bf16 autocast region
+            logits = F.linear(x.float(), self.weight.float())  # [T, E]
         probs = torch.softmax(logits, dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -124,21 +124,28 @@ class GradReducer:
 
 def norm_buckets(params: list[torch.nn.Parameter], ctx: ParallelContext) -> list[tuple[list, list]]:
     """Buckets for train.optim.clip_grad_norm_ after reduction: each parameter counted once.
-    tp-sharded params sum over tp; expert params sum over ep; every stage's params sum over pp."""
+    tp-sharded params sum over tp; expert params sum over ep; every stage's params sum over pp.
+    All four (tp-sharded?, expert?) buckets exist on every rank, possibly empty, so every pipeline
+    stage issues the same all-reduces. A tied LM-head replica (`tied_to`, pp > 1) is left out: it
+    mirrors the first stage's embedding, which is counted (clip it with `tied_replicas`)."""
     tp = ctx.tp_group if ctx.tp > 1 else None
     ep = ctx.ep_group if ctx.ep > 1 else None
     pp = ctx.pp_group if ctx.pp > 1 else None
-    out: dict[tuple, list] = {}
-    for p in params:
-        if not p.requires_grad:
-            continue
-        key = (getattr(p, "tp_dim", None) is not None, getattr(p, "ep_dim", None) is not None)
-        out.setdefault(key, []).append(p)
+    counted = [p for p in params if p.requires_grad and getattr(p, "tied_to", None) is None]
     buckets = []
-    for (tp_sharded, expert), ps in sorted(out.items()):
-        groups = [g for g in ((tp if tp_sharded else None), (ep if expert else None), pp) if g is not None]
-        buckets.append((ps, groups))
+    for tp_sharded in (False, True):
+        for expert in (False, True):
+            ps = [p for p in counted if (getattr(p, "tp_dim", None) is not None) == tp_sharded
+                  and (getattr(p, "ep_dim", None) is not None) == expert]
+            groups = [g for g in ((tp if tp_sharded else None), (ep if expert else None), pp) if g is not None]
+            buckets.append((ps, groups))
     return buckets
+
+
+def tied_replicas(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Parameters that mirror another one (a tied LM head on the last pipeline stage): not counted
+    in the gradient norm, but scaled by the same clip factor so both replicas stay equal."""
+    return [p for p in params if p.requires_grad and getattr(p, "tied_to", None) is not None]
 
 
 class Zero1:

@@ -75,7 +75,7 @@ class TrainingConfig:
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     compile: bool = False             # torch.compile each block
     eval_interval: int = 200          # steps between validation runs; 0 = never
-    eval_steps: int = 10              # validation batches per run
+    eval_steps: int = 10              # validation batches (of global_batch_size sequences, any layout) per run
     max_bad_steps: int = 5            # consecutive non-finite losses skipped before stopping with an error
     device: str = "auto"              # auto | cpu | cuda
 

@@ -220,7 +220,8 @@ def _check_buckets(buckets) -> torch.device:
     return torch.device("cpu") if device is None else device
 
 
-def clip_grad_norm_(buckets: list[tuple[list[torch.Tensor], list]], max_norm: float) -> float:
+def clip_grad_norm_(buckets: list[tuple[list[torch.Tensor], list]], max_norm: float,
+                    scale_only: list[torch.Tensor] = ()) -> float:
     """Global L2 gradient norm over sharded params; scale grads in place so it is <= max_norm.
 
     A bucket is `(params, groups)`: `params` whose grads this rank holds, and the process groups
@@ -236,6 +237,8 @@ def clip_grad_norm_(buckets: list[tuple[list[torch.Tensor], list]], max_norm: fl
 
     Scaling: grads *= min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_.
     max_norm <= 0 disables scaling. A nonfinite norm is returned unscaled: the trainer skips the step.
+    `scale_only`: params scaled by the same factor but not counted (replicas of counted params,
+    e.g. a tied LM head on the last pipeline stage).
     Returns the norm as a Python float (one device sync), identical on every rank.
     """
     if math.isnan(max_norm):
@@ -250,7 +253,7 @@ def clip_grad_norm_(buckets: list[tuple[list[torch.Tensor], list]], max_norm: fl
         return norm
     coef = max_norm / (norm + _CLIP_EPS)
     if coef < 1.0:
-        for params, _ in buckets:
+        for params in [p for p, _ in buckets] + [list(scale_only)]:
             for g in _local_grads(params):
                 g.mul_(coef)
     return norm

@@ -23,8 +23,10 @@ import torch
 import torch.distributed as dist
 
 from moe.model import Decoder, build_model, load_full_state_dict, param_counts
+from moe.stages import build_stage_chunks, plan_stages, stage_chunk_fn, sync_tied_grads, tied_embedding_group
 from parallel.context import ParallelContext
-from parallel.data import GradReducer, Zero1, norm_buckets
+from parallel.data import GradReducer, Zero1, norm_buckets, tied_replicas
+from parallel.pipeline import PipelineExecutor
 
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, \
     set_rng_state
@@ -47,8 +49,6 @@ def pick_device(cfg: TrainConfig, ctx: ParallelContext) -> torch.device:
 class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: ParallelContext, log=print):
         self.cfg, self.ctx, self.log_fn = cfg, ctx, log
-        if ctx.pp > 1:
-            raise ValueError("parallel.pp > 1: pipeline schedules are not wired into the trainer yet; use pp=1")
         self.dp = check_world(cfg, ctx.world_size)
         t = cfg.training
         self.n_micro = t.global_batch_size // (self.dp * t.micro_batch_size)
@@ -71,22 +71,39 @@ class Trainer:
         self._maybe_resume()
 
     # ------------------------------------------------------------ setup
-    def _build_model(self) -> Decoder:
-        model = build_model(self.cfg.model, self.ctx, seed=self.cfg.training.seed, device=self.device)
-        if self.cfg.checkpoint.init_from:
-            self._init_from_hf(model, self.cfg.checkpoint.init_from)
-        model.activation_checkpointing = self.cfg.training.activation_checkpointing
-        if self.cfg.training.compile:
-            for key in list(model.layers):
-                model.layers[key] = torch.compile(model.layers[key])
-        return model
+    def _build_model(self) -> torch.nn.Module:
+        """This rank's chunks (one Decoder without pipelining; its virtual stages with pp > 1).
+        self.model is that Decoder, or a ModuleList of the chunks."""
+        c, p = self.cfg, self.cfg.parallel
+        partition = plan_stages(c.model, p.pp, p.vpp, c.data.seq_len, stage_layers=p.stage_layers,
+                                first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
+        self.chunks = build_stage_chunks(c.model, self.ctx, partition, seed=c.training.seed, device=self.device)
+        if c.checkpoint.init_from:
+            self._init_from_hf(self.chunks, c.checkpoint.init_from)
+        for chunk in self.chunks:
+            chunk.activation_checkpointing = c.training.activation_checkpointing
+            if c.training.compile:
+                for key in list(chunk.layers):
+                    chunk.layers[key] = torch.compile(chunk.layers[key])
+        if p.pp > 1:
+            self._log(f"pipeline: {p.pp} stages x {p.vpp} virtual, layers per virtual stage "
+                      f"{[len(ids) for ids in partition]}, schedule {self._schedule_kind()}")
+        return self.chunks[0] if len(self.chunks) == 1 and p.pp == 1 else torch.nn.ModuleList(self.chunks)
 
-    def _init_from_hf(self, model: Decoder, path: str) -> None:
+    def _schedule_kind(self) -> str:
+        p = self.cfg.parallel
+        if p.pp == 1:
+            return "gpipe"  # one stage: every schedule is the plain micro-batch loop
+        return "interleaved" if p.vpp > 1 else p.pp_schedule
+
+    def _init_from_hf(self, chunks: list[Decoder], path: str) -> None:
         """Start from an HF checkpoint: whole tensors are read on every rank and cut to its shards."""
         from moe.hf import check_matches_hf, hf_state_dict
 
         check_matches_hf(self.cfg.model, path)
-        load_full_state_dict(model, hf_state_dict(path, self.cfg.model))
+        full = hf_state_dict(path, self.cfg.model)
+        for chunk in chunks:
+            load_full_state_dict(chunk, full)
         self._log(f"initialised weights from {path}")
 
     def _build_data(self) -> tuple[PretrainData, PretrainData]:
@@ -100,7 +117,7 @@ class Trainer:
                   seed=c.training.seed, valid_fraction=c.data.valid_fraction,
                   dp_rank=self.ctx.dp_rank, dp_size=self.dp)
         train = PretrainData(global_batch_size=c.training.global_batch_size, split="train", **kw)
-        valid = PretrainData(global_batch_size=c.training.micro_batch_size * self.dp, split="valid", **kw)
+        valid = PretrainData(global_batch_size=c.training.global_batch_size, split="valid", **kw)  # layout-independent
         if train.vocab_size > c.model.vocab_size:
             raise ValueError(f"token files have vocab_size {train.vocab_size} > model.vocab_size "
                              f"{c.model.vocab_size}: use a matching tokenizer or model")
@@ -120,8 +137,16 @@ class Trainer:
         s = self.cfg.schedule
         decay = s.decay_steps if s.decay_steps is not None else self.cfg.training.max_steps
         self.schedule = LRSchedule(s.kind, o.lr, min(o.min_lr, o.lr), min(s.warmup_steps, decay), decay)
-        self.reducer = GradReducer(params, self.ctx)
-        self.clip_buckets = norm_buckets(params, self.ctx)
+        self.reducers = [GradReducer([q for q in chunk.parameters() if q.requires_grad], self.ctx)
+                         for chunk in self.chunks]
+        self.clip_buckets, self.tied_heads = norm_buckets(params, self.ctx), tied_replicas(params)
+        self.tied_group = tied_embedding_group(self.ctx, self.cfg.parallel.timeout_s) \
+            if self.cfg.model.tie_embeddings else None
+        seq = self.cfg.data.seq_len // (self.ctx.tp if self.ctx.sequence_parallel else 1)
+        self.executor = PipelineExecutor(
+            [stage_chunk_fn(chunk, 1.0 / self.n_micro) for chunk in self.chunks], self.ctx, self._schedule_kind(),
+            self.n_micro, act_shape=(self.cfg.training.micro_batch_size, seq, self.cfg.model.d_model),
+            before_backward=lambda c, last: self.reducers[c].prepare(sync=last))
 
     # ------------------------------------------------------------ one step
     def _autocast(self):
@@ -130,32 +155,48 @@ class Trainer:
         return contextlib.nullcontext()
 
     def forward_backward(self) -> dict[str, torch.Tensor]:
-        """Run the step's micro-batches; returns summed (not yet averaged) loss statistics."""
+        """Run the step's micro-batches through this rank's chunks (the pipeline schedule; with
+        pp = 1 simply one after another), reduce gradients, and return the step's loss statistics:
+        means over micro-batches, summed over pipeline stages (not yet averaged over dp)."""
         batch = self.train_data.next_batch().to(self.device, non_blocking=True)
         micro = batch.split(self.cfg.training.micro_batch_size)
-        stats = {"lm": torch.zeros((), device=self.device), "aux": torch.zeros((), device=self.device),
-                 "z": torch.zeros((), device=self.device), "dropped": torch.zeros((), device=self.device)}
-        loads: dict[int, torch.Tensor] = {}
-        for i, mb in enumerate(micro):
-            self.reducer.prepare(sync=i == len(micro) - 1)
-            with self._autocast():
-                out = self.model(mb[:, :-1], mb[:, 1:], aux_grad_scale=1.0 / self.n_micro)
-            (out.loss / self.n_micro).backward()
-            stats["lm"] += out.loss.detach()
-            stats["aux"] += out.aux_loss.to(self.device)
-            stats["z"] += out.z_loss.to(self.device)
-            for layer, s in out.moe.items():
-                loads[layer] = loads.get(layer, 0) + s.tokens_per_expert
-                stats["dropped"] += s.dropped_fraction.to(self.device) / max(len(out.moe), 1)
-        self.reducer.finish()
-        return {**{k: v / self.n_micro for k, v in stats.items()}, "loads": loads}
+        with self._autocast():
+            result = self.executor.step([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
+        for reducer in self.reducers:
+            reducer.finish()
+        sync_tied_grads(self.chunks, self.tied_group)
+        return self._step_stats(result)
+
+    def _step_stats(self, result) -> dict[str, torch.Tensor]:
+        """lm, aux, z, dropped (mean over micro-batches and MoE layers) and per-layer expert loads,
+        gathered over the pipeline stages (each holds only its own layers and only the last the loss)."""
+        n_layers, n_exp = self.cfg.model.n_layers, max(self.cfg.model.n_experts, 1)
+        sums = torch.zeros(4, device=self.device)  # lm, aux, z, dropped
+        loads = torch.zeros(n_layers, n_exp, device=self.device)
+        for loss in result.losses:
+            sums[0] += loss.float()
+        for per_micro in result.infos:
+            for out in per_micro:
+                sums[1] += out.aux_loss.float().to(self.device)
+                sums[2] += out.z_loss.float().to(self.device)
+                for layer, st in out.moe.items():
+                    sums[3] += st.dropped_fraction.to(self.device)
+                    loads[layer] += st.tokens_per_expert.to(self.device)
+        if self.ctx.pp > 1:
+            dist.all_reduce(sums, group=self.ctx.pp_group)
+            dist.all_reduce(loads, group=self.ctx.pp_group)
+        n_moe = sum(self.cfg.model.is_moe_layer(i) for i in range(n_layers))
+        sums[3] /= max(n_moe, 1)
+        moe_layers = [i for i in range(n_layers) if self.cfg.model.is_moe_layer(i)]
+        return {"lm": sums[0] / self.n_micro, "aux": sums[1] / self.n_micro, "z": sums[2] / self.n_micro,
+                "dropped": sums[3] / self.n_micro, "loads": {i: loads[i].long() for i in moe_layers}}
 
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
         apply_lr(self.optimizer, lr)
         stats = self.forward_backward()
         lm, aux, z, dropped = self._mean_over_dp(stats["lm"], stats["aux"], stats["z"], stats["dropped"])
-        grad_norm = clip_grad_norm_(self.clip_buckets, self.cfg.optimizer.grad_clip)
+        grad_norm = clip_grad_norm_(self.clip_buckets, self.cfg.optimizer.grad_clip, scale_only=self.tied_heads)
         loss = lm + aux + z
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
@@ -201,10 +242,14 @@ class Trainer:
         self.valid_data.reset()
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.training.eval_steps):
-            batch = self.valid_data.next_batch().to(self.device)
+            micro = self.valid_data.next_batch().to(self.device).split(self.cfg.training.micro_batch_size)
             with self._autocast():
-                total += self.model(batch[:, :-1], batch[:, 1:]).loss.float()
+                losses = self.executor.forward_only(len(micro), [mb[:, :-1] for mb in micro],
+                                                    [mb[:, 1:] for mb in micro])
+            total += sum(loss.float() for loss in losses) / len(micro) if losses else 0.0
         self.model.train()
+        if self.ctx.pp > 1:
+            dist.all_reduce(total, group=self.ctx.pp_group)
         (loss,) = self._mean_over_dp(total / self.cfg.training.eval_steps)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 

@@ -56,6 +56,7 @@ def _env() -> dict:
 
 def _metric(run_dir: Path, key: str) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "split" not in r]  # validation records carry split="valid"
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     return [r[key] for r in records]
 
@@ -137,3 +138,26 @@ def test_invalid_layout_fails_before_any_work(config_file, tmp_path):
     assert proc.returncode != 0
     assert "n_heads (4) must be divisible by parallel.tp (3)" in proc.stderr
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def _valid(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r.get("split") == "valid"]
+
+
+def test_torchrun_pipeline_pp2_dp2_ep2_matches_single_process(config_file, tmp_path):
+    """The pipeline path of the trainer: 4 processes, pp=2 (1F1B) x dp=2 with ep=2 on the MoE model,
+    training and validation losses against one process."""
+    run_dir, single_dir = tmp_path / "pp2", tmp_path / "single"
+    extra = ["training.eval_interval=3", "training.eval_steps=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", LAUNCHER,
+           str(config_file), f"run_dir={run_dir}", "parallel.pp=2", "parallel.ep=2", *extra]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "pipeline: 2 stages x 1 virtual, layers per virtual stage [1, 1], schedule 1f1b" in proc.stdout
+    cfg = load_config(config_file, [f"run_dir={single_dir}", *extra])
+    torch.set_num_threads(1)
+    Trainer(cfg, ParallelContext.single(), log=lambda msg: None).train()
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+        assert _metric(run_dir, key) == pytest.approx(_metric(single_dir, key), rel=1e-5), key
+    assert _valid(run_dir) == pytest.approx(_valid(single_dir), rel=1e-5) and len(_valid(run_dir)) == 1

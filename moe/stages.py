@@ -1,0 +1,204 @@
+"""Pipeline stages of the Decoder: layer costs for the partitioner, this rank's chunks, tied embeddings.
+
+The partitioner (parallel/partition.py) balances one cost per decoder block plus the embedding
+(first stage) and head (last stage) extras; this module computes those costs from the ModelConfig,
+builds only this rank's chunks - chunk c of pipeline rank r is virtual stage v = c * pp + r, with
+the embedding on v = 0 and the final norm + head on v = S - 1 - and keeps tied embeddings equal
+when the input embedding and the LM head end up on different pipeline ranks.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from parallel.context import ParallelContext
+from parallel.partition import check_partition, partition_layers
+
+from .config import ModelConfig
+from .model import Decoder, DecoderOutput, build_model
+
+# ---------------------------------------------------------------------------------------------
+# Costs (forward FLOPs for one sequence of seq_len tokens; backward is ~2x of each, so ratios hold)
+# ---------------------------------------------------------------------------------------------
+
+
+def _mlp_flops(cfg: ModelConfig, ffn: int) -> float:
+    """Per token: 2 D F per matmul; SwiGLU has three (w1, w3, w2), GELU two (w1, w2)."""
+    return (3 if cfg.mlp == "swiglu" else 2) * 2.0 * cfg.d_model * ffn
+
+
+def _mean_keys(cfg: ModelConfig, layer: int, seq_len: int) -> float:
+    """Keys a query attends to, averaged over positions: (S + 1) / 2 causal, min(i, w) banded."""
+    window = cfg.local_window if cfg.is_local_layer(layer) else None
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    return sum(min(i, window) for i in range(1, seq_len + 1)) / seq_len
+
+
+def _attention_flops(cfg: ModelConfig, layer: int, seq_len: int) -> float:
+    """Per token: projections 2 D (H dh) for q and o, 2 D (K dh) for k and v; then scores and the
+    weighted sum of values, 2 * 2 H dh per attended key (causal/banded masking skips the rest)."""
+    q_width, kv_width = cfg.n_heads * cfg.dim_head, cfg.kv_heads * cfg.dim_head
+    projections = 2.0 * cfg.d_model * (2 * q_width + 2 * kv_width)
+    return projections + 4.0 * q_width * _mean_keys(cfg, layer, seq_len)
+
+
+def layer_costs(cfg: ModelConfig, seq_len: int) -> list[float]:
+    """Forward FLOPs of each decoder block on one sequence of seq_len tokens.
+
+    dense block = attention + MLP(ffn);  MoE block = attention + router (2 D E) + top_k experts'
+    MLP(expert_ffn) (+ the shared expert's MLP). Counted: matmuls and attention scores/values.
+    Not counted: norms, activations, softmax, RoPE, residual adds and the MoE permutation/all-to-all
+    (elementwise or communication; small next to the matmuls at real widths).
+    """
+    if seq_len < 1 or seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len ({seq_len}) must be in [1, model.max_seq_len ({cfg.max_seq_len})]: "
+                         f"pass the training sequence length (data.seq_len)")
+    costs = []
+    for layer in range(cfg.n_layers):
+        flops = _attention_flops(cfg, layer, seq_len)
+        if cfg.is_moe_layer(layer):
+            flops += 2.0 * cfg.d_model * cfg.n_experts + cfg.top_k * _mlp_flops(cfg, cfg.expert_ffn)
+            if cfg.shared_expert_ffn_dim:
+                flops += _mlp_flops(cfg, cfg.shared_expert_ffn_dim)
+        else:
+            flops += _mlp_flops(cfg, cfg.ffn)
+        costs.append(seq_len * flops)
+    return costs
+
+
+def embedding_cost(cfg: ModelConfig, seq_len: int) -> float:
+    """Token lookup (+ position add): no matmul, counted as D adds per token so it is not free."""
+    return float(seq_len * cfg.d_model)
+
+
+def head_cost(cfg: ModelConfig, seq_len: int) -> float:
+    """LM head logits, 2 D V per token over the padded vocabulary (norm and cross-entropy not
+    counted). At GPT-2 scale it outweighs a block several times, which is why the last stage
+    usually gets fewer layers."""
+    return 2.0 * seq_len * cfg.d_model * cfg.padded_vocab_size
+
+
+def plan_stages(cfg: ModelConfig, pp: int, vpp: int, seq_len: int, stage_layers: list[int] | None = None,
+                first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> list[list[int]]:
+    """The partition (one layer list per virtual stage) balanced on the costs above."""
+    return partition_layers(layer_costs(cfg, seq_len), pp, vpp, first_stage_layers=first_stage_layers,
+                            last_stage_layers=last_stage_layers, stage_layers=stage_layers,
+                            first_extra=embedding_cost(cfg, seq_len), last_extra=head_cost(cfg, seq_len))
+
+
+# ---------------------------------------------------------------------------------------------
+# This rank's chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[list[int]], seed: int = 0,
+                       device: str | torch.device | None = None) -> list[Decoder]:
+    """This rank's chunks, chunk c = virtual stage c * pp + pp_rank, initialised with init_weights(seed).
+
+    Init is layout-independent (each parameter drawn whole from a (seed, name) generator, tied head
+    drawn under the embedding's name), so the chunks hold exactly the single-process weights.
+    """
+    n_stages = ctx.pp * ctx.vpp
+    if len(partition) != n_stages:
+        raise ValueError(f"partition has {len(partition)} virtual stages but parallel.pp * parallel.vpp is "
+                         f"{n_stages}: build it with plan_stages(cfg, pp, vpp, seq_len)")
+    check_partition(partition, cfg.n_layers)
+    chunks = []
+    for c in range(ctx.vpp):
+        v = c * ctx.pp + ctx.pp_rank
+        chunks.append(build_model(cfg, ctx, seed=seed, device=device, layer_ids=partition[v],
+                                  pre=v == 0, post=v == n_stages - 1))
+    return chunks
+
+
+def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float) -> Callable[[torch.Tensor, Any], tuple]:
+    """Adapt a Decoder chunk to the executor's contract chunk(x, target) -> (output, info).
+
+    output: the hidden activations on non-last chunks, the mean LM loss on the last. info: a
+    DecoderOutput with only the detached loss, aux_loss, z_loss and MoE statistics (no logits or
+    activations are kept alive for logging). aux_grad_scale: the micro-batch's loss weight
+    (1 / n_micro), applied to the MoE auxiliary losses in backward as on pp=1.
+    """
+
+    def run(x: torch.Tensor, target: Any) -> tuple[torch.Tensor, DecoderOutput]:
+        out = chunk(x, target, aux_grad_scale=aux_grad_scale)
+        output = out.hidden if not chunk.post else out.loss
+        if output is None:
+            raise ValueError("the last pipeline stage got no targets: pass targets to PipelineExecutor.step")
+        loss = out.loss.detach() if out.loss is not None else None
+        return output, DecoderOutput(logits=None, loss=loss, aux_loss=out.aux_loss, z_loss=out.z_loss, moe=out.moe)
+
+    return run
+
+
+def merge_stage_stats(infos: list[list[DecoderOutput]]) -> dict[str, Any]:
+    """Sum this rank's chunk statistics over chunks and micro-batches (the caller divides by
+    n_micro and sums over pipeline ranks): aux_loss, z_loss, tokens_per_expert per MoE layer."""
+    aux, z, loads = torch.zeros(()), torch.zeros(()), {}
+    for per_micro in infos:
+        for out in per_micro:
+            aux, z = aux + out.aux_loss.cpu(), z + out.z_loss.cpu()
+            for layer, stats in out.moe.items():
+                loads[layer] = loads.get(layer, 0) + stats.tokens_per_expert.cpu()
+    return {"aux_loss": aux, "z_loss": z, "loads": loads}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tied embeddings across the first and last pipeline ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def tied_embedding_group(ctx: ParallelContext, timeout_s: float = 600):
+    """The group {first pipeline rank, last pipeline rank} of this rank's (dp, tp) coordinate.
+
+    new_group is collective: EVERY rank must call this (middle stages too), and it creates one
+    group per (dp, tp) coordinate in the same order everywhere. Returns None for middle stages
+    and when pp == 1 (the embedding and head are then one tensor). A peer that never joins the
+    all-reduce turns into an error after timeout_s instead of a hang.
+    """
+    if ctx.pp == 1:
+        return None
+    mine, per_stage = None, ctx.dp * ctx.tp
+    for first in range(per_stage):  # rank = pp_rank * dp * tp + dp_rank * tp + tp_rank
+        ranks = [first, (ctx.pp - 1) * per_stage + first]
+        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), group_desc="tied_embedding_group")
+        if ctx.rank in ranks:
+            mine = group
+    return mine
+
+
+def _tied_replicas(chunks: list[Decoder]) -> list[torch.nn.Parameter]:
+    """The first stage's tok_emb.weight and the last stage's head.weight, when embeddings are tied."""
+    replicas = []
+    for chunk in chunks:
+        if not chunk.cfg.tie_embeddings:
+            continue
+        if chunk.pre and not chunk.post:
+            replicas.append(chunk.tok_emb.weight)
+        if chunk.post and getattr(getattr(chunk, "head", None), "weight", None) is not None:
+            if getattr(chunk.head.weight, "tied_to", None) == "tok_emb.weight":
+                replicas.append(chunk.head.weight)
+    return replicas
+
+
+def sync_tied_grads(chunks: list[Decoder], group) -> None:
+    """After backward (and dp reduction): grad <- grad(tok_emb on the first stage) + grad(head on
+    the last stage), on both replicas, so they receive the same AdamW update and stay equal.
+
+    The sum is the gradient of the single shared matrix: d loss / d W = lookup part + head part.
+    """
+    replicas = _tied_replicas(chunks)
+    if not replicas:
+        return
+    if group is None:
+        raise ValueError("these chunks hold a tied embedding replica but group is None: create it with "
+                         "tied_embedding_group(ctx) on every rank and pass it here")
+    for p in replicas:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
