@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -100,6 +102,23 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def guarded(measure: Callable[[], dict], device: torch.device) -> dict:
+    """Run one benchmark case. Failures (OOM, an unsupported dtype) become an 'error' entry rather
+    than ending the whole run; warnings raised meanwhile are kept under 'warnings'."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = measure()
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            result = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+            print(f"# error: {result['error']}", file=sys.stderr)
+    notes = sorted({(str(w.message).splitlines() or [""])[0] for w in caught})
+    if notes:
+        result["warnings"] = notes
+    free_memory(device)
+    return result
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

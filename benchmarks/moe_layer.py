@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks import (PRECISIONS, autocast, environment, fmt, free_memory, markdown_table,  # noqa: E402
+from benchmarks import (PRECISIONS, autocast, environment, fmt, guarded, markdown_table,  # noqa: E402
                         median_ms, param_dtype, parse_precisions, resolve_device, write_json)
 from moe.config import ModelConfig  # noqa: E402
 from moe.experts import megablocks_gmm  # noqa: E402
@@ -174,21 +173,13 @@ def step_fn(module: nn.Module, x: torch.Tensor, precision: str, device: torch.de
 
 
 def time_case(make, precision: str, device: torch.device, flops: float, iters: int, warmup: int) -> dict:
-    """Build one case with `make()` -> (module, input) and time it. Errors (OOM, unsupported dtype)
-    become an 'error' entry rather than ending the whole run; warnings raised meanwhile are kept."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            ms = median_ms(step_fn(*make(), precision, device), iters, warmup, device)
-            result = {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
-        except (RuntimeError, ValueError, NotImplementedError) as e:
-            result = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
-            print(f"# error: {result['error']}", file=sys.stderr)
-    notes = sorted({(str(w.message).splitlines() or [""])[0] for w in caught})
-    if notes:
-        result["warnings"] = notes
-    free_memory(device)  # the module and its grads died with the step closure
-    return result
+    """Build one case with `make()` -> (module, input) and time it (see benchmarks.guarded)."""
+
+    def measure() -> dict:
+        ms = median_ms(step_fn(*make(), precision, device), iters, warmup, device)
+        return {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
+
+    return guarded(measure, device)  # the module and its grads die with the step closure
 
 
 def bench_shape(shape: Shape, precision: str, backends: list[str], device: torch.device, iters: int,

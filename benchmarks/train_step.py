@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python benchmarks/train_step.py` as a plain script
@@ -35,7 +34,7 @@ if __package__ in (None, ""):  # `python benchmarks/train_step.py` as a plain sc
 
 import torch  # noqa: E402
 
-from benchmarks import (PRECISIONS, autocast, environment, fmt, free_memory, markdown_table,  # noqa: E402
+from benchmarks import (PRECISIONS, autocast, environment, fmt, guarded, markdown_table,  # noqa: E402
                         median_ms, param_dtype, parse_precisions, resolve_device, write_json)
 from moe.config import ModelConfig  # noqa: E402
 from moe.experts import BACKENDS as LAYER_BACKENDS  # noqa: E402
@@ -147,17 +146,7 @@ def run_case(build, label: str, cfg: ModelConfig, precision: str, device: torch.
     entry (under `label`) rather than ending the run; warnings raised meanwhile are kept."""
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (opts["batch_size"], opts["seq_len"] + 1), generator=gen).to(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            result = measure(build, tokens, precision, device, opts)
-        except (RuntimeError, ValueError, NotImplementedError) as e:
-            result = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
-            print(f"# error: {result['error']}", file=sys.stderr)
-    notes = sorted({(str(w.message).splitlines() or [""])[0] for w in caught})
-    if notes:
-        result["warnings"] = notes
-    free_memory(device)
+    result = guarded(lambda: measure(build, tokens, precision, device, opts), device)
     return {"impl": label, "precision": precision, **result}
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from launchers import preprocess as preprocess_cli
-from train.data import (MAGIC, ByteTokenizer, HFTokenizer, PretrainData, TokenFile,
+from train.data import (ByteTokenizer, HFTokenizer, PretrainData, TokenFile,
                         default_corpus_prefix, ensure_default_corpus, load_tokenizer, preprocess,
                         resolve_data_paths, split_windows, stdlib_files, write_token_file)
 

@@ -229,7 +229,7 @@ def test_unexpected_and_misshapen_tensors_are_named(mixtral_dir, tmp_path):
         load_hf(extra)
     key = "model.layers.0.self_attn.q_proj.weight"
     bad = rewrite(mixtral_dir, tmp_path / "b", lambda t: t.update({key: t[key][:32]}))
-    with pytest.raises(ValueError, match=rf"shape mismatch .*layers\.0\.attn\.wq\.weight.*\(32, 64\).*\(64, 64\)"):
+    with pytest.raises(ValueError, match=r"shape mismatch .*layers\.0\.attn\.wq\.weight.*\(32, 64\).*\(64, 64\)"):
         load_hf(bad)
 
 
