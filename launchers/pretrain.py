@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    code = 0
+    code = 1  # anything but a clean return is a failure (OOM, a collective timing out, Ctrl-C)
     try:
         Trainer(cfg, ctx).train()
+        code = 0
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error (rank {ctx.rank}): {e}", file=sys.stderr)
-        code = 1
+    except BaseException:
+        traceback.print_exc()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

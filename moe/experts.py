@@ -80,8 +80,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # compute like an autocast matmul: in its dtype
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        if x.shape[0] == 0:
-            return x.new_zeros(0, self.w_out.shape[-1]) + 0 * (self.w_in.sum() + self.w_out.sum()).to(x.dtype)
+        if x.shape[0] == 0:  # keep x in the graph: its backward may be an expert-parallel all-to-all
+            return x.new_zeros(0, self.w_out.shape[-1]) + 0 * (x.sum() + self.w_in.sum() + self.w_out.sum()).to(x.dtype)
         if self.backend == "loop":
             return self.forward_loop(x, counts)
         if self.backend == "padded":
@@ -91,12 +91,13 @@ class Experts(nn.Module):
         return self.forward_grouped(x, counts)
 
     def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The float32 reference: one small MLP per expert."""
+        """The float32 reference: one small MLP per expert (float32 even inside autocast)."""
         outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            h = x[start:start + n].float() @ self.w_in[e].float()
-            outs.append(_activation(h, self.swiglu, self.approx) @ self.w_out[e].float())
-            start += n
+        with torch.autocast(x.device.type, enabled=False):
+            for e, n in enumerate(counts.tolist()):
+                h = x[start:start + n].float() @ self.w_in[e].float()
+                outs.append(_activation(h, self.swiglu, self.approx) @ self.w_out[e].float())
+                start += n
         return torch.cat(outs).to(x.dtype)
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

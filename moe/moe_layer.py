@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 
 from parallel.context import ParallelContext
-from parallel.tensor import gather_from_tp, scatter_to_tp
+from parallel.tensor import gather_from_tp, reduce_from_tp, scatter_to_tp
 
 from .config import ModelConfig
 from .experts import Experts
 from .layers import DenseMLP
-from .router import TopKRouter
+from .router import TopKRouter, expert_counts
 
 
 @dataclass
@@ -62,30 +62,51 @@ def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float | N
     return None if factor is None else math.ceil(factor * n_tokens * top_k / n_experts)
 
 
-def permute(experts: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity: int | None) -> Permutation:
-    """Sort the T*k routed slots by expert. With a capacity, each expert keeps its first `capacity`
-    slots in priority order - all first choices (in token order) before all second choices, as in
-    GShard/Switch - and the rest are dropped (their tokens pass through on the residual only)."""
+def _priority_sort(experts: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """Order of the T*k slots (indices into experts.flatten()): expert-major, then priority - all
+    first choices by token position, then all second choices (GShard/Switch)."""
     T, k = experts.shape
-    priority = torch.arange(T * k, device=experts.device).view(k, T).t()  # [T, k]: choice-major order
-    key = experts * (T * k) + priority
-    order = torch.argsort(key.flatten())  # expert-major, then priority
+    pos = torch.arange(T, device=experts.device) if pos is None else pos
+    priority = torch.arange(k, device=experts.device)[None, :] * T + pos[:, None]  # [T, k]
+    return torch.argsort((experts * (T * k) + priority).flatten())
+
+
+def capacity_keep(experts: torch.Tensor, n_experts: int, capacity: int,
+                  pos: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, k] bool: the slot fits within its expert's first `capacity` slots in priority order.
+    `pos` [T]: each token's position in the micro-batch (default: row order), which sets priority."""
+    order = _priority_sort(experts, pos)
     sorted_experts = experts.flatten()[order]
-    counts = torch.bincount(sorted_experts, minlength=n_experts)
-    token_idx = order // k
-    if capacity is not None:
-        starts = torch.cumsum(counts, 0) - counts
-        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
-        keep = rank_in_expert < capacity
-        order, token_idx = order[keep], token_idx[keep]
-        counts = counts.clamp(max=capacity)
-    return Permutation(token_idx, weights.flatten()[order], counts, T)
+    counts = expert_counts(experts, n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
+    keep = torch.empty_like(order, dtype=torch.bool)
+    keep[order] = rank_in_expert < capacity
+    return keep.view_as(experts)
+
+
+def permute(experts: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity: int | None = None,
+            keep: torch.Tensor | None = None) -> Permutation:
+    """Sort the T*k routed slots by expert. With a capacity (or an explicit `keep` mask from
+    capacity_keep), each expert keeps its first `capacity` slots in priority order - all first
+    choices (in token order) before all second choices, as in GShard/Switch - and the rest are
+    dropped (their tokens pass through on the residual only)."""
+    T, k = experts.shape
+    if capacity is not None and keep is None:
+        keep = capacity_keep(experts, n_experts, capacity)
+    order = _priority_sort(experts, None)
+    if keep is not None:
+        order = order[keep.flatten()[order]]
+    counts = expert_counts(experts.flatten()[order], n_experts)
+    return Permutation(order // k, weights.flatten()[order], counts, T)
 
 
 def unpermute(y: torch.Tensor, perm: Permutation) -> torch.Tensor:
-    """out[t] = sum over kept slots s of token t: weight_s * y_s. Dropped slots contribute zero."""
-    out = y.new_zeros(perm.n_tokens, y.shape[-1])
-    return out.index_add(0, perm.token_idx, y * perm.weights.to(y.dtype)[:, None])
+    """out[t] = sum over kept slots s of token t: weight_s * y_s (accumulated in float32). Dropped
+    slots contribute zero."""
+    out = torch.zeros(perm.n_tokens, y.shape[-1], device=y.device, dtype=torch.float32)
+    out = out.index_add(0, perm.token_idx, y.float() * perm.weights.float()[:, None])
+    return out.to(y.dtype)
 
 
 class LocalDispatcher:
@@ -139,9 +160,14 @@ class MoELayer(nn.Module):
         if shard_tokens:
             tokens = scatter_to_tp(tokens, tp_group, dim=0)
         routing = self.router(tokens, stats_group=tp_group)
-        cap = expert_capacity(tokens.shape[0], self.cfg.top_k, self.cfg.n_experts, self.cfg.capacity_factor)
-        perm = permute(routing.experts, routing.weights, self.cfg.n_experts, cap)
-        x_local, counts_local, meta = self.dispatcher.dispatch(tokens[perm.token_idx], perm.counts)
+        cap = expert_capacity(tokens.shape[0] * (self.ctx.tp if tp_group is not None else 1), self.cfg.top_k,
+                              self.cfg.n_experts, self.cfg.capacity_factor)
+        keep = None if cap is None else self._keep(routing.experts, cap, shape, tp_group)
+        perm = permute(routing.experts, routing.weights, self.cfg.n_experts, keep=keep)
+        rows = tokens[perm.token_idx]
+        if torch.is_autocast_enabled(rows.device.type):  # send what the experts compute in (half the bytes)
+            rows = rows.to(torch.get_autocast_dtype(rows.device.type))
+        x_local, counts_local, meta = self.dispatcher.dispatch(rows, perm.counts)
         y_local = self.experts(x_local, counts_local, self._local_capacity(cap))
         y = unpermute(self.dispatcher.combine(y_local, meta), perm)
         if shard_tokens:
@@ -150,7 +176,25 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         y = AttachAuxLoss.apply(y, routing.aux_loss + routing.z_loss, aux_grad_scale)
-        return y, self._stats(routing, perm, tokens.shape[0])
+        return y, self._stats(routing, perm, tokens.shape[0], tp_group)
+
+    def _keep(self, experts: torch.Tensor, cap: int, shape: torch.Size, tp_group) -> torch.Tensor:
+        """Capacity dropping decided over the whole micro-batch, as one process would: when the
+        tokens are split over the tp group, all-gather every rank's choices and token positions,
+        rank all slots together, and keep this rank's rows of the result."""
+        if tp_group is None:
+            return capacity_keep(experts, self.cfg.n_experts, cap)
+        n_local, r = experts.shape[0], self.ctx.tp_rank
+        if self.ctx.sequence_parallel:  # x [B, S/tp, D]: local (b, s) is global b*S + r*S/tp + s
+            B, S_l = shape[0], shape[1]
+            s_idx = torch.arange(S_l, device=experts.device)
+            pos = (torch.arange(B, device=experts.device)[:, None] * S_l * self.ctx.tp + r * S_l + s_idx).flatten()
+        else:  # a contiguous 1/tp chunk of the flattened tokens
+            pos = torch.arange(n_local, device=experts.device) + r * n_local
+        all_experts = gather_from_tp(experts, tp_group, dim=0)
+        all_pos = gather_from_tp(pos, tp_group, dim=0)
+        keep = capacity_keep(all_experts, self.cfg.n_experts, cap, all_pos)
+        return keep[r * n_local:(r + 1) * n_local]
 
     def _local_capacity(self, cap: int | None) -> int | None:
         """Padded-buffer size per local expert. Under EP every source rank keeps <= its own cap
@@ -158,8 +202,12 @@ class MoELayer(nn.Module):
         size the buffer by the largest received count."""
         return cap if self.ctx.ep == 1 else None
 
-    def _stats(self, routing, perm: Permutation, n_tokens: int) -> MoEStats:
-        routed = n_tokens * self.cfg.top_k
-        dropped = 1.0 - perm.token_idx.numel() / routed if routed else 0.0
+    def _stats(self, routing, perm: Permutation, n_tokens: int, tp_group) -> MoEStats:
+        """Detached statistics of the whole micro-batch (token shards summed over tp)."""
+        counts = torch.tensor([perm.token_idx.numel(), n_tokens * self.cfg.top_k], dtype=torch.float32)
+        counts = counts.to(perm.token_idx.device, non_blocking=True)
+        if tp_group is not None:
+            counts = reduce_from_tp(counts, tp_group)
+        dropped = 1.0 - counts[0] / counts[1].clamp(min=1)
         return MoEStats(routing.aux_loss.detach(), routing.z_loss.detach(), routing.tokens_per_expert.detach(),
-                        torch.tensor(dropped))
+                        dropped)

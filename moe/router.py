@@ -3,7 +3,8 @@
 Math (T tokens, E experts, k experts per token):
     logits  = x W_r                        [T, E]    (computed and kept in float32)
     p       = softmax(logits)              [T, E]
-    w, idx  = topk(p, k);  w = w / sum(w)  [T, k]    (renormalised over the chosen k)
+    w, idx  = topk(p, k);  w = w / sum(w)  [T, k]    (renormalised over the chosen k when k > 1;
+                                                      top-1 keeps p, as in Switch)
     f_e     = (# routed slots to e) / (T k)          fraction of assignments, no gradient
     P_e     = mean_t p[t, e]                          mean router probability, differentiable
     aux     = coef_aux * E * sum_e f_e P_e            == coef_aux when perfectly balanced
@@ -33,14 +34,21 @@ class Routing:
     tokens_per_expert: torch.Tensor  # [E] int64 counts over the whole micro-batch (before any dropping)
 
 
+def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Slots per expert, [E] int64. A scatter-add rather than bincount, which reads its input's
+    max back to the host (a device sync) on CUDA."""
+    flat = experts.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int, coef: float,
                         stats_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """aux = coef * E * sum_e f_e * P_e over all tokens of the micro-batch (see module docstring).
     Returns (loss, tokens_per_expert)."""
     T, k = experts.shape
-    counts = torch.bincount(experts.flatten(), minlength=n_experts)  # [E] local routed slots
+    counts = expert_counts(experts, n_experts)  # [E] local routed slots
     prob_sum = probs.sum(dim=0)  # [E]
-    n_tokens = torch.tensor([T], device=probs.device, dtype=torch.float32)
+    n_tokens = torch.full((1,), float(T), device=probs.device)
     if stats_group is not None:
         counts = reduce_from_tp(counts.float(), stats_group).long()
         prob_sum = reduce_from_tp(prob_sum, stats_group)
@@ -54,7 +62,7 @@ def z_loss(logits: torch.Tensor, coef: float, stats_group=None) -> torch.Tensor:
     """coef * mean over all micro-batch tokens of logsumexp(logits)^2. With tokens split over
     `stats_group`, each rank contributes its sum / total tokens; the forward value is all-reduced."""
     sq = torch.logsumexp(logits, dim=-1).square().sum()
-    n = torch.tensor([logits.shape[0]], device=logits.device, dtype=torch.float32)
+    n = torch.full((1,), float(logits.shape[0]), device=logits.device)
     if stats_group is not None:
         sq = reduce_from_tp(sq, stats_group)
         n = reduce_from_tp(n, stats_group)
@@ -76,7 +84,8 @@ class TopKRouter(nn.Module):
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
         probs = torch.softmax(logits, dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.top_k > 1:  # renormalise over the chosen k (Mixtral); top-1 keeps p (Switch), so the
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # router still gets an LM-loss gradient
         aux, counts = load_balancing_loss(probs, experts, self.n_experts, self.aux_coef, stats_group)
         z = z_loss(logits, self.z_coef, stats_group)
         return Routing(weights, experts, aux, z, counts)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; unknown devices (and CPUs) report no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-              "B200": 2250e12, "GH200": 989e12}
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+              "A100": 312e12, "A800": 312e12, "L40S": 362e12, "B200": 2250e12, "GH200": 989e12}  # first match wins
 
 
 def peak_flops(device: torch.device) -> float | None:

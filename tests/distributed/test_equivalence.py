@@ -41,6 +41,8 @@ WORLD2 = [
     Layout("moe/tp2_sp", "moe", tp=2, sp=True),
     Layout("moe/ep2_dp2", "moe", ep=2),
     Layout("moe_capacity/ep2_dp2", "moe_capacity", ep=2),
+    Layout("moe_capacity/tp2", "moe_capacity", tp=2),  # drops decided over the whole micro-batch
+    Layout("moe_capacity/tp2_sp", "moe_capacity", tp=2, sp=True),
 ]
 WORLD4 = [
     Layout("dense_h8/tp4", "dense_h8", tp=4),
