@@ -245,3 +245,28 @@ def test_expert_parallel_world4():
     results = run_distributed(_check_world, 4, CASES_4, timeout=180)
     _assert_close(results, CASES_4)
     _assert_coverage(results, 4)
+
+
+def _starved_rank(rank: int, world: int, backend: str) -> dict:
+    """Every token prefers experts 0 and 1 (rank 0's), so ep rank 1 receives no rows at all. Its
+    backward must still join the dispatch all-to-all, or rank 0 would wait forever."""
+    torch.set_num_threads(1)
+    cfg = ModelConfig(d_model=8, n_heads=2, n_experts=4, top_k=2, expert_ffn_dim=8, expert_backend=backend)
+    ctx = ParallelContext.for_testing(rank, world, ep=2, timeout_s=20)
+    layer = MoELayer(cfg, ctx)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0] * 8, [1.0] * 8, [-1.0] * 8, [-1.0] * 8]))
+        for p in layer.experts.parameters():
+            p.normal_(0, 0.1)
+    x = (torch.rand(1, 6, 8, generator=torch.Generator().manual_seed(rank)) + 1.0).requires_grad_()
+    y, stats = layer(x)
+    y.sum().backward()
+    return {"received": int(stats.tokens_per_expert[2:].sum()), "grad_finite": bool(torch.isfinite(x.grad).all()),
+            "expert_grad": float(layer.experts.w_in.grad.abs().sum())}
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "padded", "loop"])
+def test_rank_receiving_no_tokens_still_joins_backward(backend):
+    out = run_distributed(_starved_rank, 2, backend, timeout=90)
+    assert all(o["received"] == 0 and o["grad_finite"] for o in out)
+    assert out[0]["expert_grad"] > 0 and out[1]["expert_grad"] == 0  # rank 1's experts saw nothing
