@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parallel.context import ParallelContext
-from parallel.tensor import ColumnParallelLinear, RowParallelLinear
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear, enter_tp_region
 
 from .config import ModelConfig
 
@@ -125,11 +125,11 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(cfg.n_heads * self.dh, cfg.d_model, cfg.bias, ctx)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        q = self.wq(x)
-        B, S = q.shape[:2]  # under sequence parallelism the column linear has gathered S
-        q = q.view(B, S, self.h_local, self.dh).transpose(1, 2)  # [B, H, S, Dh]
-        k = self.wk(x).view(B, S, self.kv_local, self.dh).transpose(1, 2)  # [B, K, S, Dh]
-        v = self.wv(x).view(B, S, self.kv_local, self.dh).transpose(1, 2)
+        x = enter_tp_region(x, self.wq.group, self.wq.sequence_parallel)  # one gather for q, k and v
+        B, S = x.shape[:2]  # under sequence parallelism S is now the full sequence
+        q = self.wq(x, in_region=True).view(B, S, self.h_local, self.dh).transpose(1, 2)  # [B, H, S, Dh]
+        k = self.wk(x, in_region=True).view(B, S, self.kv_local, self.dh).transpose(1, 2)  # [B, K, S, Dh]
+        v = self.wv(x, in_region=True).view(B, S, self.kv_local, self.dh).transpose(1, 2)
         if rope is not None:
             cos, sin = rope[0][:S], rope[1][:S]
             q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
@@ -163,5 +163,6 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            x = enter_tp_region(x, self.w1.group, self.w1.sequence_parallel)  # shared by gate and up
+            return self.w2(F.silu(self.w1(x, in_region=True)) * self.w3(x, in_region=True))
         return self.w2(gelu(self.w1(x), self.approx))

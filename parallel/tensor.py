@@ -181,6 +181,13 @@ class _ScatterToSP(torch.autograd.Function):
         return _all_gather(grad, ctx.group, ctx.dim), None, None
 
 
+def enter_tp_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """The input side of column-parallel layers: gather_from_sp ([B, S/tp, D] -> [B, S, D]) with
+    sequence parallelism, else copy_to_tp. Call it once for layers that share an input (q/k/v,
+    gate/up): one all-gather forward and one reduce-scatter / all-reduce backward instead of one each."""
+    return gather_from_sp(x, group, SEQUENCE_DIM) if sequence_parallel else copy_to_tp(x, group)
+
+
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward, all-reduce of the gradient backward (skipped for a None/size-1 group)."""
     return x if _size(group) == 1 else _CopyToTP.apply(x, group)
@@ -280,11 +287,11 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sp(x, self.group, SEQUENCE_DIM)  # [B, S/tp, in] -> [B, S, in]
-        else:
-            x = copy_to_tp(x, self.group)
+    def forward(self, x: torch.Tensor, in_region: bool = False) -> torch.Tensor:
+        """in_region: x already went through enter_tp_region (several column-parallel layers that
+        read the same input share one gather / one backward all-reduce)."""
+        if not in_region:
+            x = enter_tp_region(x, self.group, self.sequence_parallel)
         y = F.linear(x, self.weight, self.bias)  # [.., out/tp]
         return gather_from_tp(y, self.group, -1) if self.gather_output else y
 
