@@ -172,7 +172,7 @@ def tied_embedding_group(ctx: ParallelContext, timeout_s: float = 600):
     return mine
 
 
-def _tied_replicas(chunks: list[Decoder]) -> list[torch.nn.Parameter]:
+def tied_embedding_replicas(chunks: list[Decoder]) -> list[torch.nn.Parameter]:
     """The first stage's tok_emb.weight and the last stage's head.weight, when embeddings are tied."""
     replicas = []
     for chunk in chunks:
@@ -192,7 +192,7 @@ def sync_tied_grads(chunks: list[Decoder], group) -> None:
 
     The sum is the gradient of the single shared matrix: d loss / d W = lookup part + head part.
     """
-    replicas = _tied_replicas(chunks)
+    replicas = tied_embedding_replicas(chunks)
     if not replicas:
         return
     if group is None:

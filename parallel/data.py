@@ -32,6 +32,7 @@ class _Bucket:
     group: object          # dp group or edp group (None = nothing to reduce)
     tp_group: object       # set when these grads are partial sums over tp
     divide: bool = False   # dp > 1: divide the (reduced) sum by dp, even when edp == 1 leaves nothing to reduce
+    dst: int | None = None  # ZeRO-1: reduce to this owner rank only (None = all-reduce)
     ready: int = 0
     handle: object = None
     buffer: torch.Tensor | None = None
@@ -44,9 +45,13 @@ class GradReducer:
         loss.backward()
         reducer.finish()                     # after the last backward: grads are reduced"""
 
-    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext, bucket_mb: float = 25.0):
+    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext, bucket_mb: float = 25.0,
+                 owner: dict[int, int] | None = None):
+        """owner (ZeRO-1, Zero1.owner): id(param) -> the global rank that updates it. Those grads are
+        reduced to their owner only (half an all-reduce's traffic) and freed elsewhere."""
         self.ctx = ctx
         self.dp = ctx.dp
+        self.owners = owner or {}
         self.buckets = self._make_buckets([p for p in params if p.requires_grad], bucket_mb)
         self.syncing = False
         self.next_to_launch = 0
@@ -64,10 +69,11 @@ class GradReducer:
             expert = getattr(p, "ep_dim", None) is not None
             group = (ctx.edp_group if ctx.edp > 1 else None) if expert else (ctx.dp_group if ctx.dp > 1 else None)
             tp_group = ctx.tp_group if getattr(p, "grad_sum_over_tp", False) and ctx.tp > 1 else None
-            key = (expert, tp_group is not None, p.dtype, p.device)
+            dst = self.owners.get(id(p)) if group is not None else None
+            key = (expert, tp_group is not None, p.dtype, p.device, dst)
             b = open_.get(key)
             if b is None or sum(q.numel() * q.element_size() for q in b.params) >= limit:
-                b = open_[key] = _Bucket([], group, tp_group, divide=ctx.dp > 1)
+                b = open_[key] = _Bucket([], group, tp_group, divide=ctx.dp > 1, dst=dst)
                 buckets.append(b)
             b.params.append(p)
             b.ids.add(id(p))
@@ -96,7 +102,9 @@ class GradReducer:
         b.buffer = torch.cat([g.reshape(-1) for g in grads])
         if b.tp_group is not None:
             dist.all_reduce(b.buffer, group=b.tp_group)  # small (router, norms): synchronous
-        if b.group is not None:
+        if b.dst is not None:
+            b.handle = dist.reduce(b.buffer, dst=b.dst, group=b.group, async_op=True)
+        elif b.group is not None:
             b.handle = dist.all_reduce(b.buffer, group=b.group, async_op=True)
 
     def finish(self) -> None:
@@ -107,6 +115,11 @@ class GradReducer:
         for b in self.buckets:
             if b.handle is not None:
                 b.handle.wait()
+            if b.dst is not None and b.dst != self.ctx.rank:  # ZeRO-1: another rank owns these
+                for p in b.params:
+                    p.grad = None
+                b.buffer, b.handle = None, None
+                continue
             if b.divide:
                 b.buffer.div_(self.dp)
             offset = 0
@@ -122,23 +135,30 @@ class GradReducer:
         self.syncing = False
 
 
-def norm_buckets(params: list[torch.nn.Parameter], ctx: ParallelContext) -> list[tuple[list, list]]:
+def norm_buckets(params: list[torch.nn.Parameter], ctx: ParallelContext,
+                 owner: dict[int, int] | None = None) -> list[tuple[list, list]]:
     """Buckets for train.optim.clip_grad_norm_ after reduction: each parameter counted once.
-    tp-sharded params sum over tp; expert params sum over ep; every stage's params sum over pp.
-    All four (tp-sharded?, expert?) buckets exist on every rank, possibly empty, so every pipeline
-    stage issues the same all-reduces. A tied LM-head replica (`tied_to`, pp > 1) is left out: it
-    mirrors the first stage's embedding, which is counted (clip it with `tied_replicas`)."""
-    tp = ctx.tp_group if ctx.tp > 1 else None
-    ep = ctx.ep_group if ctx.ep > 1 else None
-    pp = ctx.pp_group if ctx.pp > 1 else None
+    tp-sharded params sum over tp; expert params sum over ep; every stage's params sum over pp;
+    under ZeRO-1 (`owner`) only owners hold a param's grad, so owned params also sum over dp (dense)
+    or edp (experts). All (tp-sharded?, expert?, owned?) buckets exist on every rank, possibly
+    empty, so every rank issues the same all-reduces. A tied LM-head replica (`tied_to`, pp > 1)
+    is left out: it mirrors the first stage's embedding, which is counted (see `tied_replicas`)."""
+    def group(g, n):
+        return g if n > 1 else None
+
+    tp, ep, pp = group(ctx.tp_group, ctx.tp), group(ctx.ep_group, ctx.ep), group(ctx.pp_group, ctx.pp)
+    dp, edp = group(ctx.dp_group, ctx.dp), group(ctx.edp_group, ctx.edp)
+    owner = owner or {}
     counted = [p for p in params if p.requires_grad and getattr(p, "tied_to", None) is None]
     buckets = []
     for tp_sharded in (False, True):
         for expert in (False, True):
-            ps = [p for p in counted if (getattr(p, "tp_dim", None) is not None) == tp_sharded
-                  and (getattr(p, "ep_dim", None) is not None) == expert]
-            groups = [g for g in ((tp if tp_sharded else None), (ep if expert else None), pp) if g is not None]
-            buckets.append((ps, groups))
+            for owned in (False, True):
+                ps = [p for p in counted if (getattr(p, "tp_dim", None) is not None) == tp_sharded
+                      and (getattr(p, "ep_dim", None) is not None) == expert and (id(p) in owner) == owned]
+                zero = (edp if expert else dp) if owned else None
+                groups = [tp if tp_sharded else None, ep if expert else None, pp, zero]
+                buckets.append((ps, [g for g in groups if g is not None]))
     return buckets
 
 
@@ -150,19 +170,25 @@ def tied_replicas(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
 
 class Zero1:
     """ZeRO stage 1: each data-parallel rank keeps optimizer state (AdamW moments) only for the
-    parameters it owns and updates only those; owners then broadcast the new values. Dense params
-    are partitioned over dp, expert params over edp, greedily by size (largest first, to the least
-    loaded rank), so memory for optimizer state drops ~dp-fold. Gradients are all-reduced as usual
-    (every rank needs them for the global-norm clip), so the update is exactly the unsharded one."""
+    parameters it owns and updates only those. Dense params are partitioned over dp, expert params
+    over edp, greedily by size (largest first, to the least loaded rank), so optimizer memory drops
+    ~dp-fold. With GradReducer(owner=zero.owner) each gradient bucket is reduced to its owner only
+    and freed elsewhere; the global-norm clip sums owned norms over dp (norm_buckets(owner=...));
+    after the step the owners broadcast the new values. Reduce + broadcast move as many bytes as
+    one all-reduce (which is itself a reduce-scatter + all-gather), and the update is exactly the
+    unsharded one."""
 
-    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext):
+    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext, exempt: set[int] = frozenset()):
+        """exempt: ids of params every rank keeps updating itself (the two replicas of a tied
+        embedding split over pipeline stages, whose gradients are summed across stages)."""
         self.ctx = ctx
         self.owner: dict[int, int] = {}
-        dense = [p for p in params if getattr(p, "ep_dim", None) is None]
-        expert = [p for p in params if getattr(p, "ep_dim", None) is not None]
+        self.params = [p for p in params if id(p) not in exempt]
+        self.exempt = [p for p in params if id(p) in exempt]
+        dense = [p for p in self.params if getattr(p, "ep_dim", None) is None]
+        expert = [p for p in self.params if getattr(p, "ep_dim", None) is not None]
         self._assign(dense, ctx.dp_group if ctx.dp > 1 else None)
         self._assign(expert, ctx.edp_group if ctx.edp > 1 else None)
-        self.params = params
 
     def _assign(self, params, group) -> None:
         n = _size(group)
@@ -175,12 +201,20 @@ class Zero1:
             p._zero_group = group
 
     def local_params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.params if self.owner[id(p)] == self.ctx.rank]
+        return [p for p in self.params if self.owner[id(p)] == self.ctx.rank] + self.exempt
 
     @torch.no_grad()
     def broadcast(self) -> None:
-        """After the owners' optimizer step: every replica receives the updated values."""
+        """After the owners' optimizer step: every replica receives the updated values, one
+        flattened broadcast per (group, owner, dtype)."""
+        batches: dict[tuple, list] = {}
         for p in self.params:
-            group = p._zero_group
-            if group is not None:
-                dist.broadcast(p.data, src=self.owner[id(p)], group=group)
+            if p._zero_group is not None:
+                batches.setdefault((id(p._zero_group), self.owner[id(p)], p.dtype), []).append(p)
+        for (_, src, _), ps in batches.items():
+            flat = torch.cat([p.data.reshape(-1) for p in ps])
+            dist.broadcast(flat, src=src, group=ps[0]._zero_group)
+            offset = 0
+            for p in ps:
+                p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()

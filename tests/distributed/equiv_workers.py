@@ -100,6 +100,22 @@ def forward_backward(model: Decoder, reducer: GradReducer, local: torch.Tensor) 
     return stats / n_micro
 
 
+def _gather_grads(model: Decoder, ctx: ParallelContext, zero) -> dict:
+    """Full reduced gradients. Under ZeRO-1 only owners hold them: borrow copies from the owners for
+    the gather, then drop them again (the clip must count each gradient once, on its owner)."""
+    borrowed = []
+    for p in (zero.params if zero else []):
+        if p._zero_group is not None:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+                borrowed.append(p)
+            dist.broadcast(p.grad, src=zero.owner[id(p)], group=p._zero_group)
+    grads = gather_full(model, ctx, grads=True)
+    for p in borrowed:
+        p.grad = None
+    return grads
+
+
 def train(model: Decoder, ctx: ParallelContext, tokens: torch.Tensor, zero1: bool = False) -> dict:
     """STEPS optimizer steps on this rank's slice of `tokens` (trainer.train_step, constant lr).
     Returns per-step dp-mean [lm, aux, z, dropped] and the global grad norm before clipping."""
@@ -107,14 +123,15 @@ def train(model: Decoder, ctx: ParallelContext, tokens: torch.Tensor, zero1: boo
     zero = Zero1(params, ctx) if zero1 else None
     only = {id(p) for p in zero.local_params()} if zero else None
     opt = build_optimizer(model, LR, WEIGHT_DECAY, eps=ADAM_EPS, only=only)
-    reducer, buckets = GradReducer(params, ctx), norm_buckets(params, ctx)
+    owner = zero.owner if zero else None  # ZeRO-1: grads reduced to their owner only, freed elsewhere
+    reducer, buckets = GradReducer(params, ctx, owner=owner), norm_buckets(params, ctx, owner)
     per_rank = G // ctx.dp
     local = tokens[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]  # contiguous dp slice
     losses, norms, first_grads = [], [], None
     for step in range(STEPS):
         losses.append(_dp_mean(forward_backward(model, reducer, local), ctx))
         if step == 0:  # reduced, not yet clipped: Adam hides a uniform gradient scale error, this does not
-            first_grads = gather_full(model, ctx, grads=True)
+            first_grads = _gather_grads(model, ctx, zero)
         norms.append(clip_grad_norm_(buckets, MAX_NORM))
         opt.step()
         if zero is not None:

@@ -161,3 +161,16 @@ def test_torchrun_pipeline_pp2_dp2_ep2_matches_single_process(config_file, tmp_p
     for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
         assert _metric(run_dir, key) == pytest.approx(_metric(single_dir, key), rel=1e-5), key
     assert _valid(run_dir) == pytest.approx(_valid(single_dir), rel=1e-5) and len(_valid(run_dir)) == 1
+
+
+def test_torchrun_zero1_matches_single_process(config_file, tmp_path):
+    """ZeRO-1 through the launcher: grads reduced to their owners, owned norms summed over dp,
+    updated params broadcast by their owners - the same losses and grad norms as one process."""
+    run_dir, single_dir = tmp_path / "zero1", tmp_path / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", LAUNCHER,
+           str(config_file), f"run_dir={run_dir}", "parallel.zero1=true"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    _single_process(config_file, single_dir)
+    for key in ("loss", "grad_norm"):
+        assert _metric(run_dir, key) == pytest.approx(_metric(single_dir, key), rel=1e-5), key
