@@ -16,24 +16,30 @@ from every stage), the step must hand control back around each chunk's last back
 reduction overlapped with backward) and after it (tied-embedding sync), and the schedules must use
 the partitioner's virtual-stage numbering so that both can be validated and printed together. Doing
 that through pipelining's PipelineStage/_Action (private, and drifting between torch 2.11 and 2.13)
-would cost more code than the ~150 lines of plain P2P here.
+would cost more code than the plain P2P here.
 
-Communication model (what `validate_schedule` simulates): sends are posted with `isend` as soon as
-an output exists and are only waited for at the end of the step; receives block until the data
-arrives. A rank therefore never waits on a send, and the schedule is deadlock-free exactly when the
-simulation of blocking receives over the action lists completes. (With rendezvous sends, as gloo's
-blocking `send` is, plain 1F1B deadlocks in its steady state: rank r sends F(i + 1) forward while
-rank r + 1 sends B(i) back; Megatron avoids that by fusing each send with the opposite receive.)
-Every message carries its own tag (kind, virtual stage, micro-batch), so matching never depends on
-posting order. On gloo this was measured (two ranks, isend first, receive in another order). NCCL
-serialises send/recv to one peer on one stream; running this executor there would need the paired
-batch_isend_irecv of Megatron, which cannot be tested on the CPU machine.
+Communication (NCCL-safe, the Megatron way). NCCL ignores tags and matches the point-to-point
+messages between two ranks in the order they are posted; a send may not finish before its receive
+is posted, and a rank's batched sends and receives run one batch after another on one stream. So
+the executor never relies on tags or buffering: each schedule is lowered (torch.pipelining's
+`_add_send_recv` idea) to explicit SEND_F / RECV_F / SEND_B / RECV_B operations, grouped into one
+batch between consecutive actions - the outputs of action t - 1 leave and the inputs of action t
+arrive in one `dist.batch_isend_irecv`, waited for before action t runs (Megatron's
+send_forward_recv_backward) - and receives are moved ahead where a send would wait for a receive
+its peer posts only later (Megatron's receive-ahead; the interleaved schedule needs it). Two
+pure-Python checks guard every plan: between each pair of ranks the sends of one side equal the
+receives of the other, kind, stage, micro-batch and order; and a simulation in which a batch
+completes only once every peer has posted its matching operation runs to the end (no deadlock).
+`validate_schedule` checks the schedule itself against the weaker model the plan is built from:
+non-blocking sends, receives that block until the data exists. On gloo (the CPU tests) the same
+plan runs with the same default tag everywhere, so gloo matches by order exactly like NCCL.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
@@ -142,8 +148,9 @@ def validate_schedule(schedules: Sequence[Sequence[Action]], pp: int, vpp: int, 
     Checks, in order: one list per rank; well-formed actions; every (virtual stage, micro-batch)
     has exactly one F and one B; on each rank F precedes its B; and a simulation in which a rank
     runs its next action only once its inputs exist - F of v needs F of v - 1 (same micro-batch),
-    B of v needs B of v + 1 - finishes. Sends never block (see the module docstring), so a
-    simulation that stops with work left is a deadlock.
+    B of v needs B of v + 1 - finishes. Sends do not block in this model (the data dependencies
+    alone); a simulation that stops with work left is a deadlock. Whether the sends and receives can
+    be posted safely on NCCL is the communication plan's question (lower_schedule, check_plan).
     """
     _check_int("pp", pp, 1, "use pp=1 for no pipeline parallelism")
     _check_int("vpp", vpp, 1, "use vpp=1 for no interleaving")
@@ -219,6 +226,228 @@ def _ready(a: Action, rank: int, pp: int, n_stages: int, done: set) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Lowering a schedule to batched point-to-point operations
+# ---------------------------------------------------------------------------------------------
+
+P2P_OPS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
+# batches[r][t]: the operations rank r posts in one batch_isend_irecv, and waits for, before its
+# action t; t = len(actions[r]) is the batch after its last action (the last outputs leave).
+Batches = list[list[list["P2P"]]]
+
+
+@dataclass(frozen=True)
+class P2P:
+    """One point-to-point operation of virtual stage `stage` on `microbatch`; `peer` is the pipeline
+    rank on the other side. SEND_F: the stage's output to stage + 1; RECV_F: its input from
+    stage - 1; SEND_B: the gradient of its input to stage - 1; RECV_B: the gradient of its output
+    from stage + 1. Written "SEND_F[2->3 mb0]" (message F from stage 2 to stage 3, micro-batch 0)."""
+
+    op: str
+    stage: int
+    microbatch: int
+    peer: int
+
+    @cached_property
+    def is_send(self) -> bool:
+        return self.op.startswith("SEND")
+
+    @cached_property
+    def message(self) -> tuple[str, int, int, int]:
+        """(kind, from stage, to stage, micro-batch): identical for a send and its matching receive."""
+        kind, v = self.op[-1], self.stage
+        other = v + 1 if (kind == "F") == self.is_send else v - 1
+        src, dst = (v, other) if self.is_send else (other, v)
+        return kind, src, dst, self.microbatch
+
+    def __str__(self) -> str:
+        kind, src, dst, i = self.message
+        return f"{self.op}[{src}->{dst} mb{i}]"
+
+
+def lower_schedule(schedules: Sequence[Sequence[Action]], pp: int, vpp: int,
+                   receive_ahead: bool = True) -> Batches:
+    """Per rank, the batches of sends and receives around its actions (see `Batches`).
+
+    1. lower: action t receives its input in batch t and sends its output in batch t + 1, so each
+       batch holds "outputs of t - 1 out, inputs of t in" - Megatron's send_forward_recv_backward
+       and send_backward_recv_forward, one batch_isend_irecv each;
+    2. receive ahead (receive_ahead=True): simulate the batches (see `check_plan`); wherever every
+       rank is stuck and a send waits for a receive that its peer posts only in a later batch, move
+       that receive - with the earlier receives from the same sender, keeping their order - into
+       the peer's current batch, and go on. Posting a receive early only costs its buffer sooner.
+    The schedule should pass `validate_schedule` first; `check_plan` verifies the result.
+    """
+    n_stages = pp * vpp
+    batches = [_lower_rank(row, r, pp, n_stages) for r, row in enumerate(schedules)]
+    if receive_ahead:
+        _simulate_plan(batches, hoist=True)
+    return batches
+
+
+def _lower_rank(row: Sequence[Action], rank: int, pp: int, n_stages: int) -> list[list[P2P]]:
+    batches: list[list[P2P]] = [[] for _ in range(len(row) + 1)]
+    for t, a in enumerate(row):
+        v, i = a.chunk * pp + rank, a.microbatch
+        if a.kind == "F":
+            if v > 0:
+                batches[t].append(P2P("RECV_F", v, i, (v - 1) % pp))
+            if v < n_stages - 1:
+                batches[t + 1].append(P2P("SEND_F", v, i, (v + 1) % pp))
+        else:
+            if v < n_stages - 1:
+                batches[t].append(P2P("RECV_B", v, i, (v + 1) % pp))
+            if v > 0:
+                batches[t + 1].append(P2P("SEND_B", v, i, (v - 1) % pp))
+    return batches
+
+
+def forward_only_schedule(pp: int, vpp: int, n: int) -> list[list[Action]]:
+    """Validation: every rank runs F of (micro-batch, chunk) in increasing order, no backward."""
+    return [[Action("F", c, i) for i in range(n) for c in range(vpp)] for _ in range(pp)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a communication plan
+# ---------------------------------------------------------------------------------------------
+
+
+def check_plan(schedules: Sequence[Sequence[Action]], batches: Batches, pp: int, vpp: int) -> None:
+    """Raise a one-line ValueError naming the first problem unless the plan is safe on NCCL.
+
+    1. shape: one batch list per rank, len(actions) + 1 batches each, well-formed operations;
+    2. placement: each rank exchanges exactly the messages its actions need and produce, every
+       input received in a batch at or before its action, every output sent after its action;
+    3. order: for every pair of ranks, the sends of one equal the receives of the other (kind,
+       stages, micro-batch) in posting order - NCCL ignores tags and matches by that order;
+    4. progress: a simulation in which a rank waits for each batch to complete, and a batch
+       completes once every peer has posted the matching operation (a send does not finish before
+       its receive is posted), runs every rank to the end.
+    """
+    problem = _plan_shape(schedules, batches, pp) or _misplaced(schedules, batches, pp, pp * vpp) \
+        or _order_mismatch(batches, pp)
+    if problem:
+        raise ValueError(f"invalid communication plan: {problem}")
+    stuck = _simulate_plan(batches, hoist=False)
+    if stuck is not None:
+        waits = "; ".join(_why_stuck(schedules, batches, stuck, r) for r in range(pp) if stuck[r] < len(batches[r]))
+        raise ValueError(f"invalid communication plan: deadlock, no batch can complete: {waits}")
+
+
+def _plan_shape(schedules, batches, pp: int) -> str:
+    if len(batches) != pp or len(schedules) != pp:
+        return f"{len(batches)} batch lists and {len(schedules)} action lists for pp ({pp}): give one per rank"
+    for r, (row, rank_batches) in enumerate(zip(schedules, batches)):
+        if len(rank_batches) != len(row) + 1:
+            return f"rank {r} has {len(rank_batches)} batches for {len(row)} actions: give len(actions) + 1"
+        for t, batch in enumerate(rank_batches):
+            for p in batch:
+                if not isinstance(p, P2P) or p.op not in P2P_OPS or not 0 <= p.peer < pp:
+                    return f"rank {r} batch {t} holds {p!r}, not P2P(SEND_F|RECV_F|SEND_B|RECV_B, stage, mb, peer)"
+    return ""
+
+
+def _misplaced(schedules, batches, pp: int, n_stages: int) -> str:
+    """Compare each rank's operations with the ones its actions call for, slot by slot."""
+    for r, row in enumerate(schedules):
+        want = {}  # operation -> (earliest, latest) batch it may sit in
+        for t, p in ((t, p) for t, b in enumerate(_lower_rank(row, r, pp, n_stages)) for p in b):
+            want[p] = (t, len(row)) if p.is_send else (0, t)
+        got = [(t, p) for t, b in enumerate(batches[r]) for p in b]
+        for t, p in got:
+            if p not in want:
+                peer = f"{'to' if p.is_send else 'from'} rank {p.peer}"
+                return (f"rank {r} batch {t} holds {p} {peer}, which none of its actions sends or needs "
+                        f"(or a second copy)")
+            lo, hi = want.pop(p)
+            if not lo <= t <= hi:
+                side = "after the action that produces it" if p.is_send else "at or before the action that needs it"
+                return f"rank {r} posts {p} in batch {t}, but it must sit in batch {lo}..{hi} ({side})"
+        if want:
+            return f"rank {r} never posts {min(want, key=want.get)}, which its actions need"
+    return ""
+
+
+def _order_mismatch(batches: Batches, pp: int) -> str:
+    sent: dict[tuple[int, int], list[P2P]] = {}  # (from rank, to rank) -> operations in posting order
+    got: dict[tuple[int, int], list[P2P]] = {}
+    for r, rank in enumerate(batches):
+        for p in (p for b in rank for p in b):
+            (sent if p.is_send else got).setdefault((r, p.peer) if p.is_send else (p.peer, r), []).append(p)
+    for src, dst in sorted(set(sent) | set(got)):
+        s, g = sent.get((src, dst), []), got.get((src, dst), [])
+        k = next((k for k, (x, y) in enumerate(zip(s, g)) if x.message != y.message), min(len(s), len(g)))
+        if k < max(len(s), len(g)):
+            return (f"message {k} from rank {src} to rank {dst} differs: rank {src} sends {_nth(s, k)} but rank "
+                    f"{dst} receives {_nth(g, k)}; NCCL matches by posting order (tags are ignored), so post "
+                    f"them in the same order")
+    return ""
+
+
+def _nth(ops: list[P2P], k: int) -> str:
+    return str(ops[k]) if k < len(ops) else "nothing"
+
+
+def _simulate_plan(batches: Batches, hoist: bool) -> list[int] | None:
+    """Run the batches as NCCL would, round after round: pos[r] = the batch rank r has posted and
+    waits on (it then runs action pos[r], which never waits by itself). None = every rank finished,
+    else the positions where no batch can complete. hoist=True moves receives ahead (mutating
+    `batches`, see lower_schedule) instead of stopping where that helps."""
+    where = {(p.is_send, p.message): (r, t) for r, rank in enumerate(batches) for t, b in enumerate(rank) for p in b}
+    pos = [0] * len(batches)
+    while True:
+        moved = False
+        for r, rank in enumerate(batches):
+            while pos[r] < len(rank) and all(_posted(p, where, pos) for p in rank[pos[r]]):
+                pos[r] += 1
+                moved = True
+        if all(pos[r] == len(rank) for r, rank in enumerate(batches)):
+            return None
+        if not moved and not (hoist and _receive_ahead(batches, where, pos)):
+            return pos
+
+
+def _posted(p: P2P, where: dict, pos: list[int]) -> bool:
+    """Has the matching operation been posted? (A plan missing it fails `_misplaced` first.)"""
+    rank, t = where.get((not p.is_send, p.message), (None, None))
+    return rank is not None and pos[rank] >= t
+
+
+def _receive_ahead(batches: Batches, where: dict, pos: list[int]) -> bool:
+    """Find a send stuck on a receive that its peer posts in a later batch and move that receive
+    ahead into the peer's current batch (see lower_schedule). False = no such send."""
+    for r, t in enumerate(pos):
+        for p in [p for p in batches[r][t] if p.is_send] if t < len(batches[r]) else []:
+            dst, later = where.get((False, p.message), (r, -1))
+            if later > pos[dst]:
+                _move_receives(batches, where, dst, r, pos[dst], later, p.message)
+                return True
+    return False
+
+
+def _move_receives(batches: Batches, where: dict, rank: int, src: int, into: int, later: int, message) -> None:
+    """Move rank's receives from src in batches into + 1 .. later, up to and including `message`,
+    to the end of batch `into`, in order (the ones they would overtake come along)."""
+    pending = [(u, q) for u in range(into + 1, later + 1) for q in batches[rank][u] if not q.is_send and q.peer == src]
+    last = next(k for k, (_, q) in enumerate(pending) if q.message == message)
+    for u, q in pending[:last + 1]:
+        batches[rank][u].remove(q)
+        batches[rank][into].append(q)
+        where[(False, q.message)] = (rank, into)
+
+
+def _why_stuck(schedules, batches: Batches, stuck: list[int], r: int) -> str:
+    t = stuck[r]
+    where = {(p.is_send, p.message): (s, u) for s, rank in enumerate(batches) for u, b in enumerate(rank) for p in b}
+    before = f"before {schedules[r][t]}" if t < len(schedules[r]) else "after its last action"
+    for p in batches[r][t]:
+        peer, u = where.get((not p.is_send, p.message), (None, None))
+        if peer is not None and stuck[peer] < u:
+            other = f"before {schedules[peer][u]}" if u < len(schedules[peer]) else "after its last action"
+            return f"rank {r} (batch {before}) waits with {p} for rank {peer}, which posts the match only {other}"
+    return f"rank {r} waits at batch {t}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Running a schedule
 # ---------------------------------------------------------------------------------------------
 
@@ -260,11 +489,12 @@ class PipelineExecutor:
         schedules = build_schedule(schedule_kind, ctx.pp, ctx.vpp, n_micro)
         validate_schedule(schedules, ctx.pp, ctx.vpp, n_micro)
         self.chunks, self.ctx, self.n_micro = list(chunks), ctx, n_micro
-        self.actions = schedules[ctx.pp_rank]
+        self.actions, self.batches = schedules[ctx.pp_rank], _checked_plan(schedules, ctx)
         self.act_shape, self.act_dtype = tuple(act_shape), act_dtype
         self.before_backward = before_backward
         self.n_stages = ctx.pp * ctx.vpp
         self.last_backward = {a.chunk: t for t, a in enumerate(self.actions) if a.kind == "B"}
+        self._forward_plans: dict[int, tuple[list[Action], list[list[P2P]]]] = {}  # n -> forward_only's plan
 
     def step(self, inputs: Sequence[torch.Tensor] | None = None,
              targets: Sequence[Any] | None = None) -> StepResult:
@@ -273,18 +503,17 @@ class PipelineExecutor:
         self._check_batch("inputs", inputs, 0)
         self._check_batch("targets", targets, self.n_stages - 1)
         stash: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> (input, output)
-        sends: list = []
         result = StepResult([None] * self.n_micro, [[None] * self.n_micro for _ in self.chunks])
-        for t, a in enumerate(self.actions):
+
+        def run(t: int, a: Action, inbox: dict, outbox: dict) -> None:
             if a.kind == "F":
-                self._forward(a, inputs, targets, stash, sends, result)
-            else:
-                if self.before_backward is not None:
-                    self.before_backward(a.chunk, self.last_backward[a.chunk] == t)
-                self._backward(a, stash, sends)
-            sends = [work for work in sends if not work.is_completed()]  # free delivered buffers
-        for work in sends:
-            work.wait()
+                self._forward(a, inputs, targets, inbox, outbox, stash, result)
+                return
+            if self.before_backward is not None:
+                self.before_backward(a.chunk, self.last_backward[a.chunk] == t)
+            self._backward(a, inbox, outbox, stash)
+
+        self._execute(self.actions, self.batches, run)
         result.losses = [loss for loss in result.losses if loss is not None]
         return result
 
@@ -292,81 +521,94 @@ class PipelineExecutor:
     def forward_only(self, n: int, inputs: Sequence[torch.Tensor] | None = None,
                      targets: Sequence[Any] | None = None) -> list[torch.Tensor]:
         """Validation: n (<= n_micro) micro-batches through every virtual stage, no backward; the
-        last stage's losses come back (empty elsewhere). Each rank visits (micro-batch, virtual
-        stage) in increasing order and sends only flow forward, so a receive always waits on work
-        that is earlier in that order: no deadlock, whatever vpp is."""
+        last stage's losses come back (empty elsewhere). Every rank runs forward_only_schedule
+        ((micro-batch, chunk) in increasing order) through its own checked plan, built on first use."""
         if not 1 <= n <= self.n_micro:
             raise ValueError(f"forward_only: n ({n}) must be between 1 and n_micro ({self.n_micro})")
-        losses, sends = [], []
-        for i in range(n):
-            for c, chunk in enumerate(self.chunks):
-                v = self._vstage(c)
-                x = inputs[i] if v == 0 else self._recv("F", v, i)
-                last = v == self.n_stages - 1
-                y, _ = chunk(x, targets[i] if last else None)
-                if last:
-                    losses.append(y.detach())
-                else:
-                    sends.append(self._send(y.detach(), "F", v + 1, i))
-        for work in sends:
-            work.wait()
+        if n not in self._forward_plans:
+            schedules = forward_only_schedule(self.ctx.pp, self.ctx.vpp, n)
+            self._forward_plans[n] = schedules[self.ctx.pp_rank], _checked_plan(schedules, self.ctx)
+        losses: list[torch.Tensor] = []
+
+        def run(t: int, a: Action, inbox: dict, outbox: dict) -> None:
+            v, i = self._vstage(a.chunk), a.microbatch
+            x = inputs[i] if v == 0 else inbox.pop(("F", v - 1, v, i))
+            last = v == self.n_stages - 1
+            y, _ = self.chunks[a.chunk](x, targets[i] if last else None)
+            if last:
+                losses.append(y.detach())
+            else:
+                outbox[("F", v, v + 1, i)] = self._outgoing(y.detach(), "F", v)
+
+        self._execute(*self._forward_plans[n], run)
         return losses
 
     # ------------------------------------------------------------ actions
-    def _forward(self, a: Action, inputs, targets, stash, sends, result: StepResult) -> None:
-        v = self._vstage(a.chunk)
-        if v == 0:
-            x = inputs[a.microbatch]
-        else:
-            x = self._recv("F", v, a.microbatch).requires_grad_(True)
+    def _forward(self, a: Action, inputs, targets, inbox, outbox, stash, result: StepResult) -> None:
+        v, i = self._vstage(a.chunk), a.microbatch
+        x = inputs[i] if v == 0 else inbox.pop(("F", v - 1, v, i)).requires_grad_(True)
         last = v == self.n_stages - 1
-        y, info = self.chunks[a.chunk](x, targets[a.microbatch] if last else None)
-        result.infos[a.chunk][a.microbatch] = info
+        y, info = self.chunks[a.chunk](x, targets[i] if last else None)
+        result.infos[a.chunk][i] = info
         if last:
             if y.numel() != 1:
                 raise ValueError(f"the last virtual stage must return a scalar loss, got shape {tuple(y.shape)}: "
                                  f"return (loss, info) from its chunk function")
-            result.losses[a.microbatch] = y.detach()
+            result.losses[i] = y.detach()
         else:
-            sends.append(self._send(y.detach(), "F", v + 1, a.microbatch))
-        stash[(a.chunk, a.microbatch)] = (x, y)
+            outbox[("F", v, v + 1, i)] = self._outgoing(y.detach(), "F", v)
+        stash[(a.chunk, i)] = (x, y)
 
-    def _backward(self, a: Action, stash, sends) -> None:
-        v = self._vstage(a.chunk)
-        x, y = stash.pop((a.chunk, a.microbatch))
+    def _backward(self, a: Action, inbox, outbox, stash) -> None:
+        v, i = self._vstage(a.chunk), a.microbatch
+        x, y = stash.pop((a.chunk, i))
         if v == self.n_stages - 1:
             torch.autograd.backward(y / self.n_micro)
         else:
-            torch.autograd.backward(y, self._recv("B", v, a.microbatch))
+            torch.autograd.backward(y, inbox.pop(("B", v + 1, v, i)))
         if v > 0:
             grad = x.grad if x.grad is not None else torch.zeros_like(x)
-            sends.append(self._send(grad, "B", v - 1, a.microbatch))
+            outbox[("B", v, v - 1, i)] = self._outgoing(grad, "B", v)
 
     # ------------------------------------------------------------ point-to-point
     def _vstage(self, chunk: int) -> int:
         return chunk * self.ctx.pp + self.ctx.pp_rank
 
-    def _tag(self, kind: str, v: int, microbatch: int) -> int:
-        """Unique per message of a step: activations INTO v, or gradients INTO v."""
-        return 2 * (v * self.n_micro + microbatch) + (kind == "B")
+    def _execute(self, actions: Sequence[Action], batches: Sequence[Sequence[P2P]], run_action) -> None:
+        """The plan's semantics (see check_plan): post batch t, wait for all of it, run action t.
+        inbox: received tensors by message until an action takes them; outbox: outputs until they leave."""
+        inbox: dict[tuple, torch.Tensor] = {}
+        outbox: dict[tuple, torch.Tensor] = {}
+        for t, batch in enumerate(batches):
+            self._exchange(batch, inbox, outbox)
+            if t < len(actions):
+                run_action(t, actions[t], inbox, outbox)
 
-    def _send(self, t: torch.Tensor, kind: str, to_v: int, microbatch: int):
-        """isend t to the rank of virtual stage to_v; returns the work to wait on at step end."""
+    def _exchange(self, batch: Sequence[P2P], inbox: dict, outbox: dict) -> None:
+        """One batch_isend_irecv for the whole batch, in the plan's order, waited for in full (on
+        NCCL the wait orders the compute stream after the transfers; tags stay at the default)."""
+        if not batch:
+            return
+        ops = []
+        for p in batch:
+            peer = self.ctx.pp_ranks[p.peer]
+            if p.is_send:
+                ops.append(dist.P2POp(dist.isend, outbox.pop(p.message), peer, self.ctx.pp_group))
+            else:
+                inbox[p.message] = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.ctx.device)
+                ops.append(dist.P2POp(dist.irecv, inbox[p.message], peer, self.ctx.pp_group))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    def _outgoing(self, t: torch.Tensor, kind: str, from_v: int) -> torch.Tensor:
+        """Check what virtual stage from_v sends against act_shape before it leaves (a size mismatch
+        aborts gloo uncatchably) and make it contiguous for the transport."""
         if tuple(t.shape) != self.act_shape or t.dtype != self.act_dtype:
             what = "activations" if kind == "F" else "input gradients"
-            raise ValueError(f"virtual stage {to_v - 1 if kind == 'F' else to_v + 1} produced {what} of shape "
-                             f"{tuple(t.shape)} {t.dtype}, but the executor was built for act_shape {self.act_shape} "
-                             f"{self.act_dtype}: pass [micro_batch, seq(/tp with sequence parallelism), d_model]")
-        dst = self.ctx.pp_ranks[to_v % self.ctx.pp]
-        return dist.isend(t.contiguous(), dst=dst, group=self.ctx.pp_group, tag=self._tag(kind, to_v, microbatch))
-
-    def _recv(self, kind: str, v: int, microbatch: int) -> torch.Tensor:
-        """Blocking receive of what virtual stage v needs: F from v - 1, B from v + 1."""
-        src_v = v - 1 if kind == "F" else v + 1
-        buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.ctx.device)
-        dist.recv(buf, src=self.ctx.pp_ranks[src_v % self.ctx.pp], group=self.ctx.pp_group,
-                  tag=self._tag(kind, v, microbatch))
-        return buf
+            raise ValueError(f"virtual stage {from_v} produced {what} of shape {tuple(t.shape)} {t.dtype}, but the "
+                             f"executor was built for act_shape {self.act_shape} {self.act_dtype}: pass "
+                             f"[micro_batch, seq(/tp with sequence parallelism), d_model]")
+        return t.contiguous()
 
     def _check_batch(self, name: str, values, v: int) -> None:
         if v % self.ctx.pp != self.ctx.pp_rank:
@@ -375,3 +617,10 @@ class PipelineExecutor:
             got = "None" if values is None else f"{len(values)} entries"
             raise ValueError(f"{name} is {got} but this rank holds virtual stage {v}: pass one entry per "
                              f"micro-batch ({self.n_micro})")
+
+
+def _checked_plan(schedules: Sequence[Sequence[Action]], ctx: ParallelContext) -> list[list[P2P]]:
+    """This rank's batches of a lowered and checked plan (every rank derives the same whole plan)."""
+    batches = lower_schedule(schedules, ctx.pp, ctx.vpp)
+    check_plan(schedules, batches, ctx.pp, ctx.vpp)
+    return batches[ctx.pp_rank]

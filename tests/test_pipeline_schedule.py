@@ -3,8 +3,12 @@ one process (the multi-rank runs are in tests/distributed/test_pipeline.py).
 
 Oracles: hand-written schedules and warmup tables (Megatron's counts), the activation-memory
 formula of parallel/partition.py (written independently of the schedules), FLOP counts spelled out
-matmul by matmul, and a plain micro-batch loop for the executor.
+matmul by matmul, a plain micro-batch loop for the executor, and for the communication plans
+(lower_schedule / check_plan) an independent replay of NCCL's matching rules: one FIFO channel per
+ordered pair of ranks, the k-th send meets the k-th receive, tags play no part.
 """
+
+from collections import Counter
 
 import pytest
 import torch
@@ -15,7 +19,8 @@ from moe.stages import (build_stage_chunks, embedding_cost, head_cost, layer_cos
                         stage_chunk_fn, sync_tied_grads)
 from parallel.context import ParallelContext
 from parallel.partition import activation_microbatches_in_flight
-from parallel.pipeline import Action, PipelineExecutor, build_schedule, format_schedule, validate_schedule
+from parallel.pipeline import (P2P, Action, PipelineExecutor, build_schedule, check_plan, format_schedule,
+                               forward_only_schedule, lower_schedule, validate_schedule)
 
 
 def parse(rows: list[str]) -> list[list[Action]]:
@@ -206,3 +211,174 @@ def test_executor_argument_errors():
         executor.step([torch.zeros(1, 4, dtype=torch.long)], None)
     with pytest.raises(ValueError, match=r"targets is None but this rank holds virtual stage 0"):
         executor.step([torch.zeros(1, 4, dtype=torch.long)] * 2, None)
+
+
+# ----------------------------------------------------------------------------- communication plan
+
+def _messages(a: Action, rank: int, pp: int, n_stages: int):
+    """(message action a needs or None, message it makes or None), as (kind, from, to, micro-batch)."""
+    v, i = a.chunk * pp + rank, a.microbatch
+    if a.kind == "F":
+        return (("F", v - 1, v, i) if v > 0 else None), (("F", v, v + 1, i) if v < n_stages - 1 else None)
+    return (("B", v + 1, v, i) if v < n_stages - 1 else None), (("B", v, v - 1, i) if v > 0 else None)
+
+
+def replay(schedules, batches, pp: int, vpp: int) -> str:
+    """Independent oracle: NCCL's rules replayed literally, message identities used only to check.
+
+    Each directed pair of ranks is a FIFO channel: the k-th send posted on it meets the k-th receive
+    posted for it (tags play no part). A rank posts batch t once batch t - 1 is done and action
+    t - 1 ran; a batch is done when each of its operations has met its partner. Returns "ok",
+    "deadlock", "mismatch" (partners carry different messages), "no input" (an action runs before
+    its input arrived) or "not produced" (a send is posted before the action that makes its data)."""
+    channel = {}  # (src, dst) -> ([sent messages], [expected messages]) in posting order
+    posted = [[] for _ in range(pp)]  # posted[r]: (channel, side, k, op) for r's current batch
+    pos, arrived, made = [-1] * pp, [set() for _ in range(pp)], [set() for _ in range(pp)]
+
+    def post(r: int) -> bool:  # False: a send whose data does not exist yet
+        pos[r] += 1
+        posted[r] = []
+        for p in batches[r][pos[r]] if pos[r] < len(batches[r]) else []:
+            key, side = ((r, p.peer), 0) if p.is_send else ((p.peer, r), 1)
+            queues = channel.setdefault(key, ([], []))
+            posted[r].append((key, side, len(queues[side]), p))
+            queues[side].append(p.message)
+        return all(p.message in made[r] for _, _, _, p in posted[r] if p.is_send)
+
+    def done(r: int) -> bool:
+        return pos[r] < len(batches[r]) and all(len(channel[key][1 - side]) > k for key, side, k, _ in posted[r])
+
+    if not all(post(r) for r in range(pp)):
+        return "not produced"
+    while any(done(r) for r in range(pp)):
+        for r in (r for r in range(pp) if done(r)):
+            if any(channel[key][0][k] != channel[key][1][k] for key, _, k, _ in posted[r]):
+                return "mismatch"
+            arrived[r] |= {p.message for _, _, _, p in posted[r] if not p.is_send}
+            if pos[r] < len(schedules[r]):
+                need, makes = _messages(schedules[r][pos[r]], r, pp, pp * vpp)
+                if need is not None and need not in arrived[r]:
+                    return "no input"
+                made[r].add(makes)
+            if not post(r):
+                return "not produced"
+    return "ok" if all(pos[r] == len(batches[r]) for r in range(pp)) else "deadlock"
+
+
+def plan_cases():
+    for kind, pp, vpp, m in grid_cases():
+        yield kind, pp, vpp, m, build_schedule(kind, pp, vpp, m)
+        if kind != "1f1b":  # forward-only plans: gpipe's and interleaved's (pp, vpp, m) grid
+            yield "forward-only", pp, vpp, m, forward_only_schedule(pp, vpp, m)
+
+
+@pytest.mark.parametrize("kind,pp,vpp,m,schedules", list(plan_cases()))
+def test_plans_match_pairwise_and_complete_under_nccl_rules(kind, pp, vpp, m, schedules):
+    batches = lower_schedule(schedules, pp, vpp)
+    check_plan(schedules, batches, pp, vpp)
+    assert replay(schedules, batches, pp, vpp) == "ok"
+    for r in range(pp):  # every message crosses once: out of one rank, into its neighbour
+        sends = [p.message for b in batches[r] for p in b if p.is_send]
+        recvs = [p.message for b in batches[r] for p in b if not p.is_send]
+        assert len(set(sends)) == len(sends) and len(set(recvs)) == len(recvs)
+        assert all(msg[1] % pp == r and msg[2] == msg[1] + (1 if msg[0] == "F" else -1) for msg in sends)
+    if kind != "interleaved" or vpp == 1:  # no receive moved ahead: Megatron's plain 1F1B pairing
+        assert batches == lower_schedule(schedules, pp, vpp, receive_ahead=False)
+
+
+def test_1f1b_plan_pairs_sends_with_the_opposite_receives():
+    """Megatron's send_forward_recv_backward / send_backward_recv_forward, pp=2 m=3: in the steady
+    state rank 0 sends F(i+1) together with receiving B(i), while rank 1 sends B(i) together with
+    receiving F(i+1) - the exchange that deadlocks NCCL when posted as separate operations."""
+    rank0 = [[], ["SEND_F[0->1 mb0]"], ["SEND_F[0->1 mb1]", "RECV_B[1->0 mb0]"], [],
+             ["SEND_F[0->1 mb2]", "RECV_B[1->0 mb1]"], ["RECV_B[1->0 mb2]"], []]  # 0F0 0F1 0B0 0F2 0B1 0B2
+    rank1 = [["RECV_F[0->1 mb0]"], [], ["SEND_B[1->0 mb0]", "RECV_F[0->1 mb1]"], [],
+             ["SEND_B[1->0 mb1]", "RECV_F[0->1 mb2]"], [], ["SEND_B[1->0 mb2]"]]  # 0F0 0B0 0F1 0B1 0F2 0B2
+    batches = lower_schedule(build_schedule("1f1b", 2, 1, 3), 2, 1)
+    assert [[[str(p) for p in b] for b in rank] for rank in batches] == [rank0, rank1]
+
+
+def test_interleaved_needs_receive_ahead():
+    """pp=2 vpp=2 m=4 lowered naively deadlocks on NCCL: rank 0 sends the gradient 2->1 (after 1B0)
+    and waits for rank 1 to receive it, which rank 1 posts only before 0B0, after sending it the
+    gradient 3->2 that rank 0 receives only after 0F3. Receive-ahead moves rank 1's receive into
+    the batch it is waiting in (before 0F2), as Megatron's interleaved schedule posts it."""
+    schedules = build_schedule("interleaved", 2, 2, 4)
+    naive = lower_schedule(schedules, 2, 2, receive_ahead=False)
+    assert replay(schedules, naive, 2, 2) == "deadlock"
+    with pytest.raises(ValueError, match=r"deadlock, no batch can complete: rank 0 \(batch before 0F3\) waits with "
+                                         r"SEND_B\[2->1 mb0\] for rank 1, which posts the match only before 0B0"):
+        check_plan(schedules, naive, 2, 2)
+    batches = lower_schedule(schedules, 2, 2)
+    assert schedules[1][6] == Action("F", 0, 2)
+    assert [str(p) for p in batches[1][6]] == ["SEND_B[3->2 mb1]", "RECV_F[0->1 mb2]", "RECV_B[2->1 mb0]"]
+    assert [str(p) for p in naive[1][6]] == ["SEND_B[3->2 mb1]", "RECV_F[0->1 mb2]"]
+
+
+def _move(rank: int, src: int, dst: int, op: str):
+    """An edit that moves the operation written `op` of `rank` from batch src to the end of batch dst."""
+    def edit(batches):
+        (p,) = [p for p in batches[rank][src] if str(p) == op]
+        batches[rank][src].remove(p)
+        batches[rank][dst].append(p)
+    return edit
+
+
+@pytest.mark.parametrize("edit,verdict,message", [
+    # rank 0 receives B mb1 ahead of B mb0, while rank 1 sends them in micro-batch order
+    (_move(0, 4, 1, "RECV_B[1->0 mb1]"), "mismatch",
+     r"message 0 from rank 1 to rank 0 differs: rank 1 sends SEND_B\[1->0 mb0\] but rank 0 receives "
+     r"RECV_B\[1->0 mb1\]; NCCL matches by posting order"),
+    # rank 0 posts both backward receives with its first send: 1B1 needs 1F1, which rank 0 sends later
+    (lambda b: [_move(0, 2, 1, "RECV_B[1->0 mb0]")(b), _move(0, 4, 1, "RECV_B[1->0 mb1]")(b)], "deadlock",
+     r"deadlock, no batch can complete: rank 0 \(batch before 0F1\) waits with RECV_B\[1->0 mb1\] for rank 1, "
+     r"which posts the match only before 0F2"),
+    (_move(1, 2, 3, "RECV_F[0->1 mb1]"), "no input",
+     r"rank 1 posts RECV_F\[0->1 mb1\] in batch 3, but it must sit in batch 0..2 \(at or before the action"),
+    (_move(0, 2, 1, "SEND_F[0->1 mb1]"), "not produced",
+     r"rank 0 posts SEND_F\[0->1 mb1\] in batch 1, but it must sit in batch 2..6 \(after the action"),
+    (lambda b: b[0][4].pop(0), "deadlock", r"rank 0 never posts SEND_F\[0->1 mb2\], which its actions need"),
+    (lambda b: b[1][0].append(P2P("RECV_F", 1, 0, 0)), "mismatch", r"rank 1 batch 0 holds RECV_F\[0->1 mb0\] "
+     r"from rank 0, which none of its actions sends or needs \(or a second copy\)"),
+    (lambda b: b[1][0].append(P2P("RECV_F", 1, 0, 1)), "deadlock", r"rank 1 batch 0 holds RECV_F\[0->1 mb0\] "
+     r"from rank 1, which"),
+    (lambda b: b[1].pop(), "ok", r"rank 1 has 6 batches for 6 actions: give len\(actions\) \+ 1"),
+])
+def test_broken_plans_are_detected(edit, verdict, message):
+    """Hand-broken 1F1B plans (pp=2, m=3; the batches are in the test above): check_plan names the
+    problem, and the independent replay agrees that the plan would not run (or how it fails)."""
+    schedules = build_schedule("1f1b", 2, 1, 3)
+    batches = lower_schedule(schedules, 2, 1)
+    edit(batches)
+    if verdict != "ok":  # (the truncated plan is only a shape error for check_plan)
+        assert replay(schedules, batches, 2, 1) == verdict
+    with pytest.raises(ValueError, match=r"invalid communication plan: " + message):
+        check_plan(schedules, batches, 2, 1)
+
+
+def test_check_plan_agrees_with_replay_on_random_edits():
+    """Move random operations to random batches of the same rank (sends later, receives earlier, or
+    anywhere): check_plan accepts exactly the plans the independent replay runs to the end."""
+    gen = torch.Generator().manual_seed(0)
+    pick = lambda n: int(torch.randint(n, (1,), generator=gen))  # noqa: E731
+    verdicts = Counter()
+    for kind, pp, vpp, m in [("1f1b", 2, 1, 3), ("1f1b", 3, 1, 4), ("gpipe", 3, 1, 2), ("interleaved", 2, 2, 4),
+                             ("interleaved", 3, 2, 3)] * 40:
+        schedules = build_schedule(kind, pp, vpp, m)
+        batches = lower_schedule(schedules, pp, vpp)
+        r = pick(pp)
+        src = pick(len(batches[r]))
+        while not batches[r][src]:
+            src = pick(len(batches[r]))
+        p = batches[r][src].pop(pick(len(batches[r][src])))
+        dst = batches[r][pick(len(batches[r]))]
+        dst.insert(pick(len(dst) + 1), p)
+        verdict = replay(schedules, batches, pp, vpp)
+        verdicts[verdict] += 1
+        try:
+            check_plan(schedules, batches, pp, vpp)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == (verdict == "ok"), (kind, pp, vpp, m, r, str(p), verdict)
+    assert min(verdicts[v] for v in ("ok", "deadlock", "no input", "not produced", "mismatch")) >= 5, verdicts
