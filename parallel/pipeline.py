@@ -495,6 +495,8 @@ class PipelineExecutor:
         self.n_stages = ctx.pp * ctx.vpp
         self.last_backward = {a.chunk: t for t, a in enumerate(self.actions) if a.kind == "B"}
         self._forward_plans: dict[int, tuple[list[Action], list[list[P2P]]]] = {}  # n -> forward_only's plan
+        if ctx.pp > 1:  # NCCL: a group's first batch_isend_irecv must involve all its ranks; a barrier
+            dist.barrier(group=ctx.pp_group)  # first makes the communicator exist before any P2P batch
 
     def step(self, inputs: Sequence[torch.Tensor] | None = None,
              targets: Sequence[Any] | None = None) -> StepResult:
