@@ -4,7 +4,7 @@
 
 OUT_DIR then loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR)`. The other direction needs
 no conversion step: set `checkpoint.init_from=HF_DIR` in a training config (any parallel layout).
-The checkpoint must come from a tp=pp=ep=1 run.
+The checkpoint may come from any parallel layout.
 """
 
 from __future__ import annotations

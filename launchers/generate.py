@@ -1,7 +1,7 @@
 """Sample text from a checkpoint: `python launchers/generate.py RUN_DIR_OR_CHECKPOINT --prompt "def "`.
 
-Greedy (--temperature 0), temperature sampling and top-k. Single process; the checkpoint must come
-from a tp=pp=ep=1 run (or be converted first).
+Greedy (--temperature 0), temperature sampling and top-k. Single process; the checkpoint may come from
+any parallel layout (its shards are read whole, see train/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from moe.config import ModelConfig  # noqa: E402
-from moe.model import Decoder, build_empty  # noqa: E402
-from train.checkpoint import list_checkpoints  # noqa: E402
+from moe.model import Decoder, build_empty, load_full_state_dict  # noqa: E402
+from train.checkpoint import list_checkpoints, load_full_model_state, read_meta  # noqa: E402
 from train.data import load_tokenizer  # noqa: E402
 
 
@@ -32,16 +32,11 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def load_model(ckpt: Path) -> tuple[Decoder, dict]:
-    import json
-
-    meta = json.loads((ckpt / "meta.json").read_text())
-    layout = meta["layout"]
-    if layout["tp"] * layout["pp"] * layout["ep"] != 1:
-        raise ValueError(f"checkpoint {ckpt} is sharded ({layout}): generate needs a tp=pp=ep=1 checkpoint")
+    """The whole model of a checkpoint saved under any layout, in one process, and the run's config."""
+    meta = read_meta(ckpt)
     cfg = ModelConfig.from_dict(meta["config"]["model"])
     model = build_empty(cfg)
-    shard = torch.load(ckpt / "rank_00000.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(shard["model"])
+    load_full_state_dict(model, load_full_model_state(ckpt))
     return model.eval(), meta["config"]
 
 

@@ -24,7 +24,7 @@ import yaml
 
 import train.checkpoint as ckpt_mod
 from parallel.context import ParallelContext
-from train.checkpoint import STEP_DIR, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from train.checkpoint import STEP_DIR, list_checkpoints, load_full_state, read_meta, resolve_resume, save_checkpoint
 from train.config import load_config
 from train.data import write_token_file
 from train.trainer import Trainer
@@ -155,10 +155,11 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tokens):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]  # bit-exact, not approx
     assert len(set(a.values())) == 6
-    final_a = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000006", ParallelContext.single())[0]
-    final_b = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000006", ParallelContext.single())[0]
-    for name, value in final_a["model"].items():
-        assert torch.equal(value, final_b["model"][name]), name
+    final_a = load_full_state(tmp_path / "a" / "checkpoints" / "step_00000006")
+    final_b = load_full_state(tmp_path / "b" / "checkpoints" / "step_00000006")
+    assert sorted(final_a) == sorted(final_b) and "optim.layers.0.mlp.experts.w_in.exp_avg_sq" in final_a
+    for name, value in final_a.items():  # weights, AdamW state and RNG
+        assert torch.equal(value, final_b[name]), name
 
 
 def test_resume_auto_without_checkpoints_starts_from_scratch(tmp_path, tokens):
@@ -174,26 +175,26 @@ def _step_dirs_without_meta(root: Path) -> list[str]:
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, tokens, monkeypatch):
-    real_save, calls = ckpt_mod.torch.save, []
+    real_save, calls = ckpt_mod.dcp.save, []
 
-    def flaky_save(obj, path, *a, **kw):
-        calls.append(str(path))
+    def flaky_save(state, *, storage_writer, **kw):
+        calls.append(str(storage_writer.path))
         if len(calls) == 2:
-            real_save({"half": torch.zeros(3)}, path)  # a partial file, then the "crash"
+            (Path(storage_writer.path) / "__0_0.distcp").write_bytes(b"half")  # a partial file, then the "crash"
             raise OSError("simulated crash: disk full")
-        return real_save(obj, path, *a, **kw)
+        return real_save(state, storage_writer=storage_writer, **kw)
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", flaky_save)
+    monkeypatch.setattr(ckpt_mod.dcp, "save", flaky_save)
     with pytest.raises(OSError, match="simulated crash"):
         make_trainer(make_cfg(tmp_path, tokens, "checkpoint.interval=2")).train()
-    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    monkeypatch.setattr(ckpt_mod.dcp, "save", real_save)
     root = tmp_path / "run" / "checkpoints"
     assert len(calls) == 2 and "step_00000004.tmp" in calls[1]
     assert [p.name for p in list_checkpoints(root)] == ["step_00000002"]
     assert (root / "step_00000004.tmp").is_dir() and not (root / "step_00000004").exists()
     assert _step_dirs_without_meta(root) == []
-    shard, meta = load_checkpoint(root / "step_00000002", ParallelContext.single())
-    assert meta["step"] == 2 and "layers.0.attn.wq.weight" in shard["model"]
+    shard, meta = load_full_state(root / "step_00000002"), read_meta(root / "step_00000002")
+    assert meta["step"] == 2 and "model.layers.0.attn.wq.weight" in shard
     assert resolve_resume("auto", root) == root / "step_00000002"
 
     # resume picks step 2; a later save (at another step) removes the stale step_4 temp dir
@@ -210,7 +211,7 @@ def test_keep_last_prunes_oldest(tmp_path):
         path = save_checkpoint(root, step, ctx, {"w": torch.full((2,), float(step))}, {"note": "x"}, keep_last=2)
         assert path == root / f"step_{step:08d}"
     assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000005"]
-    shard, meta = load_checkpoint(root / "step_00000005", ctx)
+    shard, meta = load_full_state(root / "step_00000005"), read_meta(root / "step_00000005")
     assert torch.equal(shard["w"], torch.full((2,), 5.0)) and meta["note"] == "x" and meta["step"] == 5
     assert meta["layout"] == {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "ep": 1}
 
@@ -225,30 +226,30 @@ def test_keep_last_in_a_training_run(tmp_path, tokens):
 def test_corrupt_shard_is_a_clear_error(tmp_path, damage):
     ctx, root = ParallelContext.single(), tmp_path / "ck"
     path = save_checkpoint(root, 1, ctx, {"w": torch.randn(64, 64)}, {}, keep_last=1)
-    shard = path / "rank_00000.pt"
+    (shard,) = path.glob("*.distcp")  # DCP's data file; .metadata indexes it
     if damage == "garbage":
         shard.write_bytes(b"this is not a torch file" * 10)
     else:
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(ValueError, match="rank_00000.pt is corrupt") as info:
-        load_checkpoint(path, ctx)
+    with pytest.raises(ValueError, match="step_00000001 is corrupt") as info:
+        load_full_state(path)
     assert "\n" not in str(info.value) and "earlier checkpoint" in str(info.value)
 
 
-def test_missing_shard_bad_meta_and_other_layout_are_clear_errors(tmp_path):
+def test_missing_files_and_bad_meta_are_clear_errors(tmp_path):
     ctx, root = ParallelContext.single(), tmp_path / "ck"
     path = save_checkpoint(root, 1, ctx, {"w": torch.zeros(2)}, {}, keep_last=1)
-    meta = json.loads((path / "meta.json").read_text())
-    (path / "meta.json").write_text(json.dumps({**meta, "layout": {**meta["layout"], "world_size": 2, "dp": 2}}))
-    with pytest.raises(ValueError, match="saved with layout .* same parallel sizes"):
-        load_checkpoint(path, ctx)
-    (path / "meta.json").write_text(json.dumps(meta))
-    (path / "rank_00000.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="no shard for rank 0"):
-        load_checkpoint(path, ctx)
+    (data,) = path.glob("*.distcp")
+    data.unlink()
+    with pytest.raises(ValueError, match="is corrupt or incomplete .*FileNotFoundError") as info:
+        load_full_state(path)
+    assert "\n" not in str(info.value)
+    (path / ".metadata").unlink()
+    with pytest.raises(FileNotFoundError, match="no DCP index"):
+        load_full_state(path)
     (path / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="meta.json is unreadable"):
-        load_checkpoint(path, ctx)
+        read_meta(path)
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -1,29 +1,67 @@
-"""Checkpoints: atomic, one file per rank, keep the last K, exact resume.
+"""Checkpoints that any parallel layout can resume: torch.distributed.checkpoint (DCP), atomic, keep last K.
 
-Layout of one checkpoint (every rank writes its own shard of model + optimizer + RNG; rank 0 writes
-the step, data position, layout and config last, as meta.json, which marks the checkpoint complete):
-    <dir>/step_00000100/rank_00000.pt
-    <dir>/step_00000100/meta.json
-Atomicity: everything is written under step_XXXXXXXX.tmp/ and renamed to its final name only after
-every rank has finished (a barrier), so a crash mid-save leaves the previous checkpoints untouched and
-never a half checkpoint under a final name. Loading uses torch.load(weights_only=True): no pickle.
+One checkpoint is a DCP directory plus meta.json:
+    <dir>/step_00000100/.metadata           DCP's index: each tensor's global shape and its saved chunks
+    <dir>/step_00000100/__<rank>_0.distcp   the tensor bytes each rank wrote
+    <dir>/step_00000100/meta.json           step, data position, config, saved layout (rank 0, last)
+
+Keys are global names, the same in every layout (no pipeline-chunk prefix):
+    model.<name>            a parameter or persistent buffer, e.g. model.layers.7.attn.wq.weight
+    optim.<name>.<key>      its AdamW state: exp_avg, exp_avg_sq (shaped like the parameter), step
+    rng.<rank>.<kind>       one rank's RNG state (cpu, cuda)
+Each rank describes the piece it holds as a DTensor over the (ep, tp) DeviceMesh of ranks that share
+its pipeline stage and edp index: a dim split by tensor parallelism (`tp_dim`) is Shard(tp_dim) on
+"tp", one split by expert parallelism (`ep_dim`) is Shard(ep_dim) on "ep", the rest Replicate();
+a tensor split by nothing stays a plain tensor (DCP's replicated case). DCP writes each distinct
+chunk once (replicas over dp, edp and tp have the same offsets and are deduplicated) and, on load,
+reads for the CURRENT layout's pieces whatever saved chunks overlap them: resharding tp=2 x ep=2 to
+ep=4, pp=2 to one process, or ZeRO-1 to plain dp is DCP's job.
+
+Choices:
+* Pipeline stages hold disjoint names, so every rank saves only its own. The tied LM head on the
+  last stage (`tied_to`) mirrors tok_emb.weight: it is not saved, and loads from model.tok_emb.weight
+  and optim.tok_emb.weight.* (its AdamW state equals the embedding's: both get the same summed grad).
+* ZeRO-1: only a parameter's owner holds AdamW state, and only owners save it. Each dp (dense) or
+  edp (expert) group has one owner, and those owners together hold every distinct chunk, so the
+  saved state is complete with no broadcast and no extra memory. On load every rank reads the state
+  of the parameters its optimizer updates (all of them, or only its owned ones under ZeRO-1, plus
+  what Zero1 exempts, e.g. tied-embedding replicas, which every rank updates and saves).
+* RNG state is per rank: restored only when the saved layout equals this run's (bit-exact resume);
+  after a layout change the run keeps its seeded RNG (only dropout draws depend on it).
+* Atomic: everything is written under step_XXXXXXXX.tmp/ and renamed after a barrier; meta.json,
+  written last, marks a checkpoint complete.
+* No unpickling of data: DCP reads tensors with torch.load(weights_only=True), but its .metadata
+  index is a pickle, so it is read here through an allow-list (DCP's metadata classes, torch.Size,
+  dtypes) that refuses anything else.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
+import pickle
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+MODEL, OPTIM, RNG = "model.", "optim.", "rng."
 
 
+# ------------------------------------------------------------------------------------------ directories
 def _barrier(ctx) -> None:
     if ctx.world_size > 1:
         dist.barrier()
@@ -59,10 +97,109 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(root: str | Path, step: int, ctx, shard: dict[str, Any], meta: dict[str, Any],
+def resolve_resume(resume: str, root: str | Path) -> Path | None:
+    """'none' -> None; 'auto' -> the latest complete checkpoint under root, or None if there is
+    none yet; anything else is a checkpoint directory that must exist."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"checkpoint.resume={resume}: no complete checkpoint there (meta.json missing); "
+                                f"use auto or a step_XXXXXXXX directory under {root}")
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json: step, data position, config and the layout the checkpoint was saved with."""
+    try:
+        return json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {path}: meta.json is unreadable ({e.__class__.__name__}); "
+                         f"resume from an earlier checkpoint") from None
+
+
+# ------------------------------------------------------------------------------------------ the DCP index
+_INDEX_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                  "torch.distributed.checkpoint.planner")
+_INDEX_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                  ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                  ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles DCP's .metadata but refuses every global outside an allow-list: DCP's own metadata
+    classes, torch.Size, torch dtypes, paths. A crafted index cannot run code (os.system etc.)."""
+
+    def find_class(self, module: str, name: str):
+        if module in _INDEX_MODULES:
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
+        elif (module, name) in _INDEX_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return getattr(importlib.import_module(module), name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
+
+
+def _read_index(path: Path):
+    with open(path / ".metadata", "rb") as f:
+        return _IndexUnpickler(f).load()
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose .metadata goes through _IndexUnpickler instead of pickle.load."""
+
+    def read_metadata(self, *args, **kwargs):
+        metadata = _read_index(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+def saved_tensors(path: str | Path) -> dict[str, TensorStorageMetadata]:
+    """Every saved key with its global shape, dtype and chunks, read from the DCP index."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no DCP index (.metadata): it is incomplete or from the "
+                                f"older one-file-per-rank format; resume from another checkpoint")
+    try:
+        metadata = _read_index(path)
+        saved = dict(metadata.state_dict_metadata)
+    except Exception as e:  # truncated, garbage, or a refused global
+        raise ValueError(f"checkpoint {path}: .metadata is corrupt or unsafe ({_first_line(e)}); "
+                         f"resume from an earlier checkpoint") from None
+    return {k: v for k, v in saved.items() if isinstance(v, TensorStorageMetadata)}
+
+
+@contextmanager
+def _single_process_quiet(no_dist: bool):
+    """DCP warns on every single-process save/load that it 'assumes the intent is single process';
+    here that is the intent (world_size 1), so that one warning is silenced."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _first_line(e: BaseException) -> str:
+    """'Type: first line of the message', unwrapping DCP's CheckpointException (whose own text is a
+    multi-line traceback per rank) to the first failing rank's error."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (inner, _) = next(iter(sorted(e.failures.items(), key=lambda kv: kv[0])))
+        return f"rank {rank}: {_first_line(inner)}"
+    text = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {text[0][:160] if text else ''}"
+
+
+# ------------------------------------------------------------------------------------------ write / read
+def save_checkpoint(root: str | Path, step: int, ctx, state: dict[str, torch.Tensor], meta: dict[str, Any],
                     keep_last: int) -> Path:
-    """Collective: every rank calls it. `shard` is this rank's {model, optimizer, rng} state;
-    `meta` (rank 0's) must be JSON-serialisable. Returns the final directory."""
+    """Collective: every rank calls it with its own `state` (global key -> Tensor or DTensor, see the
+    module docstring); `meta` (rank 0's) must be JSON-serialisable. Returns the final directory."""
     root = Path(root)
     tmp, final = root / f"step_{step:08d}.tmp", step_dir(root, step)
     if ctx.rank == 0:
@@ -71,7 +208,12 @@ def save_checkpoint(root: str | Path, step: int, ctx, shard: dict[str, Any], met
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier(ctx)
-    torch.save(shard, tmp / f"rank_{ctx.rank:05d}.pt")
+    try:
+        with _single_process_quiet(ctx.world_size == 1):
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=ctx.world_size == 1)
+    except CheckpointException as e:  # DCP's BaseException: re-raised as the I/O error it reports
+        raise OSError(f"saving checkpoint {tmp} failed ({_first_line(e)}); the previous checkpoints are "
+                      f"untouched: check disk space and permissions") from None
     _barrier(ctx)
     if ctx.rank == 0:
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "layout": layout_of(ctx)}, indent=1))
@@ -97,37 +239,183 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def resolve_resume(resume: str, root: str | Path) -> Path | None:
-    """'none' -> None; 'auto' -> the latest complete checkpoint under root, or None if there is
-    none yet; anything else is a checkpoint directory that must exist."""
-    if resume == "none":
+def _read_into(path: Path, state: dict[str, torch.Tensor], saved: dict[str, TensorStorageMetadata],
+               no_dist: bool) -> None:
+    """Check every requested key against the index (present, same global shape, fully covered by
+    saved chunks), then let DCP read the overlapping chunks into the targets."""
+    for key, target in state.items():
+        md = saved.get(key)
+        if md is None:
+            raise ValueError(f"checkpoint {path} has no tensor {key}: it was saved from another model; "
+                             f"resume with the model config in its meta.json")
+        if tuple(md.size) != tuple(target.shape):
+            raise ValueError(f"checkpoint {path}: {key} has shape {tuple(md.size)} but this run's is "
+                             f"{tuple(target.shape)}; resume with the model config in its meta.json")
+        if sum(math.prod(c.sizes) for c in md.chunks) != math.prod(md.size):
+            raise ValueError(f"checkpoint {path}: the saved chunks of {key} do not cover it; "
+                             f"resume from an earlier checkpoint")
+    try:
+        with _single_process_quiet(no_dist):
+            dcp.load(state, storage_reader=_SafeReader(path), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # a truncated, garbage or missing .distcp file (on any rank)
+        raise ValueError(f"checkpoint {path} is corrupt or incomplete ({_first_line(e)}); "
+                         f"resume from an earlier checkpoint") from None
+
+
+def load_full_state(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every saved tensor whose key starts with `prefix`, whole, on CPU, keyed without the prefix.
+    Runs in this process alone (no process group needed), whatever layout saved it."""
+    path = Path(path)
+    read_meta(path)  # a checkpoint without a readable meta.json is incomplete
+    saved = saved_tensors(path)
+    state = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in saved.items() if k.startswith(prefix)}
+    _read_into(path, state, saved, no_dist=True)
+    return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def load_full_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model as a single-process state dict {name: tensor} (for generate / convert)."""
+    return load_full_state(path, MODEL)
+
+
+# ------------------------------------------------------------------------------------------ describing shards
+def shard_mesh(ctx) -> DeviceMesh | None:
+    """The (ep, tp) block of ranks sharing this rank's pipeline stage and edp index: the ranks over
+    which a parameter's distinct pieces are spread (rank = base + ep_rank * tp + tp_rank). Built from
+    ctx's ep and tp groups, so no new process group is created; None for a single process."""
+    if ctx.world_size == 1:
         return None
-    if resume == "auto":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"checkpoint.resume={resume}: no complete checkpoint there (meta.json missing); "
-                                f"use auto or a step_XXXXXXXX directory under {root}")
-    return path
+    base = ctx.pp_rank * ctx.dp * ctx.tp + ctx.edp_rank * ctx.ep * ctx.tp
+    block = torch.arange(ctx.ep * ctx.tp).reshape(ctx.ep, ctx.tp) + base
+    for kind, group, ranks in (("ep", ctx.ep_group, block[:, ctx.tp_rank]), ("tp", ctx.tp_group, block[ctx.ep_rank])):
+        if dist.get_process_group_ranks(group) != ranks.tolist():
+            raise RuntimeError(f"ctx.{kind}_group has ranks {dist.get_process_group_ranks(group)} but the checkpoint "
+                               f"mesh expects {ranks.tolist()}: update shard_mesh to parallel/context.py's rank layout")
+    return DeviceMesh.from_group([ctx.ep_group, ctx.tp_group], ctx.device.type, mesh=block,
+                                 mesh_dim_names=("ep", "tp"))
 
 
-def load_checkpoint(path: Path, ctx) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(this rank's shard, meta). The saved layout must equal the current one."""
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {path}: meta.json is unreadable ({e.__class__.__name__}); "
-                         f"resume from an earlier checkpoint") from None
-    if meta.get("layout") != layout_of(ctx):
-        raise ValueError(f"checkpoint {path} was saved with layout {meta.get('layout')} but this run has "
-                         f"{layout_of(ctx)}: resume with the same parallel sizes")
-    file = path / f"rank_{ctx.rank:05d}.pt"
-    try:
-        shard = torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} has no shard for rank {ctx.rank} ({file.name})") from None
-    except Exception as e:  # truncated / corrupt zip, unpickling refused
-        raise ValueError(f"checkpoint shard {file} is corrupt ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); "
-                         f"resume from an earlier checkpoint") from None
-    return shard, meta
+def _describe(local: torch.Tensor, param: torch.Tensor, mesh: DeviceMesh | None, name: str) -> torch.Tensor:
+    """This rank's piece `local` of a tensor split like `param`, as a DTensor on `mesh`:
+    Shard(ep_dim) on "ep", Shard(tp_dim) on "tp", Replicate() elsewhere; plain when nothing is split."""
+    if mesh is None:
+        return local
+    ep_dim, tp_dim = getattr(param, "ep_dim", None), getattr(param, "tp_dim", None)
+    placements = [Replicate(), Replicate()]
+    if ep_dim is not None and mesh.size(0) > 1:
+        placements[0] = Shard(ep_dim)
+    if tp_dim is not None and mesh.size(1) > 1:
+        placements[1] = Shard(tp_dim)
+    if all(isinstance(p, Replicate) for p in placements):
+        return local
+    if ep_dim == tp_dim and all(isinstance(p, Shard) for p in placements):
+        raise ValueError(f"{name} is split by both tp and ep along dim {tp_dim}: checkpoints cannot describe "
+                         f"that order; split it along different dims")
+    return DTensor.from_local(local, mesh, placements, run_check=False)
+
+
+def _entries(chunks) -> list[tuple[str, torch.Tensor, bool]]:
+    """(global name, tensor, is_tied_replica) for every parameter and persistent buffer of this rank's
+    chunks; a tied replica is listed under the name of the tensor it mirrors (`tied_to`)."""
+    out = []
+    for chunk in chunks:
+        for name, t in chunk.state_dict(keep_vars=True).items():
+            tied = getattr(t, "tied_to", None)
+            out.append((tied or name.replace("._orig_mod", ""), t, tied is not None))  # torch.compile wrappers
+    return out
+
+
+def _optimizer_params(optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+# ------------------------------------------------------------------------------------------ training state
+def training_state(chunks, optimizer, ctx, rng: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """This rank's part of the checkpoint: model.*, optim.* (state the optimizer holds: all params,
+    or only owned ones under ZeRO-1) and rng.<rank>.*, each described for DCP (no copies made)."""
+    mesh, state, names = shard_mesh(ctx), {}, {}
+    for name, t, tied in _entries(chunks):
+        if not tied:  # a tied replica is saved once, by the stage holding the tensor it mirrors
+            state[MODEL + name] = _describe(t.detach(), t, mesh, name)
+            names[id(t)] = name
+    for p in _optimizer_params(optimizer):
+        name = names.get(id(p))
+        if name is None:  # a tied replica: its state equals the mirrored tensor's, saved by that stage
+            continue
+        for key, value in optimizer.state.get(p, {}).items():
+            if not torch.is_tensor(value):
+                raise ValueError(f"optimizer state {key!r} of {name} is a {type(value).__name__}: only tensor "
+                                 f"state can be checkpointed; use torch.optim.AdamW")
+            state[f"{OPTIM}{name}.{key}"] = _describe(value, p, mesh, name) if value.shape == p.shape else value
+    for kind, t in (rng or {}).items():
+        state[f"{RNG}{ctx.rank:05d}.{kind}"] = t
+    return state
+
+
+def _optimizer_targets(chunks, optimizer, mesh, saved) -> dict[str, tuple[torch.nn.Parameter, str, torch.Tensor]]:
+    """key -> (param, state name, allocated target) for every saved optim.<name>.<state> of the
+    parameters this rank's optimizer updates; a tied replica reads the mirrored tensor's state."""
+    by_param: dict[str, list[tuple[str, str]]] = {}  # name -> [(state name, key)]
+    for key in saved:
+        if key.startswith(OPTIM):
+            name, _, state_name = key[len(OPTIM):].rpartition(".")
+            by_param.setdefault(name, []).append((state_name, key))
+    names, targets = {id(t): name for name, t, _ in _entries(chunks)}, {}
+    for p in _optimizer_params(optimizer):
+        name = names[id(p)]
+        global_shape = tuple(_describe(p.detach(), p, mesh, name).shape)
+        for state_name, key in by_param.get(name, []):
+            md = saved[key]
+            if tuple(md.size) == global_shape:
+                t = _describe(torch.empty(p.shape, dtype=md.properties.dtype, device=p.device), p, mesh, name)
+            else:  # scalar state (AdamW's step)
+                t = torch.empty(md.size, dtype=md.properties.dtype)
+            targets[key] = (p, state_name, t)
+    return targets
+
+
+def _set_optimizer_state(optimizer, states: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Install {id(param): {state name: tensor}} through optimizer.load_state_dict, which moves each
+    value to its parameter's device and dtype the way torch.optim expects (step stays float32)."""
+    if not states:
+        return
+    sd = optimizer.state_dict()
+    index = {id(p): i for group, packed in zip(optimizer.param_groups, sd["param_groups"])
+             for p, i in zip(group["params"], packed["params"])}
+    sd["state"] = {index[pid]: st for pid, st in states.items()}
+    optimizer.load_state_dict(sd)
+
+
+def restore_training_state(path: str | Path, chunks, optimizer, ctx, device: torch.device) -> tuple[dict, bool]:
+    """Collective: load a checkpoint saved under ANY layout into this rank's chunks (weights copied in
+    place) and optimizer (AdamW state of the params it updates). RNG is restored only if the saved
+    layout equals this one. Returns (meta, same_layout).
+
+    1. targets for the current layout: the parameters themselves (DCP writes into them), fresh
+       tensors for optimizer state, this rank's RNG when the layout matches;
+    2. DCP reads each target's overlapping saved chunks;
+    3. copy into tied replicas that share a key, install optimizer state, set RNG."""
+    path = Path(path)
+    meta, saved, mesh = read_meta(path), saved_tensors(path), shard_mesh(ctx)
+    state, copies = {}, []
+    for name, t, _ in _entries(chunks):
+        if MODEL + name in state:  # a second holder of one key on this rank
+            copies.append((t, state[MODEL + name]))
+        else:
+            state[MODEL + name] = _describe(t.detach(), t, mesh, name)
+    optim = _optimizer_targets(chunks, optimizer, mesh, saved)
+    state.update({key: t for key, (_, _, t) in optim.items()})
+    same_layout = meta.get("layout") == layout_of(ctx)
+    rng_keys = {k: k.rsplit(".", 1)[1] for k in saved if same_layout and k.startswith(f"{RNG}{ctx.rank:05d}.")}
+    state.update({k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype) for k in rng_keys})
+    _read_into(path, state, saved, no_dist=ctx.world_size == 1)
+    with torch.no_grad():
+        for dst, src in copies:
+            dst.copy_(src.to_local() if isinstance(src, DTensor) else src)
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    for p, key, t in optim.values():
+        states.setdefault(id(p), {})[key] = t.to_local() if isinstance(t, DTensor) else t
+    _set_optimizer_state(optimizer, states)
+    if "cpu" in rng_keys.values():
+        set_rng_state({kind: state[k] for k, kind in rng_keys.items()}, device)
+    return meta, same_layout

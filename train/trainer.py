@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 
 from moe.model import Decoder, build_model, load_full_state_dict, param_counts
-from moe.stages import build_stage_chunks, plan_stages, stage_chunk_fn, sync_tied_grads, tied_embedding_group
+from moe.stages import build_stage_chunks, plan_stages, stage_chunk_fn, sync_tied_grads, tied_embedding_group, \
+    tied_embedding_replicas
 from parallel.context import ParallelContext
 from parallel.data import GradReducer, Zero1, norm_buckets, tied_replicas
 from parallel.pipeline import PipelineExecutor
 
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint, \
-    set_rng_state
+from .checkpoint import resolve_resume, restore_training_state, rng_state, save_checkpoint, \
+    training_state
 from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
 from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
@@ -63,6 +64,7 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self.stop_requested = False
+        self.last_saved_step = -1
         self.logger = MetricsLogger(self.run_dir, self.is_logger, cfg.logging.tensorboard, cfg.logging.histograms)
         _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
         self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers,
@@ -93,7 +95,7 @@ class Trainer:
     def _schedule_kind(self) -> str:
         p = self.cfg.parallel
         if p.pp == 1:
-            return "gpipe"  # one stage: every schedule is the plain micro-batch loop
+            return "1f1b"  # one stage: F0 B0 F1 B1 ..., one micro-batch's activations alive at a time
         return "interleaved" if p.vpp > 1 else p.pp_schedule
 
     def _init_from_hf(self, chunks: list[Decoder], path: str) -> None:
@@ -130,16 +132,18 @@ class Trainer:
     def _build_optimizer(self) -> None:
         o = self.cfg.optimizer
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.zero = Zero1(params, self.ctx) if self.cfg.parallel.zero1 and self.dp > 1 else None
+        tied = {id(p) for p in tied_embedding_replicas(self.chunks)}  # updated on both stages, not sharded
+        self.zero = Zero1(params, self.ctx, exempt=tied) if self.cfg.parallel.zero1 and self.dp > 1 else None
+        owner = self.zero.owner if self.zero else None
         only = {id(p) for p in self.zero.local_params()} if self.zero else None
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, o.fused,
                                          only=only)
         s = self.cfg.schedule
         decay = s.decay_steps if s.decay_steps is not None else self.cfg.training.max_steps
         self.schedule = LRSchedule(s.kind, o.lr, min(o.min_lr, o.lr), min(s.warmup_steps, decay), decay)
-        self.reducers = [GradReducer([q for q in chunk.parameters() if q.requires_grad], self.ctx)
+        self.reducers = [GradReducer([q for q in chunk.parameters() if q.requires_grad], self.ctx, owner=owner)
                          for chunk in self.chunks]
-        self.clip_buckets, self.tied_heads = norm_buckets(params, self.ctx), tied_replicas(params)
+        self.clip_buckets, self.tied_heads = norm_buckets(params, self.ctx, owner), tied_replicas(params)
         self.tied_group = tied_embedding_group(self.ctx, self.cfg.parallel.timeout_s) \
             if self.cfg.model.tie_embeddings else None
         seq = self.cfg.data.seq_len // (self.ctx.tp if self.ctx.sequence_parallel else 1)
@@ -255,10 +259,11 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save(self) -> Path:
-        shard = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "rng": rng_state(self.device)}
+        """Collective: model, AdamW state and RNG under global names (train/checkpoint.py), resumable
+        under any layout; the data position and config go to meta.json."""
+        state = training_state(self.chunks, self.optimizer, self.ctx, rng_state(self.device))
         meta = {"data": self.train_data.state_dict(), "config": self.cfg.to_dict()}
-        path = save_checkpoint(self.ckpt_dir, self.step, self.ctx, shard, meta, self.cfg.checkpoint.keep_last)
+        path = save_checkpoint(self.ckpt_dir, self.step, self.ctx, state, meta, self.cfg.checkpoint.keep_last)
         self._log(f"saved checkpoint {path}")
         return path
 
@@ -268,13 +273,11 @@ class Trainer:
             if self.cfg.checkpoint.resume == "auto":
                 self._log(f"no checkpoint under {self.ckpt_dir}: starting from scratch")
             return
-        shard, meta = load_checkpoint(path, self.ctx)
-        self.model.load_state_dict(shard["model"])
-        self.optimizer.load_state_dict(shard["optimizer"])
-        set_rng_state(shard["rng"], self.device)
+        meta, same_layout = restore_training_state(path, self.chunks, self.optimizer, self.ctx, self.device)
         self.train_data.load_state_dict(meta["data"])
         self.step = int(meta["step"])
-        self._log(f"resumed from {path} at step {self.step}")
+        note = "" if same_layout else f" (resharded from layout {meta.get('layout')}; RNG state not restored)"
+        self._log(f"resumed from {path} at step {self.step}{note}")
 
     # ------------------------------------------------------------ loop
     def _log(self, msg: str) -> None:
@@ -309,8 +312,9 @@ class Trainer:
                 if self._should_stop():
                     self._log(f"SIGTERM: stopping at step {self.step} with a final checkpoint")
                     break
-            if not list_checkpoints(self.ckpt_dir) or list_checkpoints(self.ckpt_dir)[-1].name != f"step_{self.step:08d}":
+            if self.last_saved_step != self.step:  # decided from shared state, not a directory listing
                 self.save()
+                self.last_saved_step = self.step
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.logger.close()
@@ -330,12 +334,16 @@ class Trainer:
                       f"lr {s['lr']:.2e} | grad {s['grad_norm']:.3f} | {tok_s / 1e3:.1f}k tok/s | "
                       f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | mem {scalars['memory_gb']:.2f} GB | "
                       f"eta {format_eta(eta)}")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # the next line reports this window's peak
         if c.training.eval_interval and self.step % c.training.eval_interval == 0:
             v = self.evaluate()
             self.logger.log(self.step, {"loss": v["loss"], "perplexity": v["perplexity"]}, prefix="valid")
             self._log(f"validation at step {self.step}: loss {v['loss']:.4f} | perplexity {v['perplexity']:.2f}")
         if c.checkpoint.interval and self.step % c.checkpoint.interval == 0:
             self.save()
+            self.last_saved_step = self.step
+        meter.rate()  # restart the window: evaluation and saving do not count as training time
 
 
 def memory_gb(device: torch.device) -> float:

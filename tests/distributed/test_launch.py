@@ -5,7 +5,7 @@ Why the per-step losses must match: the sampler gives rank r rows [4r, 4r+4) of 
 global batch; with the same micro-batch size m=2 in both runs the micro-batches are the same token
 sets ({0,1},{2,3} | {4,5},{6,7} vs {0,1},{2,3},{4,5},{6,7}), so even the per-micro-batch MoE aux
 losses agree, and the dp mean of per-rank means of 2 micro-batches is the mean over all 4.
-One torchrun launch (~10 s) covers losses, final weights and the checkpoint layout check.
+One torchrun launch (~10 s) covers losses, final weights and resuming its checkpoint in one process.
 """
 
 import json
@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from parallel.context import ParallelContext
-from train.checkpoint import list_checkpoints, load_checkpoint
+from train.checkpoint import list_checkpoints, load_full_model_state
 from train.config import load_config
 from train.data import write_token_file
 from train.trainer import Trainer
@@ -89,21 +89,20 @@ def test_torchrun_data_parallel_matches_single_process(config_file, tmp_path):
     # AdamW hides a gradient scale error (sum instead of mean over dp) from the weights; the norm does not
     assert _metric(dp_dir, "grad_norm") == pytest.approx(_metric(single_dir, "grad_norm"), rel=1e-5)
 
-    # the same final weights: every parameter is replicated over dp (ep=1), so rank 0's shard is whole
+    # the same final weights, in one layout-free DCP checkpoint (each replicated tensor written once)
     (dp_ckpt,), (single_ckpt,) = list_checkpoints(dp_dir / "checkpoints"), list_checkpoints(single_dir / "checkpoints")
     assert dp_ckpt.name == single_ckpt.name == f"step_{STEPS:08d}"
-    assert sorted(p.name for p in dp_ckpt.iterdir()) == ["meta.json", "rank_00000.pt", "rank_00001.pt"]
-    dp_model = torch.load(dp_ckpt / "rank_00000.pt", weights_only=True)["model"]
-    rank1_model = torch.load(dp_ckpt / "rank_00001.pt", weights_only=True)["model"]
-    single_model = load_checkpoint(single_ckpt, ParallelContext.single())[0]["model"]
+    assert {".metadata", "meta.json"} <= {p.name for p in dp_ckpt.iterdir()} and not list(dp_ckpt.glob("rank_*"))
+    dp_model, single_model = load_full_model_state(dp_ckpt), load_full_model_state(single_ckpt)
+    assert sorted(dp_model) == sorted(single_model)
     for name, value in single_model.items():
         torch.testing.assert_close(dp_model[name], value, rtol=1e-5, atol=1e-6, msg=name)
-        assert torch.equal(dp_model[name], rank1_model[name]), name  # replicas stay identical
 
-    # resuming the 2-rank checkpoint in one process is refused with a one-line message
-    with pytest.raises(ValueError, match="saved with layout") as info:
-        _single_process(config_file, tmp_path / "other", f"checkpoint.resume={dp_ckpt}")
-    assert "'world_size': 2" in str(info.value) and "\n" not in str(info.value)
+    # the 2-rank checkpoint resumes in one process (other layouts: tests/distributed/test_reshard.py)
+    resumed = _single_process(config_file, tmp_path / "other", f"checkpoint.resume={dp_ckpt}")
+    assert resumed.step == STEPS
+    for name, p in resumed.model.named_parameters():
+        assert torch.equal(p.detach(), dp_model[name]), name
 
 
 def test_launcher_config_error_exits_2_with_one_line(config_file, tmp_path):

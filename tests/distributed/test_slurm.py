@@ -14,10 +14,21 @@ import pytest
 from train.data import write_token_file
 
 ROOT = Path(__file__).resolve().parents[2]
+SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/slurm-local/etc/slurm.conf")
+
+
+def _slurm_up() -> bool:
+    """sbatch is installed and a controller answers (scontrol ping), e.g. after slurm-local/start.sh."""
+    if shutil.which("sbatch") is None or not Path(SLURM_CONF).exists():
+        return False
+    ping = subprocess.run(["scontrol", "ping"], env={**os.environ, "SLURM_CONF": SLURM_CONF},
+                          capture_output=True, text=True, timeout=30)
+    return ping.returncode == 0 and "UP" in ping.stdout
+
+
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("sbatch") is None or "SLURM_CONF" not in os.environ
-                                 and not Path("/tmp/slurm-local/etc/slurm.conf").exists(),
-                                 reason="no SLURM here (start ../shared/tools/slurm-local/start.sh)")]
+              pytest.mark.skipif(not _slurm_up(), reason="no running SLURM here (start ../shared/tools/slurm-local/start.sh)")]
+
 
 OVERRIDES = ["model.preset=tiny-moe", "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
              "model.n_experts=4", "model.expert_ffn_dim=32", "data.seq_len=32", "training.global_batch_size=8",
@@ -36,7 +47,7 @@ def test_sbatch_data_parallel_matches_single_process(tmp_path):
     write_token_file(prefix, [rng.integers(0, 256, 4000).tolist() for _ in range(5)], vocab_size=257)
     common = OVERRIDES + [f"data.paths=[{prefix}]"]
     env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT)}
-    env.setdefault("SLURM_CONF", "/tmp/slurm-local/etc/slurm.conf")
+    env["SLURM_CONF"] = SLURM_CONF
     single = subprocess.run([sys.executable, "launchers/pretrain.py", "configs/tiny.yaml", *common,
                              f"run_dir={tmp_path / 'single'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
