@@ -20,14 +20,6 @@ from benchmarks.moe_layer import DenseChain, NaiveMoE, Shape, build_layer
 SMOKE_LABEL = "T=64 d=32 f=16 E=4 k=2"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine has 2 loaded cores: intra-op threads make each tiny step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
     """Every markdown table in `text` as (headers, rows of cells)."""

@@ -35,14 +35,6 @@ MOE = ["model.preset=tiny-moe", *SHRINK, "model.expert_ffn_dim=32", "model.n_exp
 DENSE = ["model.preset=tiny", *SHRINK]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine has 2 loaded cores: intra-op threads make each tiny step ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> str:
