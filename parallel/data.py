@@ -100,6 +100,8 @@ class GradReducer:
     def _launch(self, b: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
         b.buffer = torch.cat([g.reshape(-1) for g in grads])
+        for p in b.params:  # backward is done with them: free now, so gradients never exist twice
+            p.grad = None
         if b.tp_group is not None:
             dist.all_reduce(b.buffer, group=b.tp_group)  # small (router, norms): synchronous
         if b.dst is not None:
@@ -123,14 +125,9 @@ class GradReducer:
             if b.divide:
                 b.buffer.div_(self.dp)
             offset = 0
-            for p in b.params:
-                n = p.numel()
-                flat = b.buffer[offset:offset + n].view_as(p)
-                if p.grad is None:
-                    p.grad = flat.clone()
-                else:
-                    p.grad.copy_(flat)
-                offset += n
+            for p in b.params:  # the reduced gradients are views into the bucket's buffer
+                p.grad = b.buffer[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
             b.buffer, b.handle = None, None
         self.syncing = False
 
@@ -178,10 +175,12 @@ class Zero1:
     one all-reduce (which is itself a reduce-scatter + all-gather), and the update is exactly the
     unsharded one."""
 
-    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext, exempt: set[int] = frozenset()):
+    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext, exempt: set[int] = frozenset(),
+                 bucket_mb: float = 25.0):
         """exempt: ids of params every rank keeps updating itself (the two replicas of a tied
         embedding split over pipeline stages, whose gradients are summed across stages)."""
         self.ctx = ctx
+        self.bucket_bytes = int(bucket_mb * 2**20)
         self.owner: dict[int, int] = {}
         self.params = [p for p in params if id(p) not in exempt]
         self.exempt = [p for p in params if id(p) in exempt]
@@ -212,9 +211,28 @@ class Zero1:
             if p._zero_group is not None:
                 batches.setdefault((id(p._zero_group), self.owner[id(p)], p.dtype), []).append(p)
         for (_, src, _), ps in batches.items():
-            flat = torch.cat([p.data.reshape(-1) for p in ps])
-            dist.broadcast(flat, src=src, group=ps[0]._zero_group)
-            offset = 0
-            for p in ps:
-                p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            for piece in _pieces(ps, self.bucket_bytes):
+                self._broadcast_flat(piece, src)
+
+    @staticmethod
+    def _broadcast_flat(ps: list[torch.nn.Parameter], src: int) -> None:
+        flat = torch.cat([p.data.reshape(-1) for p in ps])
+        dist.broadcast(flat, src=src, group=ps[0]._zero_group)
+        offset = 0
+        for p in ps:
+            p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def _pieces(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
+    """Consecutive runs of params of at most `limit` bytes each (a lone larger param is its own run),
+    so a flattened broadcast never needs more than ~limit bytes of extra memory."""
+    out, size = [[]], 0
+    for p in params:
+        n = p.numel() * p.element_size()
+        if out[-1] and size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += n
+    return out

@@ -98,18 +98,48 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 def resolve_resume(resume: str, root: str | Path) -> Path | None:
-    """'none' -> None; 'auto' -> the latest complete checkpoint under root, or None if there is
-    none yet; anything else is a checkpoint directory that must exist."""
+    """'none' -> None; 'auto' -> the latest checkpoint under root whose meta.json reads, or None if
+    there is none yet; anything else is a checkpoint directory that must exist. Resuming from an
+    older checkpoint while newer ones exist under root is refused: the run would later save into
+    (and prune) a directory holding another timeline's checkpoints."""
     if resume == "none":
         return None
+    found = list_checkpoints(root)
     if resume == "auto":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
+        for path in reversed(found):
+            try:
+                read_meta(path)
+                return path
+            except ValueError:
+                continue  # a torn meta.json (e.g. power loss): fall back to the previous checkpoint
+        return None
     path = Path(resume)
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"checkpoint.resume={resume}: no complete checkpoint there (meta.json missing); "
                                 f"use auto or a step_XXXXXXXX directory under {root}")
+    newer = [p.name for p in found if STEP_DIR.match(path.name) and p.name > path.name]
+    if newer and path.resolve().parent == Path(root).resolve():
+        raise ValueError(f"checkpoint.resume={resume}: {root} also holds newer checkpoints {newer}; continuing "
+                         f"from an older one would overwrite them: set checkpoint.dir (or run_dir) to a new directory")
     return path
+
+
+def resolve_resume_everywhere(resume: str, root: str | Path, ctx) -> Path | None:
+    """Collective: rank 0 resolves (one view of a shared filesystem) and every rank gets its answer."""
+    if ctx.world_size == 1:
+        return resolve_resume(resume, root)
+    answer: list = [None]
+    if ctx.rank == 0:
+        try:
+            path = resolve_resume(resume, root)
+            answer = [("ok", None if path is None else str(path))]
+        except (ValueError, FileNotFoundError) as e:
+            answer = [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ValueError(value.split(": ", 1)[1])
+    return None if value is None else Path(value)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -202,30 +232,71 @@ def save_checkpoint(root: str | Path, step: int, ctx, state: dict[str, torch.Ten
     module docstring); `meta` (rank 0's) must be JSON-serialisable. Returns the final directory."""
     root = Path(root)
     tmp, final = root / f"step_{step:08d}.tmp", step_dir(root, step)
-    if ctx.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step_*.tmp"):  # leftovers of crashed saves, at any step
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    _barrier(ctx)
+    agree(ctx, _on_rank0(ctx, lambda: _prepare_tmp(root, tmp)))
     try:
         with _single_process_quiet(ctx.world_size == 1):
             dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=ctx.world_size == 1)
     except CheckpointException as e:  # DCP's BaseException: re-raised as the I/O error it reports
         raise OSError(f"saving checkpoint {tmp} failed ({_first_line(e)}); the previous checkpoints are "
                       f"untouched: check disk space and permissions") from None
-    _barrier(ctx)
-    if ctx.rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "layout": layout_of(ctx)}, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier(ctx)
+    meta = {**meta, "step": step, "layout": layout_of(ctx)}
+    agree(ctx, _on_rank0(ctx, lambda: _publish(root, tmp, final, meta, keep_last)))
     return final
+
+
+def _on_rank0(ctx, fn) -> Exception | None:
+    """Run fn on rank 0 only; return its exception instead of raising (for agree())."""
+    if ctx.rank != 0:
+        return None
+    try:
+        fn()
+    except Exception as e:
+        return e
+    return None
+
+
+def _prepare_tmp(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("step_*.tmp"):  # leftovers of crashed saves, at any step
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+
+
+def _publish(root: Path, tmp: Path, final: Path, meta: dict[str, Any], keep_last: int) -> None:
+    """meta.json (fsynced) marks the checkpoint complete; then the directory takes its final name.
+    A checkpoint of the same step is moved aside first and deleted only after the rename, so a
+    crash never leaves the step without a complete checkpoint. Pruning never touches `final`."""
+    with open(tmp / "meta.json", "w") as f:
+        f.write(json.dumps(meta, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    others = [c for c in list_checkpoints(root) if c != final]  # oldest first
+    for ckpt in others[:max(len(others) + 1 - keep_last, 0)]:  # keep `final` + the newest keep_last - 1
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def agree(ctx, error: Exception | None) -> None:
+    """Collective: raise on EVERY rank if any rank hit an error before a collective, so no rank is
+    left waiting in one (a rank-local check must not turn into a hang). The error text of a failing
+    rank is raised where it happened; the others raise a pointer to it."""
+    if ctx.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0.0 if error is None else 1.0], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise RuntimeError("another rank failed while checkpointing (its error is printed above); stopping too")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -239,10 +310,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _read_into(path: Path, state: dict[str, torch.Tensor], saved: dict[str, TensorStorageMetadata],
-               no_dist: bool) -> None:
-    """Check every requested key against the index (present, same global shape, fully covered by
-    saved chunks), then let DCP read the overlapping chunks into the targets."""
+def _check_targets(path: Path, state: dict[str, torch.Tensor], saved: dict[str, TensorStorageMetadata]) -> None:
+    """Every requested key is in the index, with the same global shape, fully covered by saved chunks."""
     for key, target in state.items():
         md = saved.get(key)
         if md is None:
@@ -254,6 +323,22 @@ def _read_into(path: Path, state: dict[str, torch.Tensor], saved: dict[str, Tens
         if sum(math.prod(c.sizes) for c in md.chunks) != math.prod(md.size):
             raise ValueError(f"checkpoint {path}: the saved chunks of {key} do not cover it; "
                              f"resume from an earlier checkpoint")
+
+
+def _read_into(path: Path, state: dict[str, torch.Tensor], saved: dict[str, TensorStorageMetadata],
+               no_dist: bool, ctx=None) -> None:
+    """Check the targets (on every rank, agreeing before the collective load when `ctx` is given,
+    so one rank's mismatch cannot leave the others waiting), then let DCP read the overlapping
+    chunks into them."""
+    try:
+        _check_targets(path, state, saved)
+        error = None
+    except ValueError as e:
+        error = e
+    if ctx is not None:
+        agree(ctx, error)
+    elif error is not None:
+        raise error
     try:
         with _single_process_quiet(no_dist):
             dcp.load(state, storage_reader=_SafeReader(path), no_dist=no_dist)
@@ -408,7 +493,7 @@ def restore_training_state(path: str | Path, chunks, optimizer, ctx, device: tor
     same_layout = meta.get("layout") == layout_of(ctx)
     rng_keys = {k: k.rsplit(".", 1)[1] for k in saved if same_layout and k.startswith(f"{RNG}{ctx.rank:05d}.")}
     state.update({k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype) for k in rng_keys})
-    _read_into(path, state, saved, no_dist=ctx.world_size == 1)
+    _read_into(path, state, saved, no_dist=ctx.world_size == 1, ctx=ctx)
     with torch.no_grad():
         for dst, src in copies:
             dst.copy_(src.to_local() if isinstance(src, DTensor) else src)

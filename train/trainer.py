@@ -29,7 +29,7 @@ from parallel.context import ParallelContext
 from parallel.data import GradReducer, Zero1, norm_buckets, tied_replicas
 from parallel.pipeline import PipelineExecutor
 
-from .checkpoint import resolve_resume, restore_training_state, rng_state, save_checkpoint, \
+from .checkpoint import resolve_resume_everywhere, restore_training_state, rng_state, save_checkpoint, \
     training_state
 from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
@@ -268,14 +268,14 @@ class Trainer:
         return path
 
     def _maybe_resume(self) -> None:
-        path = resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
+        path = resolve_resume_everywhere(self.cfg.checkpoint.resume, self.ckpt_dir, self.ctx)
         if path is None:
             if self.cfg.checkpoint.resume == "auto":
                 self._log(f"no checkpoint under {self.ckpt_dir}: starting from scratch")
             return
         meta, same_layout = restore_training_state(path, self.chunks, self.optimizer, self.ctx, self.device)
         self.train_data.load_state_dict(meta["data"])
-        self.step = int(meta["step"])
+        self.step = self.last_saved_step = int(meta["step"])
         note = "" if same_layout else f" (resharded from layout {meta.get('layout')}; RNG state not restored)"
         self._log(f"resumed from {path} at step {self.step}{note}")
 
