@@ -168,8 +168,7 @@ def tied_replicas(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
 class Zero1:
     """ZeRO stage 1: each data-parallel rank keeps optimizer state (AdamW moments) only for the
     parameters it owns and updates only those. Dense params are partitioned over dp, expert params
-    over edp, greedily by size (largest first, to the least loaded rank), so optimizer memory drops
-    ~dp-fold. With GradReducer(owner=zero.owner) each gradient bucket is reduced to its owner only
+    over edp, in contiguous runs of ~equal size, so optimizer memory drops ~dp-fold. With GradReducer(owner=zero.owner) each gradient bucket is reduced to its owner only
     and freed elsewhere; the global-norm clip sums owned norms over dp (norm_buckets(owner=...));
     after the step the owners broadcast the new values. Reduce + broadcast move as many bytes as
     one all-reduce (which is itself a reduce-scatter + all-gather), and the update is exactly the
@@ -190,13 +189,15 @@ class Zero1:
         self._assign(expert, ctx.edp_group if ctx.edp > 1 else None)
 
     def _assign(self, params, group) -> None:
+        """Contiguous runs in backward order (reverse parameter order), ~equal in size: a gradient
+        bucket then mostly has one owner, so reduce-to-owner overlaps backward as all-reduce did."""
         n = _size(group)
-        load = [0] * n
-        for p in sorted(params, key=lambda q: -q.numel()):
-            r = min(range(n), key=lambda i: load[i])
-            load[r] += p.numel()
-            src = dist.get_global_rank(group, r) if group is not None else self.ctx.rank
-            self.owner[id(p)] = src
+        total = sum(p.numel() for p in params)
+        done = 0
+        for p in reversed(params):
+            r = min(n - 1, (2 * done + p.numel()) * n // (2 * max(total, 1)))  # rank of the param's midpoint
+            done += p.numel()
+            self.owner[id(p)] = dist.get_global_rank(group, r) if group is not None else self.ctx.rank
             p._zero_group = group
 
     def local_params(self) -> list[torch.nn.Parameter]:
