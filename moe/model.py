@@ -186,6 +186,12 @@ class Decoder(nn.Module):
 
     # ------------------------------------------------------------ weights
     @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the buffers computed from the config (not saved in checkpoints)."""
+        if hasattr(self, "pos_table"):
+            self.pos_table.copy_(sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model))
+
+    @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Layout-independent init: each parameter's full tensor from a (seed, name)-seeded generator,
         then this rank's shard. Normal(0, init_std) for matrices (output projections scaled by
@@ -241,6 +247,7 @@ def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cp
     model.to_empty(device=device)
     for name, p in model.named_parameters():
         vars(p).update(attrs[name])
+    model.init_buffers()  # to_empty left the computed (non-persistent) buffers uninitialised
     return model
 
 
@@ -268,8 +275,9 @@ def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, seed: int 
                 **stage) -> Decoder:
     """Build on `device` (use "meta" to count parameters of any size for free) and initialise."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    with device:
-        model = Decoder(cfg, ctx, **stage)
-    if device.type != "meta":
-        model.init_weights(seed)
+    if device.type == "meta":
+        with device:
+            return Decoder(cfg, ctx, **stage)
+    model = build_empty(cfg, ctx, device, **stage)  # no throw-away random init inside the layers
+    model.init_weights(seed)
     return model

@@ -144,3 +144,19 @@ def test_sequence_longer_than_max_seq_len_raises():
     cfg = get_preset("tiny", max_seq_len=16)
     with pytest.raises(ValueError, match=r"sequence length 17 exceeds model.max_seq_len \(16\)"):
         build_model(cfg)(_tokens(cfg, S=17))
+
+
+def test_build_empty_fills_computed_buffers_and_build_model_matches_plain_init():
+    """build_empty (used by HF loading, generate, convert) must not leave the sinusoidal table as
+    uninitialised memory; build_model (built empty, then init_weights) gives the same weights as
+    constructing the Decoder normally and calling init_weights."""
+    from moe.layers import sinusoidal_table
+    from moe.model import Decoder, build_empty
+
+    cfg = get_preset("gpt2-small-tiny", positions="sinusoidal")
+    assert torch.equal(build_empty(cfg).pos_table, sinusoidal_table(cfg.max_seq_len, cfg.d_model))
+    plain = Decoder(cfg)
+    plain.init_weights(3)
+    built = build_model(cfg, seed=3)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), built.state_dict().items()):
+        assert torch.equal(a, b), name
