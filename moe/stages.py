@@ -136,16 +136,21 @@ def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float) -> Callable[[torch.Ten
     return run
 
 
-def merge_stage_stats(infos: list[list[DecoderOutput]]) -> dict[str, Any]:
-    """Sum this rank's chunk statistics over chunks and micro-batches (the caller divides by
-    n_micro and sums over pipeline ranks): aux_loss, z_loss, tokens_per_expert per MoE layer."""
-    aux, z, loads = torch.zeros(()), torch.zeros(()), {}
+def merge_stage_stats(infos: list[list[DecoderOutput]], n_layers: int, n_experts: int,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Sum this rank's chunk statistics over chunks and micro-batches, on `device` (no host sync):
+    aux_loss, z_loss, dropped (summed dropped fractions over MoE layers and micro-batches) and
+    loads [n_layers, n_experts] (tokens per expert, zero rows for layers this rank lacks), so the
+    caller can all-reduce them over pipeline ranks as they are and divide by n_micro."""
+    aux, z, dropped = (torch.zeros((), device=device) for _ in range(3))
+    loads = torch.zeros(n_layers, max(n_experts, 1), device=device)
     for per_micro in infos:
         for out in per_micro:
-            aux, z = aux + out.aux_loss.cpu(), z + out.z_loss.cpu()
+            aux, z = aux + out.aux_loss.float().to(device), z + out.z_loss.float().to(device)
             for layer, stats in out.moe.items():
-                loads[layer] = loads.get(layer, 0) + stats.tokens_per_expert.cpu()
-    return {"aux_loss": aux, "z_loss": z, "loads": loads}
+                dropped = dropped + stats.dropped_fraction.to(device)
+                loads[layer] += stats.tokens_per_expert.to(device)
+    return {"aux_loss": aux, "z_loss": z, "dropped": dropped, "loads": loads}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from moe.model import Decoder, build_model, load_full_state_dict, param_counts
-from moe.stages import build_stage_chunks, plan_stages, stage_chunk_fn, sync_tied_grads, tied_embedding_group, \
+from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, stage_chunk_fn, sync_tied_grads, tied_embedding_group, \
     tied_embedding_replicas
 from parallel.context import ParallelContext
 from parallel.data import GradReducer, Zero1, norm_buckets, tied_replicas
@@ -174,26 +174,17 @@ class Trainer:
     def _step_stats(self, result) -> dict[str, torch.Tensor]:
         """lm, aux, z, dropped (mean over micro-batches and MoE layers) and per-layer expert loads,
         gathered over the pipeline stages (each holds only its own layers and only the last the loss)."""
-        n_layers, n_exp = self.cfg.model.n_layers, max(self.cfg.model.n_experts, 1)
-        sums = torch.zeros(4, device=self.device)  # lm, aux, z, dropped
-        loads = torch.zeros(n_layers, n_exp, device=self.device)
-        for loss in result.losses:
-            sums[0] += loss.float()
-        for per_micro in result.infos:
-            for out in per_micro:
-                sums[1] += out.aux_loss.float().to(self.device)
-                sums[2] += out.z_loss.float().to(self.device)
-                for layer, st in out.moe.items():
-                    sums[3] += st.dropped_fraction.to(self.device)
-                    loads[layer] += st.tokens_per_expert.to(self.device)
+        m = self.cfg.model
+        merged = merge_stage_stats(result.infos, m.n_layers, m.n_experts, self.device)
+        lm = sum((loss.float() for loss in result.losses), torch.zeros((), device=self.device))
+        sums, loads = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]]), merged["loads"]
         if self.ctx.pp > 1:
             dist.all_reduce(sums, group=self.ctx.pp_group)
             dist.all_reduce(loads, group=self.ctx.pp_group)
-        n_moe = sum(self.cfg.model.is_moe_layer(i) for i in range(n_layers))
-        sums[3] /= max(n_moe, 1)
-        moe_layers = [i for i in range(n_layers) if self.cfg.model.is_moe_layer(i)]
-        return {"lm": sums[0] / self.n_micro, "aux": sums[1] / self.n_micro, "z": sums[2] / self.n_micro,
-                "dropped": sums[3] / self.n_micro, "loads": {i: loads[i].long() for i in moe_layers}}
+        moe_layers = [i for i in range(m.n_layers) if m.is_moe_layer(i)]
+        sums[3] /= max(len(moe_layers), 1)
+        lm, aux, z, dropped = (sums / self.n_micro).unbind(0)
+        return {"lm": lm, "aux": aux, "z": z, "dropped": dropped, "loads": {i: loads[i].long() for i in moe_layers}}
 
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)

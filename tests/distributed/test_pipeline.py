@@ -94,7 +94,7 @@ def _train(ctx: ParallelContext, case: dict, data: torch.Tensor) -> dict:
         norms.append(clip_grad_norm_(buckets, CLIP, scale_only=tied_heads))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = merge_stage_stats(result.infos)
+        stats = merge_stage_stats(result.infos, cfg.n_layers, cfg.n_experts)
         losses.append([float(loss) for loss in result.losses])
         aux.append(float(stats["aux_loss"] + stats["z_loss"]))
     params = {name: (p.detach().clone(), getattr(p, "tp_dim", None), getattr(p, "ep_dim", None))
