@@ -14,7 +14,7 @@ before the previous one, which keeps the collective order identical on every ran
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,6 @@ class _Bucket:
     ready: int = 0
     handle: object = None
     buffer: torch.Tensor | None = None
-    ids: set = field(default_factory=set)
 
 
 class GradReducer:
@@ -76,7 +75,6 @@ class GradReducer:
                 b = open_[key] = _Bucket([], group, tp_group, divide=ctx.dp > 1, dst=dst)
                 buckets.append(b)
             b.params.append(p)
-            b.ids.add(id(p))
         return [b for b in buckets if b.group is not None or b.tp_group is not None or b.divide]
 
     def prepare(self, sync: bool) -> None:

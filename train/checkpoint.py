@@ -62,9 +62,6 @@ MODEL, OPTIM, RNG = "model.", "optim.", "rng."
 
 
 # ------------------------------------------------------------------------------------------ directories
-def _barrier(ctx) -> None:
-    if ctx.world_size > 1:
-        dist.barrier()
 
 
 def step_dir(root: Path, step: int) -> Path:
