@@ -141,6 +141,31 @@ def environment(device: torch.device) -> dict:
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
+def profile_table(fn: Callable[[], None], device: torch.device, steps: int = 3, row_limit: int = 30) -> str:
+    """Run `fn` `steps` times under torch.profiler (after one untimed call) and return the operator
+    table sorted by self device time (self CPU time on CPU): where the time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"{steps} steps\n" + prof.key_averages().table(sort_by=key, row_limit=row_limit, max_name_column_width=70)
+
+
+def write_profile(directory: str | None, name: str, fn: Callable[[], None], device: torch.device) -> None:
+    """With --profile DIR, write profile_table(fn) to DIR/<name>.txt (name made file-safe)."""
+    if not directory:
+        return
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / f"{safe}.txt").write_text(profile_table(fn, device) + "\n")
+
+
 def write_json(path: str, obj: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")

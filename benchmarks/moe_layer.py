@@ -40,7 +40,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import (PRECISIONS, autocast, environment, fmt, guarded, markdown_table,  # noqa: E402
-                        median_ms, param_dtype, parse_precisions, resolve_device, write_json)
+                        median_ms, param_dtype, parse_precisions, resolve_device, write_json, write_profile)
 from moe.config import ModelConfig  # noqa: E402
 from moe.experts import megablocks_gmm  # noqa: E402
 from moe.moe_layer import MoELayer  # noqa: E402
@@ -172,19 +172,25 @@ def step_fn(module: nn.Module, x: torch.Tensor, precision: str, device: torch.de
     return step
 
 
-def time_case(make, precision: str, device: torch.device, flops: float, iters: int, warmup: int) -> dict:
-    """Build one case with `make()` -> (module, input) and time it (see benchmarks.guarded)."""
+def time_case(make, precision: str, device: torch.device, flops: float, iters: int, warmup: int,
+              profile: tuple[str, str] | None = None) -> dict:
+    """Build one case with `make()` -> (module, input) and time it (see benchmarks.guarded).
+    `profile` = (directory, name): also write the case's profiler table there."""
 
     def measure() -> dict:
-        ms = median_ms(step_fn(*make(), precision, device), iters, warmup, device)
+        step = step_fn(*make(), precision, device)
+        ms = median_ms(step, iters, warmup, device)
+        if profile:
+            write_profile(*profile, step, device)
         return {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
 
     return guarded(measure, device)  # the module and its grads die with the step closure
 
 
 def bench_shape(shape: Shape, precision: str, backends: list[str], device: torch.device, iters: int,
-                warmup: int, seed: int) -> dict[str, dict]:
-    """All cases of one (shape, precision): our backends, the naive loop, the dense limit."""
+                warmup: int, seed: int, profile: str | None = None) -> dict[str, dict]:
+    """All cases of one (shape, precision): our backends, the naive loop, the dense limit.
+    With `profile` (a directory) each case also writes its profiler table there."""
     flops = shape.expert_flops()
     x_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # amp: fp32 residual stream
 
@@ -192,10 +198,13 @@ def bench_shape(shape: Shape, precision: str, backends: list[str], device: torch
         gen = torch.Generator(device).manual_seed(seed + 1)
         return torch.randn(rows, shape.d, device=device, generator=gen, dtype=x_dtype).requires_grad_()
 
+    def where(name: str) -> tuple[str, str] | None:
+        return (profile, f"moe_{precision}_{shape.T}x{shape.d}x{shape.f}x{shape.E}x{shape.k}_{name}") if profile else None
+
     cases = {}
     for backend in backends:
         cases[backend] = time_case(lambda: (build_layer(shape, backend, precision, device, seed), tokens(shape.T)),
-                                   precision, device, flops, iters, warmup)
+                                   precision, device, flops, iters, warmup, where(backend))
 
     def naive():
         return NaiveMoE(build_layer(shape, "loop", "fp32", device, seed)).to(param_dtype(precision)), tokens(shape.T)
@@ -204,7 +213,7 @@ def bench_shape(shape: Shape, precision: str, backends: list[str], device: torch
         return DenseChain(shape, seed).to(device, param_dtype(precision)), tokens(shape.T * shape.k)
 
     cases["naive loop"] = time_case(naive, precision, device, flops, iters, warmup)
-    cases["dense limit"] = time_case(dense, precision, device, flops, iters, warmup)
+    cases["dense limit"] = time_case(dense, precision, device, flops, iters, warmup, where("dense"))
     return cases
 
 
@@ -244,6 +253,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda or cpu (default cuda when available; smoke cpu)")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed")
     p.add_argument("--json", metavar="OUT", help="also write every number (ms, TFLOP/s, warnings) to OUT")
+    p.add_argument("--profile", metavar="DIR", help="also write a torch.profiler table per case (not the naive "
+                   "loop) to DIR/<case>.txt: self device time by operator")
     return p.parse_args(argv)
 
 
@@ -272,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for precision in opts["precisions"]:
         for shape in opts["shapes"]:
-            cases = bench_shape(shape, precision, opts["backends"], device, opts["iters"], opts["warmup"], args.seed)
+            cases = bench_shape(shape, precision, opts["backends"], device, opts["iters"], opts["warmup"], args.seed,
+                                args.profile)
             runs.append({"precision": precision, "shape": asdict(shape), "shape_label": shape.label(),
                          "expert_flops": shape.expert_flops(), "cases": cases})
     result = {**environment(device), "iters": opts["iters"], "warmup": opts["warmup"], "runs": runs}

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # `python benchmarks/train_step.py` as a plain sc
 import torch  # noqa: E402
 
 from benchmarks import (PRECISIONS, autocast, environment, fmt, guarded, markdown_table,  # noqa: E402
-                        median_ms, param_dtype, parse_precisions, resolve_device, write_json)
+                        median_ms, param_dtype, parse_precisions, resolve_device, write_json, write_profile)
 from moe.config import ModelConfig  # noqa: E402
 from moe.experts import BACKENDS as LAYER_BACKENDS  # noqa: E402
 from moe.model import build_model, param_counts  # noqa: E402
@@ -134,6 +134,9 @@ def measure(build, tokens: torch.Tensor, precision: str, device: torch.device, o
         torch.cuda.reset_peak_memory_stats(device)
     step = train_step_fn(model, loss_fn, tokens, precision, device)
     ms = median_ms(step, opts["steps"], opts["warmup"], device)
+    if opts.get("profile"):
+        flags = ("_ckpt" if opts["activation_checkpointing"] else "") + ("_compiled" if opts["compile"] else "")
+        write_profile(opts["profile"], f"step_{opts['config']}_{label}_{precision}{flags}", step, device)
     result = {"impl": label, "ms": ms, "tokens_per_s": tokens[:, 1:].numel() / (ms * 1e-3),
               "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
@@ -160,6 +163,7 @@ def model_facts(cfg: ModelConfig, seq_len: int) -> dict:
 def bench_config(name: str, cfg: ModelConfig, device: torch.device, opts: dict) -> dict:
     """Our model at each --precision, then (with --hf) HF's model at --hf-precision."""
     facts = model_facts(cfg, opts["seq_len"])
+    opts = {**opts, "config": name}  # names the profile files
     ck, cp = opts["activation_checkpointing"], opts["compile"]
     rows = [run_case(lambda: build_ours(cfg, p, device, ck, cp), "ours", cfg, p, device, opts)
             for p in opts["precisions"]]
@@ -227,6 +231,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: train.metrics.peak_flops of the GPU)")
     p.add_argument("--device", help="cuda or cpu (default cuda when available; smoke cpu)")
     p.add_argument("--json", metavar="OUT", help="also write every number to OUT")
+    p.add_argument("--profile", metavar="DIR", help="also write a torch.profiler table per model to DIR/<case>.txt "
+                   "(self device time by operator, 3 steps)")
     return p.parse_args(argv)
 
 
@@ -243,7 +249,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, ModelConfig], dict]:
                 steps=pick(args.steps, 10, 2), warmup=pick(args.warmup, 3, 1),
                 precisions=parse_precisions(pick(args.precision, "amp", "fp32")),
                 hf_precision=pick(args.hf_precision, "bf16", "fp32"), hf=args.hf, hf_experts=args.hf_experts,
-                activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                activation_checkpointing=args.activation_checkpointing, compile=args.compile, profile=args.profile,
                 device=resolve_device(args.device or ("cpu" if smoke else None)))
     if len(parse_precisions(opts["hf_precision"])) != 1:
         raise ValueError(f"--hf-precision {opts['hf_precision']!r} must be one of {list(PRECISIONS)}")

@@ -64,6 +64,7 @@ class ModelConfig:
     qkv_bias: bool | None = None          # bias on q/k/v only; None = same as `bias` (GLM: True with bias False)
     tie_embeddings: bool = False          # LM head shares the input embedding matrix
     dropout: float = 0.0                  # residual/attention dropout probability
+    fp32_residual: bool = False           # under bf16 autocast keep the residual stream in float32 (Megatron's fp32_residual_connection); False = bf16, half the bytes
     init_std: float = 0.02                # normal init std; output projections use std/sqrt(2*n_layers)
     # --- mixture of experts ---
     n_experts: int = 0                    # 0 = dense model

@@ -15,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parallel.context import ParallelContext
-from parallel.tensor import ColumnParallelLinear, RowParallelLinear, enter_tp_region
+from parallel.tensor import ColumnParallelLinear, RowParallelLinear, enter_tp_region, fused_column_linear
 
 from .config import ModelConfig
+from .kernels import rope_triton, swiglu, use_triton
 
 
 # ---------------------------------------------------------------- norms
@@ -87,6 +88,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((out.to(x.dtype), rest), dim=-1)
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """apply_rope for x [B, S, H, Dh] with tables for >= S positions: one fused kernel on CUDA when
+    Triton imports, else apply_rope on the [B, H, S, Dh] view."""
+    if use_triton(x):
+        return rope_triton(x, cos, sin, interleaved)
+    S = x.shape[1]
+    return apply_rope(x.transpose(1, 2), cos[:S], sin[:S], interleaved).transpose(1, 2)
+
+
 def sinusoidal_table(seq_len: int, dim: int) -> torch.Tensor:
     """The original Transformer's fixed positions: sin on even dims, cos on odd, [S, D]."""
     pos = torch.arange(seq_len, dtype=torch.float32)[:, None]
@@ -127,12 +137,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = enter_tp_region(x, self.wq.group, self.wq.sequence_parallel)  # one gather for q, k and v
         B, S = x.shape[:2]  # under sequence parallelism S is now the full sequence
-        q = self.wq(x, in_region=True).view(B, S, self.h_local, self.dh).transpose(1, 2)  # [B, H, S, Dh]
-        k = self.wk(x, in_region=True).view(B, S, self.kv_local, self.dh).transpose(1, 2)  # [B, K, S, Dh]
-        v = self.wv(x, in_region=True).view(B, S, self.kv_local, self.dh).transpose(1, 2)
+        qkv = fused_column_linear(x, [self.wq, self.wk, self.wv])  # one GEMM: [B, S, (H + 2K) Dh]
+        q, k, v = qkv.split([self.h_local * self.dh, self.kv_local * self.dh, self.kv_local * self.dh], dim=-1)
+        q = q.view(B, S, self.h_local, self.dh)  # [B, S, H, Dh]
+        k = k.view(B, S, self.kv_local, self.dh)  # [B, S, K, Dh]
         if rope is not None:
-            cos, sin = rope[0][:S], rope[1][:S]
-            q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+            q, k = rotary(q, *rope, self.interleaved), rotary(k, *rope, self.interleaved)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Dh], [B, K, S, Dh]
+        v = v.view(B, S, self.kv_local, self.dh).transpose(1, 2)
         p = self.dropout if self.training else 0.0
         gqa = self.kv_local != self.h_local
         if self.window is None:
@@ -162,7 +174,7 @@ class DenseMLP(nn.Module):
         self.w2 = RowParallelLinear(f, cfg.d_model, cfg.bias, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
-            x = enter_tp_region(x, self.w1.group, self.w1.sequence_parallel)  # shared by gate and up
-            return self.w2(F.silu(self.w1(x, in_region=True)) * self.w3(x, in_region=True))
+        if self.swiglu:  # gate | up as one GEMM, then one fused SwiGLU kernel on CUDA
+            x = enter_tp_region(x, self.w1.group, self.w1.sequence_parallel)
+            return self.w2(swiglu(fused_column_linear(x, [self.w1, self.w3])))
         return self.w2(gelu(self.w1(x), self.approx))

@@ -54,9 +54,10 @@ class Block(nn.Module):
             x = x + self.drop(self.attn(self.attn_norm(x), rope))
             m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale)
             return x + self.drop(m), stats
-        x = self.attn_norm(x + self.drop(self.attn(x, rope)))
+        dtype = x.dtype  # LayerNorm runs in float32 under autocast: keep the stream's dtype
+        x = self.attn_norm(x + self.drop(self.attn(x, rope))).to(dtype)
         m, stats = self._mlp(x, aux_grad_scale)
-        return self.mlp_norm(x + self.drop(m)), stats
+        return self.mlp_norm(x + self.drop(m)).to(dtype), stats
 
     def _mlp(self, x, aux_grad_scale):
         if isinstance(self.mlp, MoELayer):
@@ -118,6 +119,8 @@ class Decoder(nn.Module):
         `aux_grad_scale`: the factor applied to this micro-batch's LM loss (e.g. 1/n_micro_batches);
         the MoE auxiliary losses get the same factor in backward."""
         h = self.embed(x) if self.pre else x
+        if self.pre and not self.cfg.fp32_residual and torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))  # the residual stream in the compute dtype
         rope = self._rope(h) if self.cfg.positions == "rope" else None
         out = DecoderOutput(logits=None)
         for key, block in self.layers.items():

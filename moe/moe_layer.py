@@ -20,6 +20,7 @@ from parallel.tensor import gather_from_tp, reduce_from_tp, scatter_to_tp
 
 from .config import ModelConfig
 from .experts import Experts
+from .kernels import combine_rows, gather_rows
 from .layers import DenseMLP
 from .router import TopKRouter, expert_counts
 
@@ -50,11 +51,13 @@ class AttachAuxLoss(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class Permutation:
-    """What unpermute needs: for each kept slot (sorted by expert) its token row and gate weight."""
+    """What unpermute needs: for each kept slot (sorted by expert) its token row and gate weight,
+    and the inverse map from each (token, choice) slot to its sorted row."""
     token_idx: torch.Tensor   # [N] token row of each kept slot, expert-major order
     weights: torch.Tensor     # [N] gate weight of each kept slot
     counts: torch.Tensor      # [E] kept slots per expert
     n_tokens: int
+    slot_row: torch.Tensor    # [T, k] sorted row of slot (t, j), or N when the slot was dropped
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float | None) -> int | None:
@@ -98,15 +101,22 @@ def permute(experts: torch.Tensor, weights: torch.Tensor, n_experts: int, capaci
     if keep is not None:
         order = order[keep.flatten()[order]]
     counts = expert_counts(experts.flatten()[order], n_experts)
-    return Permutation(order // k, weights.flatten()[order], counts, T)
+    n = order.numel()
+    slot_row = torch.full((T * k,), n, dtype=torch.long, device=experts.device)
+    slot_row.scatter_(0, order, torch.arange(n, device=experts.device))
+    return Permutation(order // k, weights.flatten()[order], counts, T, slot_row.view(T, k))
+
+
+def permute_tokens(tokens: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """The rows the experts see: tokens[perm.token_idx] ([N, D]), one per kept slot, expert-major.
+    Backward sums each token's slot gradients by gathering (deterministic, no atomic adds)."""
+    return gather_rows(tokens, perm.token_idx, perm.slot_row)
 
 
 def unpermute(y: torch.Tensor, perm: Permutation) -> torch.Tensor:
-    """out[t] = sum over kept slots s of token t: weight_s * y_s (accumulated in float32). Dropped
-    slots contribute zero."""
-    out = torch.zeros(perm.n_tokens, y.shape[-1], device=y.device, dtype=torch.float32)
-    out = out.index_add(0, perm.token_idx, y.float() * perm.weights.float()[:, None])
-    return out.to(y.dtype)
+    """out[t] = sum over kept slots s of token t: weight_s * y_s (accumulated in float32, returned
+    in y's dtype). Dropped slots contribute zero."""
+    return combine_rows(y, perm.weights, perm.token_idx, perm.slot_row)
 
 
 class LocalDispatcher:
@@ -164,9 +174,9 @@ class MoELayer(nn.Module):
                               self.cfg.n_experts, self.cfg.capacity_factor)
         keep = None if cap is None else self._keep(routing.experts, cap, shape, tp_group)
         perm = permute(routing.experts, routing.weights, self.cfg.n_experts, keep=keep)
-        rows = tokens[perm.token_idx]
-        if torch.is_autocast_enabled(rows.device.type):  # send what the experts compute in (half the bytes)
-            rows = rows.to(torch.get_autocast_dtype(rows.device.type))
+        if torch.is_autocast_enabled(tokens.device.type):  # cast the T tokens once, not their N = T*k copies:
+            tokens = tokens.to(torch.get_autocast_dtype(tokens.device.type))  # the experts compute in it
+        rows = permute_tokens(tokens, perm)
         x_local, counts_local, meta = self.dispatcher.dispatch(rows, perm.counts)
         y_local = self.experts(x_local, counts_local, self._local_capacity(cap))
         y = unpermute(self.dispatcher.combine(y_local, meta), perm)
@@ -204,8 +214,10 @@ class MoELayer(nn.Module):
 
     def _stats(self, routing, perm: Permutation, n_tokens: int, tp_group) -> MoEStats:
         """Detached statistics of the whole micro-batch (token shards summed over tp)."""
-        counts = torch.tensor([perm.token_idx.numel(), n_tokens * self.cfg.top_k], dtype=torch.float32)
-        counts = counts.to(perm.token_idx.device, non_blocking=True)
+        # built on the device by fills: a host tensor copied over would make the host wait for the
+        # GPU (a pageable host-to-device copy synchronises the stream) in every MoE layer
+        counts = torch.full((2,), float(n_tokens * self.cfg.top_k), device=perm.token_idx.device)
+        counts[0] = perm.token_idx.numel()
         if tp_group is not None:
             counts = reduce_from_tp(counts, tp_group)
         dropped = 1.0 - counts[0] / counts[1].clamp(min=1)

@@ -300,6 +300,23 @@ class ColumnParallelLinear(nn.Module):
                 f"bias={self.bias is not None}, gather_output={self.gather_output}, sp={self.sequence_parallel}")
 
 
+def fused_column_linear(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> torch.Tensor:
+    """Several ColumnParallelLinear layers that read the same input (q/k/v, gate/up) as one GEMM:
+    their local weight shards are concatenated (after the cast to the autocast dtype, so the copy is
+    small) and the outputs come back side by side, [.., sum of local outs], in `layers` order.
+    `x` must already be in the tp region (enter_tp_region); the layers may not gather their output."""
+    if any(layer.gather_output for layer in layers):
+        raise ValueError("fused_column_linear: layers with gather_output=True cannot share one GEMM")
+    biases = [layer.bias for layer in layers]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        raise ValueError("fused_column_linear: either every layer has a bias or none does")
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)  # noqa: E731
+    weight = torch.cat([cast(layer.weight) for layer in layers])
+    bias = torch.cat([cast(b) for b in biases]) if biases[0] is not None else None
+    return F.linear(x, weight, bias)
+
+
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by input columns: rank r holds W[:, r*i:(r+1)*i] (i = in/tp), tp_dim 1.
 

@@ -53,3 +53,86 @@ def test_moe_layer_benchmark_runs_on_cuda():
 
     result = moe_layer.main(["--shapes", "2048x512x256x8x2", "--iters", "3", "--warmup", "1", "--device", "cuda"])
     assert result
+
+
+# ---------------------------------------------------------------- moe.kernels: Triton against the torch path
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (2, 500, 2 * 1408)), (torch.float32, (37, 2 * 24))])
+def test_triton_swiglu_matches_torch_path(dtype, shape):
+    from moe.kernels import swiglu, use_triton
+
+    if not use_triton(torch.empty(0, device="cuda")):
+        pytest.skip("triton does not import here")
+    h = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda", dtype=dtype)
+    out = swiglu(h)
+    out.backward(g)
+    h_ref = h.detach().cpu().double().requires_grad_()
+    ref = swiglu(h_ref)  # torch path on CPU, float64
+    ref.backward(g.cpu().double())
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert out.dtype == dtype and h.grad.dtype == dtype
+    assert _rel(out.cpu(), ref) < tol and _rel(h.grad.cpu(), h_ref.grad) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("capacity", [None, 200])
+def test_triton_permutation_rows_match_torch_path(dtype, capacity):
+    from moe.kernels import combine_rows, gather_rows, use_triton
+    from moe.moe_layer import permute
+
+    if not use_triton(torch.empty(0, device="cuda")):
+        pytest.skip("triton does not import here")
+    T, k, E, D = 1000, 2, 8, 520
+    gen = torch.Generator().manual_seed(0)
+    experts = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).cuda()
+    weights = torch.rand(T, k, generator=gen).softmax(-1).cuda().requires_grad_()
+    perm = permute(experts, weights, E, capacity=capacity)
+    assert capacity is None or (perm.slot_row == perm.token_idx.numel()).any()  # some slots dropped
+    x = torch.randn(T, D, device="cuda", dtype=dtype, requires_grad=True)
+    rows = gather_rows(x, perm.token_idx, perm.slot_row)
+    y = rows * torch.linspace(0.5, 1.5, D, device="cuda", dtype=dtype)  # any per-row function
+    out = combine_rows(y, perm.weights, perm.token_idx, perm.slot_row)
+    g = torch.randn(T, D, device="cuda", dtype=dtype)
+    out.backward(g)
+
+    cpu = lambda t: t.detach().cpu().double().requires_grad_()  # noqa: E731
+    x_ref, w_ref = cpu(x), cpu(weights)
+    perm_ref = permute(experts.cpu(), w_ref, E, capacity=capacity)
+    rows_ref = x_ref[perm_ref.token_idx]
+    y_ref = rows_ref * torch.linspace(0.5, 1.5, D, dtype=dtype).double()
+    ref = torch.zeros(T, D, dtype=torch.float64).index_add(0, perm_ref.token_idx, y_ref * perm_ref.weights[:, None])
+    ref.backward(g.cpu().double())
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert out.dtype == dtype
+    assert _rel(out.cpu(), ref) < tol
+    assert _rel(x.grad.cpu(), x_ref.grad) < tol
+    assert _rel(weights.grad.cpu(), w_ref.grad) < tol
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_dim", [64, 32])  # full and partial (GLM-style) rotary
+def test_triton_rope_matches_apply_rope(interleaved, rotary_dim):
+    from moe.kernels import rope_triton, use_triton
+    from moe.layers import apply_rope
+
+    if not use_triton(torch.empty(0, device="cuda")):
+        pytest.skip("triton does not import here")
+    B, S, H, K, Dh = 2, 37, 6, 2, 64
+    qkv = torch.randn(B, S, (H + 2 * K) * Dh, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = qkv[..., : H * Dh].view(B, S, H, Dh)  # a strided view, as in Attention
+    angles = torch.rand(S + 5, rotary_dim // 2, device="cuda") * 6.28
+    out = rope_triton(q, angles.cos(), angles.sin(), interleaved)
+    g = torch.randn_like(out)
+    out.backward(g)
+    q_ref = q.detach().cpu().double().requires_grad_()
+    cos, sin = angles[:S].cos().cpu().double(), angles[:S].sin().cpu().double()
+    ref = apply_rope(q_ref.transpose(1, 2), cos, sin, interleaved).transpose(1, 2)
+    ref.backward(g.cpu().double())
+    assert out.shape == (B, S, H, Dh) and out.dtype == torch.bfloat16
+    assert _rel(out.cpu(), ref) < 1e-2
+    assert _rel(qkv.grad[..., : H * Dh].view(B, S, H, Dh).cpu(), q_ref.grad) < 1e-2
+    assert (qkv.grad[..., H * Dh:] == 0).all()

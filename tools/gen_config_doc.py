@@ -22,12 +22,16 @@ SECTIONS = [("(top level)", None), ("model", ModelConfig), ("parallel", tc.Paral
             ("checkpoint", tc.CheckpointConfig), ("logging", tc.LoggingConfig)]
 
 
-def comments(path: Path) -> dict[str, str]:
-    out = {}
+def comments(path: Path) -> dict[tuple[str, str], str]:
+    """(class name, field name) -> the trailing comment on the field's line (fields of the same name
+    in two sections, e.g. checkpoint.interval and logging.interval, keep their own comments)."""
+    out, cls = {}, ""
     for line in path.read_text().splitlines():
+        if line.startswith("class "):
+            cls = line.split()[1].split("(")[0].rstrip(":")
         m = FIELD_LINE.match(line)
         if m:
-            out.setdefault(m.group(1), m.group(3))
+            out.setdefault((cls, m.group(1)), m.group(3))
     return out
 
 
@@ -37,7 +41,7 @@ def table(cls, notes: dict[str, str]) -> list[str]:
         if dataclasses.is_dataclass(f.type) or f.name == "model":
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        note = notes.get(f.name, "").replace(" | ", " / ")
+        note = notes.get((cls.__name__, f.name), "").replace(" | ", " / ")
         rows.append(f"| `{f.name}` | `{default!r}` | {note} |")
     return rows
 
@@ -51,7 +55,7 @@ def main() -> None:
         if cls is None:
             print("## Top level\n")
             print("\n".join(["| field | default | meaning |", "|---|---|---|",
-                             f"| `run_dir` | `'runs/default'` | {notes['run_dir']} |"]) + "\n")
+                             f"| `run_dir` | `'runs/default'` | {notes[('TrainConfig', 'run_dir')]} |"]) + "\n")
             continue
         print(f"## `{name}`\n")
         print("\n".join(table(cls, model_notes if cls is ModelConfig else notes)) + "\n")

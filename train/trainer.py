@@ -150,9 +150,15 @@ class Trainer:
         self.executor = PipelineExecutor(
             [stage_chunk_fn(chunk, 1.0 / self.n_micro) for chunk in self.chunks], self.ctx, self._schedule_kind(),
             self.n_micro, act_shape=(self.cfg.training.micro_batch_size, seq, self.cfg.model.d_model),
+            act_dtype=self._residual_dtype(),
             before_backward=lambda c, last: self.reducers[c].prepare(sync=last))
 
     # ------------------------------------------------------------ one step
+    def _residual_dtype(self) -> torch.dtype:
+        """What flows between pipeline stages: bf16 under bf16 precision unless model.fp32_residual."""
+        bf16 = self.cfg.training.precision == "bf16" and not self.cfg.model.fp32_residual
+        return torch.bfloat16 if bf16 else torch.float32
+
     def _autocast(self):
         if self.cfg.training.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
