@@ -38,7 +38,7 @@ from benchmarks import (PRECISIONS, autocast, environment, fmt, guarded, markdow
                         median_ms, param_dtype, parse_precisions, resolve_device, write_json, write_profile)
 from moe.config import ModelConfig  # noqa: E402
 from moe.experts import BACKENDS as LAYER_BACKENDS  # noqa: E402
-from moe.model import build_model, param_counts  # noqa: E402
+from moe.model import RECOMPUTE, build_model, param_counts  # noqa: E402
 from train.metrics import flops_per_token, peak_flops  # noqa: E402
 from train.optim import build_optimizer, clip_grad_norm_  # noqa: E402
 
@@ -59,10 +59,12 @@ LR, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 0.1, 1.0
 
 
 # ---------------------------------------------------------------- models
-def build_ours(cfg: ModelConfig, precision: str, device: torch.device, ckpt: bool, compile_: bool):
-    """Our Decoder as the trainer builds it: init, optional activation checkpointing, per-block compile."""
+def build_ours(cfg: ModelConfig, precision: str, device: torch.device, ckpt: bool, compile_: bool,
+               recompute: str = "full"):
+    """Our Decoder as the trainer builds it: init, optional activation checkpointing (full or
+    selective recompute), per-block compile."""
     model = build_model(cfg, device=device).to(param_dtype(precision)).train()
-    model.activation_checkpointing = ckpt
+    model.activation_checkpointing, model.recompute = ckpt, recompute
     if compile_:
         for key in list(model.layers):
             model.layers[key] = torch.compile(model.layers[key])
@@ -135,7 +137,8 @@ def measure(build, tokens: torch.Tensor, precision: str, device: torch.device, o
     step = train_step_fn(model, loss_fn, tokens, precision, device)
     ms = median_ms(step, opts["steps"], opts["warmup"], device)
     if opts.get("profile"):
-        flags = ("_ckpt" if opts["activation_checkpointing"] else "") + ("_compiled" if opts["compile"] else "")
+        flags = (f"_ckpt_{opts['recompute']}" if opts["activation_checkpointing"] else "") + \
+            ("_compiled" if opts["compile"] else "")
         write_profile(opts["profile"], f"step_{opts['config']}_{label}_{precision}{flags}", step, device)
     result = {"impl": label, "ms": ms, "tokens_per_s": tokens[:, 1:].numel() / (ms * 1e-3),
               "params": sum(p.numel() for p in model.parameters())}
@@ -165,7 +168,7 @@ def bench_config(name: str, cfg: ModelConfig, device: torch.device, opts: dict) 
     facts = model_facts(cfg, opts["seq_len"])
     opts = {**opts, "config": name}  # names the profile files
     ck, cp = opts["activation_checkpointing"], opts["compile"]
-    rows = [run_case(lambda: build_ours(cfg, p, device, ck, cp), "ours", cfg, p, device, opts)
+    rows = [run_case(lambda: build_ours(cfg, p, device, ck, cp, opts["recompute"]), "ours", cfg, p, device, opts)
             for p in opts["precisions"]]
     if opts["hf"]:
         p = opts["hf_precision"]
@@ -194,7 +197,8 @@ def format_report(results: list[dict], opts: dict) -> str:
     facts = [f"- {r['config']}: {_count(r['params'])} params, {_count(r['active_params'])} active, "
              f"{_count(r['flops_per_token'])}FLOP/token" for r in results]
     peak = f"{opts['peak_flops'] / 1e12:.0f} TFLOP/s peak" if opts["peak_flops"] else "no known peak: MFU '-'"
-    flags = [f for f, on in (("activation checkpointing", opts["activation_checkpointing"]),
+    flags = [f for f, on in ((f"activation checkpointing ({opts['recompute']} recompute for ours)",
+                              opts["activation_checkpointing"]),
                              ("torch.compile", opts["compile"])) if on]
     title = (f"### Training step, B={opts['batch_size']} S={opts['seq_len']}, {peak}"
              + (f", {' + '.join(flags)}" if flags else ""))
@@ -224,6 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="our model.expert_backend (default grouped_mm)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in backward (both models)")
+    p.add_argument("--recompute", default="full", choices=RECOMPUTE,
+                   help="ours, with --activation-checkpointing: full blocks or selective (keep GEMM/attention outputs)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (both models)")
     p.add_argument("--hf", action="store_true", help="also time HF transformers' model with the same shapes")
     p.add_argument("--hf-precision", help=f"HF model: one of {list(PRECISIONS)} (default bf16; smoke fp32)")
@@ -249,7 +255,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, ModelConfig], dict]:
                 steps=pick(args.steps, 10, 2), warmup=pick(args.warmup, 3, 1),
                 precisions=parse_precisions(pick(args.precision, "amp", "fp32")),
                 hf_precision=pick(args.hf_precision, "bf16", "fp32"), hf=args.hf, hf_experts=args.hf_experts,
-                activation_checkpointing=args.activation_checkpointing, compile=args.compile, profile=args.profile,
+                activation_checkpointing=args.activation_checkpointing, recompute=args.recompute,
+                compile=args.compile, profile=args.profile,
                 device=resolve_device(args.device or ("cpu" if smoke else None)))
     if len(parse_precisions(opts["hf_precision"])) != 1:
         raise ValueError(f"--hf-precision {opts['hf_precision']!r} must be one of {list(PRECISIONS)}")

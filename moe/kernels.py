@@ -24,17 +24,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # optional: the Triton kernels are used only for CUDA tensors
-    import triton
+from parallel.kernels import triton, use_triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
-
-
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """The Triton kernels run for CUDA tensors in eager mode. Under torch.compile the torch path is
-    traced instead, so inductor sees plain ops and fuses them with their neighbours itself."""
-    return triton is not None and all(t.is_cuda for t in tensors) and not torch.compiler.is_compiling()
 
 
 def _block(width: int) -> int:

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from parallel.context import ParallelContext, check_divisible
 from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_to_tp, shard_tensor, \
@@ -36,6 +36,25 @@ class DecoderOutput:
     aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # sum over MoE layers, detached
     z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))    # sum over MoE layers, detached
     moe: dict[int, MoEStats] = field(default_factory=dict)                  # layer index -> routing statistics
+
+
+# Activation checkpointing: "full" keeps only each block's input and recomputes the whole block in
+# backward; "selective" also keeps the outputs of the GEMMs and of attention (the expensive ops)
+# and recomputes only the cheap memory-bound ones (norms, activations, rotary, routing, permutation).
+RECOMPUTE = ("full", "selective")
+_SAVED_OPS = {getattr(torch.ops.aten, name).default for name in
+              ("mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+               "_scaled_dot_product_flash_attention_for_cpu") if hasattr(torch.ops.aten, name)}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_recompute_context():
+    """context_fn for torch.utils.checkpoint: save GEMM and attention outputs, recompute the rest."""
+    return create_selective_checkpoint_contexts(_selective_policy)
 
 
 class Block(nn.Module):
@@ -89,6 +108,7 @@ class Decoder(nn.Module):
         validate_layout(cfg, ctx)
         self.cfg, self.ctx, self.pre, self.post = cfg, ctx, pre, post
         self.activation_checkpointing = False
+        self.recompute = "full"  # with activation_checkpointing: "full" or "selective" (see RECOMPUTE)
         ids = range(cfg.n_layers) if layer_ids is None else list(layer_ids)
         self.layers = nn.ModuleDict({str(i): Block(cfg, ctx, i) for i in ids})
         if pre:
@@ -125,7 +145,8 @@ class Decoder(nn.Module):
         out = DecoderOutput(logits=None)
         for key, block in self.layers.items():
             if self.activation_checkpointing and self.training:
-                h, stats = checkpoint(block, h, rope, aux_grad_scale, use_reentrant=False)
+                extra = {"context_fn": selective_recompute_context} if self.recompute == "selective" else {}
+                h, stats = checkpoint(block, h, rope, aux_grad_scale, use_reentrant=False, **extra)
             else:
                 h, stats = block(h, rope, aux_grad_scale)
             if stats is not None:

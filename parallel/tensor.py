@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.context import ParallelContext, check_divisible
+from parallel.kernels import ce_shard_grad, ce_shard_stats
 
 SEQUENCE_DIM = 1  # activations are [B, S, D]
 
@@ -405,49 +406,44 @@ class VocabParallelEmbedding(nn.Module):
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token CE over logits split by vocab across the group, never gathering the full vocab.
 
-    With z the full logits row, m = max_j z_j and t the target id:
-        loss = log(sum_j exp(z_j - m)) - (z_t - m)
-        dloss/dz_j = softmax(z)_j - [j == t]
-    Per rank: m = all-reduce MAX of local maxima; sum_j exp = all-reduce SUM of local sums; z_t - m is
-    picked by the one rank whose contiguous vocab range [r*v, (r+1)*v) holds t (others add 0). The
-    gradient of each local shard needs only the local softmax, so backward has no communication.
+    With z the full logits row, M = max_j z_j and t the target id:
+        loss = lse - z_t,  lse = M + log(sum_j exp(z_j - M))
+        dloss/dz_j = exp(z_j - lse) - [j == t]
+    Per rank (parallel.kernels, one pass over the shard): the local max m, s = sum_j exp(z_j - m)
+    and z_t where this rank's contiguous range [r*v, (r+1)*v) holds t (else 0). Then M = all-reduce
+    MAX of m; s * exp(m - M) and z_t are all-reduced (SUM) in one collective. Backward recomputes the
+    local softmax from the saved logits and lse, so it needs no communication and nothing of size
+    [tokens, V] is kept in float32.
     """
 
     @staticmethod
     def forward(ctx, logits_local, targets, group, ignore_index):
-        # 1. stabilise with the global max (float32 throughout)
-        logits = logits_local.float()  # [.., v]
-        v = logits.shape[-1]
-        gmax = logits.max(dim=-1).values  # [..]
-        if _size(group) > 1:
-            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - gmax.unsqueeze(-1)
-        # 2. the target logit, from whichever rank owns it
+        v = logits_local.shape[-1]
+        z = logits_local.reshape(-1, v)
+        z = z if z.stride(-1) == 1 else z.contiguous()
         start = _rank(group) * v
         in_shard = (targets >= start) & (targets < start + v)
-        local_t = torch.where(in_shard, targets - start, 0)
-        picked = torch.where(in_shard, shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0)
-        # 3. sum of exponentials, reduced together with the picked logit in one collective
-        exp = shifted.exp_()
-        stats = torch.stack([exp.sum(dim=-1), picked])  # [2, ..]
+        t_local = torch.where(in_shard, targets - start, -1).reshape(-1)
+        m, s, picked = ce_shard_stats(z, t_local)
+        gmax = m
         if _size(group) > 1:
+            gmax = m.clone()
+            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+            stats = torch.stack([torch.where(s > 0, s * torch.exp(m - gmax), 0.0), picked])
             dist.all_reduce(stats, group=group)
-        sum_exp, target_logit = stats[0], stats[1]
+            s, picked = stats[0], stats[1]
+        lse = gmax + torch.log(s)
         ignored = targets == ignore_index
-        loss = (torch.log(sum_exp) - target_logit).masked_fill(ignored, 0.0)
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_t, in_shard, ignored)
-        ctx.logits_dtype = logits_local.dtype
+        loss = (lse - picked).view(targets.shape).masked_fill(ignored, 0.0)
+        ctx.save_for_backward(z, t_local, lse, ignored)
+        ctx.shape = logits_local.shape
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_t, in_shard, ignored = ctx.saved_tensors
-        g = grad_loss.float()
-        grad = softmax * g.unsqueeze(-1)  # out of place: a retained graph can backprop again
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), (-g * in_shard).unsqueeze(-1))
-        grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
-        return grad.to(ctx.logits_dtype), None, None, None
+        z, t_local, lse, ignored = ctx.saved_tensors
+        g = grad_loss.to(lse.dtype).masked_fill(ignored, 0.0).reshape(-1)
+        return ce_shard_grad(z, t_local, lse, g).view(ctx.shape), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, group,

@@ -78,3 +78,23 @@ def test_everything_dropped_gives_zeros_and_zero_gradients():
     assert out.shape == (4, 3) and (out == 0).all()
     (out.sum() + rows.sum()).backward()
     assert (x.grad == 0).all()
+
+
+# ---------------------------------------------------------------- cross-entropy shard kernels (torch path)
+def test_ce_shard_stats_and_grad_match_log_softmax():
+    from parallel.kernels import ce_shard_grad, ce_shard_stats
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 11, generator=gen, dtype=torch.float64) * 3
+    z[:, 9:] = float("-inf")  # padded vocab columns
+    z[5] = float("-inf")      # a row of a shard that holds only padding
+    t = torch.tensor([0, 3, 8, -1, 4, -1])
+    m, s, picked = ce_shard_stats(z, t)
+    lse = m + s.log()
+    torch.testing.assert_close(lse[:5], torch.logsumexp(z[:5], -1))
+    assert s[5] == 0 and m[5] == float("-inf") and picked[3] == 0 and picked[5] == 0
+    torch.testing.assert_close(picked[[0, 1, 2, 4]], z[[0, 1, 2, 4], t[[0, 1, 2, 4]]])
+    g = torch.rand(5, generator=gen, dtype=torch.float64)
+    dz = ce_shard_grad(z[:5], t[:5], lse[:5], g)
+    ref = (torch.softmax(z[:5], -1) - F.one_hot(t[:5].clamp(min=0), 11) * (t[:5, None] >= 0)) * g[:, None]
+    torch.testing.assert_close(dz, ref)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from moe.config import ModelConfig, dataclass_from_dict
+from moe.model import RECOMPUTE
 
 
 @dataclass
@@ -73,6 +74,7 @@ class TrainingConfig:
     global_batch_size: int = 32       # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 8         # sequences per forward/backward on one rank
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    recompute: str = "full"           # with activation_checkpointing: full (whole blocks) | selective (keep GEMM and attention outputs, recompute the rest)
     compile: bool = False             # torch.compile each block
     eval_interval: int = 200          # steps between validation runs; 0 = never
     eval_steps: int = 10              # validation batches (of global_batch_size sequences, any layout) per run
@@ -126,6 +128,7 @@ def validate(c: TrainConfig) -> None:
         _check(getattr(t, name) >= 1, f"training.{name} ({getattr(t, name)}) must be >= 1")
     _check(t.precision in ("fp32", "bf16"), f"training.precision ({t.precision!r}) must be fp32 or bf16")
     _check(t.device in ("auto", "cpu", "cuda"), f"training.device ({t.device!r}) must be auto, cpu or cuda")
+    _check(t.recompute in RECOMPUTE, f"training.recompute ({t.recompute!r}) must be one of {list(RECOMPUTE)}")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"training.global_batch_size ({t.global_batch_size}) must be a multiple of training.micro_batch_size "
            f"({t.micro_batch_size})")

@@ -196,8 +196,15 @@ def _bucket_sq_sum(params: list[torch.Tensor], groups: list, device: torch.devic
     rank without grads for a bucket cannot make the others hang.
     """
     sq = torch.zeros((), dtype=torch.float32, device=device)
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
     for g in _local_grads(params):
-        sq += torch.linalg.vector_norm(g, 2, dtype=torch.float32).to(device).square()
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    for (_, dtype), grads in by_kind.items():
+        if dtype == torch.float32:  # one multi-tensor kernel instead of a launch per parameter
+            norms = torch._foreach_norm(grads, 2)
+        else:  # accumulate half-precision grads in float32
+            norms = [torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads]
+        sq += torch.stack([n.to(device) for n in norms]).square().sum()
     for group in groups:
         if _group_size(group) > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
@@ -254,6 +261,7 @@ def clip_grad_norm_(buckets: list[tuple[list[torch.Tensor], list]], max_norm: fl
     coef = max_norm / (norm + _CLIP_EPS)
     if coef < 1.0:
         for params in [p for p, _ in buckets] + [list(scale_only)]:
-            for g in _local_grads(params):
-                g.mul_(coef)
+            grads = _local_grads(params)
+            if grads:
+                torch._foreach_mul_(grads, coef)
     return norm

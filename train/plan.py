@@ -243,7 +243,7 @@ def stage_activation_bytes(cfg: TrainConfig, layout: Layout, n_layers: int, rank
                                            layout.sequence_parallel, attention_scores, act_bytes)
     unit_layers = n_layers / layout.vpp
     in_flight = _in_flight(layout, rank)
-    if cfg.training.activation_checkpointing:
+    if cfg.training.activation_checkpointing and cfg.training.recompute == "full":  # selective keeps most
         kept = s * b * m.d_model * act_bytes / (layout.tp if layout.sequence_parallel else 1)
         total = in_flight * unit_layers * kept + (per_layer if n_layers else 0.0)
     else:

@@ -84,6 +84,7 @@ class Trainer:
             self._init_from_hf(self.chunks, c.checkpoint.init_from)
         for chunk in self.chunks:
             chunk.activation_checkpointing = c.training.activation_checkpointing
+            chunk.recompute = c.training.recompute
             if c.training.compile:
                 for key in list(chunk.layers):
                     chunk.layers[key] = torch.compile(chunk.layers[key])
