@@ -216,8 +216,9 @@ class MoELayer(nn.Module):
         """Detached statistics of the whole micro-batch (token shards summed over tp)."""
         # built on the device by fills: a host tensor copied over would make the host wait for the
         # GPU (a pageable host-to-device copy synchronises the stream) in every MoE layer
-        counts = torch.full((2,), float(n_tokens * self.cfg.top_k), device=perm.token_idx.device)
-        counts[0] = perm.token_idx.numel()
+        device = perm.token_idx.device
+        counts = torch.stack([torch.full((), float(perm.token_idx.numel()), device=device),
+                              torch.full((), float(n_tokens * self.cfg.top_k), device=device)])
         if tp_group is not None:
             counts = reduce_from_tp(counts, tp_group)
         dropped = 1.0 - counts[0] / counts[1].clamp(min=1)
