@@ -173,3 +173,17 @@ def test_torchrun_zero1_matches_single_process(config_file, tmp_path):
     _single_process(config_file, single_dir)
     for key in ("loss", "grad_norm"):
         assert _metric(run_dir, key) == pytest.approx(_metric(single_dir, key), rel=1e-5), key
+
+
+@pytest.mark.parametrize("fp32_residual", [False, True])
+def test_torchrun_pipeline_bf16_matches_single_process(config_file, tmp_path, fp32_residual):
+    """bf16 precision through the pipeline: stages exchange the residual stream in bf16 (or float32
+    with model.fp32_residual), and the losses follow the one-process bf16 run to bf16 accuracy."""
+    extra = ["training.precision=bf16", f"model.fp32_residual={str(fp32_residual).lower()}"]
+    run_dir, single_dir = tmp_path / "pp2", tmp_path / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", LAUNCHER,
+           str(config_file), f"run_dir={run_dir}", "parallel.pp=2", *extra]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    _single_process(config_file, single_dir, *extra).train()
+    assert _metric(run_dir, "loss") == pytest.approx(_metric(single_dir, "loss"), rel=2e-2)
