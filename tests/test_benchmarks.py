@@ -173,3 +173,16 @@ def test_train_step_rejects_bad_options_in_one_line(argv, message):
     with pytest.raises(SystemExit, match=message) as info:
         train_step.main(["--smoke", *argv])
     assert "\n" not in str(info.value)
+
+
+def test_profile_option_writes_one_operator_table_per_case(tmp_path):
+    moe_layer.main(["--smoke", "--backends", "grouped_mm", "--profile", str(tmp_path / "moe")])
+    train_step.main(["--smoke", "--configs", "moe-16x", "--activation-checkpointing", "--recompute", "selective",
+                     "--profile", str(tmp_path / "step")])
+    moe_files = sorted(p.name for p in (tmp_path / "moe").iterdir())
+    assert moe_files == ["moe_fp32_64x32x16x4x2_dense.txt", "moe_fp32_64x32x16x4x2_grouped_mm.txt"]
+    [step_file] = (tmp_path / "step").iterdir()
+    assert step_file.name == "step_moe-16x_ours_fp32_ckpt_selective.txt"
+    for path in [*(tmp_path / "moe").iterdir(), step_file]:
+        text = path.read_text()
+        assert text.startswith("3 steps\n") and "Self CPU" in text and "aten::" in text
