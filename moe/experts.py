@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from parallel.kernels import autocast_dtype
+
 from .kernels import swiglu as swiglu_fn
 
 BACKENDS = ("grouped_mm", "padded", "loop", "megablocks")
@@ -79,8 +81,9 @@ class Experts(nn.Module):
                              "install it (CUDA only) or use expert_backend=grouped_mm")
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # compute like an autocast matmul: in its dtype
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        compute_dtype = autocast_dtype(x.device.type)
+        if compute_dtype is not None:  # compute like an autocast matmul: in its dtype
+            x = x.to(compute_dtype)
         if x.shape[0] == 0:  # keep x in the graph: its backward may be an expert-parallel all-to-all
             return x.new_zeros(0, self.w_out.shape[-1]) + 0 * (x.sum() + self.w_in.sum() + self.w_out.sum()).to(x.dtype)
         if self.backend == "loop":

@@ -101,7 +101,7 @@ if triton is not None:
         # one program per (b, s): every head's first 2*HALF dims rotated by position s, the rest copied
         pid = tl.program_id(0).to(tl.int64)
         b, s = pid // S, pid % S
-        heads = tl.arange(0, BLOCK_H)
+        heads = tl.arange(0, BLOCK_H).to(tl.int64)  # heads * stride can pass 2^31 (long sequences)
         p = tl.arange(0, BLOCK_P)
         pm = p < HALF
         cos = tl.load(cos_ptr + s * HALF + p, mask=pm, other=0.0)[None, :]
@@ -232,7 +232,8 @@ def _combine(src: torch.Tensor, slot_row: torch.Tensor, w: torch.Tensor | None) 
     acc = _acc_dtype(src)
     valid = slot_row < N
     rows = src.index_select(0, slot_row.clamp(max=N - 1).flatten()).view(T, k, D).to(acc)
-    scale = valid.to(acc) if w is None else w.to(acc) * valid
+    rows = torch.where(valid[..., None], rows, 0.0)  # a dropped slot adds 0, even if the row it read is inf
+    scale = valid.to(acc) if w is None else w.to(acc)
     return torch.einsum("tkd,tk->td", rows, scale).to(src.dtype)
 
 
@@ -267,9 +268,10 @@ class _CombineRows(torch.autograd.Function):
         go = grad_out.contiguous()
         N, D = y.shape
         if N and use_triton(y, go):
+            y = y.contiguous()  # the kernel reads and writes rows at s * D
             gy = torch.empty_like(y)
             gw = torch.empty(N, device=y.device, dtype=torch.float32)
-            _combine_bwd_kernel[(N,)](go, y.contiguous(), token_idx, w.contiguous(), gy, gw, D,
+            _combine_bwd_kernel[(N,)](go, y, token_idx, w.contiguous(), gy, gw, D,
                                       BLOCK=_block(D), num_warps=4)
         else:
             acc = _acc_dtype(y)

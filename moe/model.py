@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from parallel.context import ParallelContext, check_divisible
+from parallel.kernels import autocast_dtype
 from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_to_tp, shard_tensor, \
     vocab_parallel_cross_entropy
 
@@ -139,8 +140,9 @@ class Decoder(nn.Module):
         `aux_grad_scale`: the factor applied to this micro-batch's LM loss (e.g. 1/n_micro_batches);
         the MoE auxiliary losses get the same factor in backward."""
         h = self.embed(x) if self.pre else x
-        if self.pre and not self.cfg.fp32_residual and torch.is_autocast_enabled(h.device.type):
-            h = h.to(torch.get_autocast_dtype(h.device.type))  # the residual stream in the compute dtype
+        compute_dtype = autocast_dtype(h.device.type)
+        if self.pre and not self.cfg.fp32_residual and compute_dtype is not None:
+            h = h.to(compute_dtype)  # the residual stream in the compute dtype
         rope = self._rope(h) if self.cfg.positions == "rope" else None
         out = DecoderOutput(logits=None)
         for key, block in self.layers.items():

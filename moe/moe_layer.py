@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from parallel.context import ParallelContext
+from parallel.kernels import autocast_dtype
 from parallel.tensor import gather_from_tp, reduce_from_tp, scatter_to_tp
 
 from .config import ModelConfig
@@ -174,8 +175,9 @@ class MoELayer(nn.Module):
                               self.cfg.n_experts, self.cfg.capacity_factor)
         keep = None if cap is None else self._keep(routing.experts, cap, shape, tp_group)
         perm = permute(routing.experts, routing.weights, self.cfg.n_experts, keep=keep)
-        if torch.is_autocast_enabled(tokens.device.type):  # cast the T tokens once, not their N = T*k copies:
-            tokens = tokens.to(torch.get_autocast_dtype(tokens.device.type))  # the experts compute in it
+        compute_dtype = autocast_dtype(tokens.device.type)
+        if compute_dtype is not None:  # cast the T tokens once, not their N = T*k copies:
+            tokens = tokens.to(compute_dtype)  # the experts compute in it
         rows = permute_tokens(tokens, perm)
         x_local, counts_local, meta = self.dispatcher.dispatch(rows, perm.counts)
         y_local = self.experts(x_local, counts_local, self._local_capacity(cap))

@@ -23,6 +23,16 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None when it is off (or the device
+    type has no autocast, e.g. meta tensors used for shape tracing)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Our Triton kernels run for CUDA tensors in eager mode. Under torch.compile the torch path is
     traced instead, so inductor sees plain ops and fuses them with their neighbours itself."""
@@ -71,8 +81,8 @@ _CE_BLOCK = 2048
 
 def ce_shard_stats(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """z [R, V] logits (unit last stride), t [R] local target index or -1. Returns float32 [R]
-    tensors (float64 for float64 z) m (row max), s (sum of exp(z - m)) and picked (z_t, or 0 where
-    t = -1)."""
+    tensors m (row max), s (sum of exp(z - m)) and picked (z_t, or 0 where t = -1); the torch path
+    keeps float64 for float64 z (gradcheck)."""
     R, V = z.shape
     if use_triton(z, t) and R and V:
         m, s, picked = (torch.empty(R, device=z.device, dtype=torch.float32) for _ in range(3))

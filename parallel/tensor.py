@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.context import ParallelContext, check_divisible
-from parallel.kernels import ce_shard_grad, ce_shard_stats
+from parallel.kernels import autocast_dtype, ce_shard_grad, ce_shard_stats
 
 SEQUENCE_DIM = 1  # activations are [B, S, D]
 
@@ -311,7 +311,7 @@ def fused_column_linear(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> 
     biases = [layer.bias for layer in layers]
     if any(b is None for b in biases) and any(b is not None for b in biases):
         raise ValueError("fused_column_linear: either every layer has a bias or none does")
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    dtype = autocast_dtype(x.device.type)
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)  # noqa: E731
     weight = torch.cat([cast(layer.weight) for layer in layers])
     bias = torch.cat([cast(b) for b in biases]) if biases[0] is not None else None

@@ -98,3 +98,19 @@ def test_ce_shard_stats_and_grad_match_log_softmax():
     dz = ce_shard_grad(z[:5], t[:5], lse[:5], g)
     ref = (torch.softmax(z[:5], -1) - F.one_hot(t[:5].clamp(min=0), 11) * (t[:5, None] >= 0)) * g[:, None]
     torch.testing.assert_close(dz, ref)
+
+
+def test_a_dropped_slot_adds_zero_even_when_a_kept_row_is_not_finite():
+    """Dropped slots must not read anything into their token: an inf in some kept expert output
+    reaches only the tokens routed to it (the torch path gathers a placeholder row and masks it)."""
+    experts = torch.tensor([[0, 1]] * 3)
+    perm = permute(experts, torch.full((3, 2), 0.5), n_experts=2, capacity=2)  # token 2 keeps nothing
+    y = torch.ones(perm.token_idx.numel(), 4)
+    y[-1] = float("inf")
+    out = combine_rows(y, perm.weights, perm.token_idx, perm.slot_row)
+    assert (out[2] == 0).all() and torch.isinf(out[perm.token_idx[-1]]).all()
+    g = torch.ones(perm.token_idx.numel(), 4)
+    g[-1] = float("nan")
+    x = torch.zeros(3, 4, requires_grad=True)
+    gather_rows(x, perm.token_idx, perm.slot_row).backward(g)
+    assert (x.grad[2] == 0).all()

@@ -234,8 +234,9 @@ def stage_activation_bytes(cfg: TrainConfig, layout: Layout, n_layers: int, rank
     A schedule unit is the rank's whole share of layers, or one chunk (n_layers / vpp on average)
     under the interleaved schedule. With activation checkpointing a layer keeps only its input
     (2 s b h bytes, / t with sequence parallelism) and one layer at a time is recomputed in full.
-    The last rank adds its logits: s b V / t x (act_bytes + 4 for the float32 softmax kept by the
-    loss), for one micro-batch (all of them under GPipe).
+    The last rank adds its logits, kept by the loss: s b V / t x act_bytes (the softmax is recomputed
+    in backward, nothing float32 of that size is kept), for one micro-batch (all of them under GPipe).
+    The checkpointed layer inputs are the residual stream: float32 under model.fp32_residual.
     """
     m, s, b = cfg.model, layout.seq_len, layout.micro_batch
     act_bytes = 2 if cfg.training.precision == "bf16" else 4
@@ -244,13 +245,14 @@ def stage_activation_bytes(cfg: TrainConfig, layout: Layout, n_layers: int, rank
     unit_layers = n_layers / layout.vpp
     in_flight = _in_flight(layout, rank)
     if cfg.training.activation_checkpointing and cfg.training.recompute == "full":  # selective keeps most
-        kept = s * b * m.d_model * act_bytes / (layout.tp if layout.sequence_parallel else 1)
+        residual_bytes = 4 if m.fp32_residual else act_bytes
+        kept = s * b * m.d_model * residual_bytes / (layout.tp if layout.sequence_parallel else 1)
         total = in_flight * unit_layers * kept + (per_layer if n_layers else 0.0)
     else:
         total = in_flight * unit_layers * per_layer
     if rank == layout.pp - 1:
         logits_alive = layout.n_micro if layout.schedule == "gpipe" else 1
-        total += logits_alive * s * b * m.padded_vocab_size / layout.tp * (act_bytes + 4)
+        total += logits_alive * s * b * m.padded_vocab_size / layout.tp * act_bytes
     return int(math.ceil(total))
 
 
