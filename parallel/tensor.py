@@ -130,7 +130,8 @@ class _GatherFromTP(torch.autograd.Function):
 
 
 class _ScatterToTP(torch.autograd.Function):
-    """x_r = chunk_r(x, dim) of a replicated x; dL/dx = cat_r(dL/dx_r) (chunks are disjoint)."""
+    """x_r = chunk_r(x, dim) of a replicated x; dL/dx = cat_r(dL/dx_r) (chunks are disjoint).
+    Serves the hidden dim (tp) and the sequence dim (sp) alike."""
 
     @staticmethod
     def forward(ctx, x, group, dim):
@@ -163,19 +164,6 @@ class _ReduceScatterToSP(torch.autograd.Function):
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
         return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
-
-
-class _ScatterToSP(torch.autograd.Function):
-    """Replicated full sequence -> own shard; dL/dx = all-gather of the shard grads."""
-
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _split(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -220,8 +208,9 @@ def reduce_scatter_to_sp(x: torch.Tensor, group, dim: int = SEQUENCE_DIM) -> tor
 
 
 def scatter_to_sp(x: torch.Tensor, group, dim: int = SEQUENCE_DIM) -> torch.Tensor:
-    """Keep own sequence shard forward, all-gather the gradient backward."""
-    return x if _size(group) == 1 else _ScatterToSP.apply(x, group, dim)
+    """Keep own sequence shard forward, all-gather the gradient backward: scatter_to_tp on the
+    sequence dim."""
+    return scatter_to_tp(x, group, dim)
 
 
 # ----------------------------------------------------------------------------- sharding helpers
