@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from parallel.kernels import triton, use_triton
+from parallel.kernels import accumulate_dtype, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -209,11 +209,6 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- permutation rows
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """float32 for half types, the input's own type when wider (float64 in gradcheck)."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def _combine(src: torch.Tensor, slot_row: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """out[t] = sum_j w[t, j] * src[slot_row[t, j]] ([T, D], src's dtype, fp32 accumulation);
     slot_row == N (dropped) adds nothing; w None means weights of 1."""
@@ -229,7 +224,7 @@ def _combine(src: torch.Tensor, slot_row: torch.Tensor, w: torch.Tensor | None) 
             _combine_kernel[(T, triton.cdiv(D, block))](src.contiguous(), slot_row.contiguous(), w_arg, out, N, D,
                                                         K=k, HAS_W=w is not None, BLOCK=block, num_warps=4)
         return out
-    acc = _acc_dtype(src)
+    acc = accumulate_dtype(src)
     valid = slot_row < N
     rows = src.index_select(0, slot_row.clamp(max=N - 1).flatten()).view(T, k, D).to(acc)
     rows = torch.where(valid[..., None], rows, 0.0)  # a dropped slot adds 0, even if the row it read is inf
@@ -274,7 +269,7 @@ class _CombineRows(torch.autograd.Function):
             _combine_bwd_kernel[(N,)](go, y, token_idx, w.contiguous(), gy, gw, D,
                                       BLOCK=_block(D), num_warps=4)
         else:
-            acc = _acc_dtype(y)
+            acc = accumulate_dtype(y)
             go_rows = go.index_select(0, token_idx).to(acc)  # [N, D]
             gy = (go_rows * w.to(acc)[:, None]).to(y.dtype)
             gw = (go_rows * y.to(acc)).sum(-1)

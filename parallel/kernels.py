@@ -33,6 +33,12 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if enabled else None
 
 
+def accumulate_dtype(t: torch.Tensor) -> torch.dtype:
+    """What the torch paths compute in: float32 for half types, the input's own type when wider
+    (float64 in gradcheck)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Our Triton kernels run for CUDA tensors in eager mode. Under torch.compile the torch path is
     traced instead, so inductor sees plain ops and fuses them with their neighbours itself."""
@@ -88,7 +94,7 @@ def ce_shard_stats(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torc
         m, s, picked = (torch.empty(R, device=z.device, dtype=torch.float32) for _ in range(3))
         _ce_stats_kernel[(R,)](z, t, m, s, picked, V, z.stride(0), BLOCK=_CE_BLOCK, num_warps=8)
         return m, s, picked
-    zf = z.to(torch.promote_types(z.dtype, torch.float32))  # float32 math (float64 stays float64)
+    zf = z.to(accumulate_dtype(z))
     m = zf.max(dim=-1).values
     live = m > float("-inf")  # a row of only -inf logits sums to 0 rather than NaN
     s = torch.where(live, (zf - torch.where(live, m, 0.0).unsqueeze(-1)).exp().sum(-1), 0.0)
