@@ -167,7 +167,9 @@ def step_fn(module: nn.Module, x: torch.Tensor, precision: str, device: torch.de
         with autocast(precision, device):
             y = module(x)
         y = y[0] if isinstance(y, tuple) else y  # MoELayer returns (y, stats)
-        y.backward(grads.setdefault(y.dtype, grad.to(y.dtype)))
+        if y.dtype not in grads:  # cast once, not inside every timed step
+            grads[y.dtype] = grad.to(y.dtype)
+        y.backward(grads[y.dtype])
 
     return step
 
