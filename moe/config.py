@@ -76,6 +76,7 @@ class ModelConfig:
     aux_loss_coef: float = 0.01           # Switch/GShard load-balancing loss weight
     z_loss_coef: float = 1e-3             # router z-loss weight (ST-MoE)
     expert_backend: str = "grouped_mm"    # grouped_mm | padded | loop (fp32 reference) | megablocks (optional)
+    forced_routing_imbalance: float | None = None  # None = learned routing; 1 = every expert its fair share (benchmarks); F > 1 = busiest expert at F x its share (worst-case sizing)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -160,6 +161,11 @@ class ModelConfig:
         _check(self.shared_expert_ffn_dim >= 0, f"model.shared_expert_ffn_dim ({self.shared_expert_ffn_dim}) must be >= 0")
         _check(self.aux_loss_coef >= 0 and self.z_loss_coef >= 0,
                "model.aux_loss_coef and model.z_loss_coef must be >= 0")
+        f, top = self.forced_routing_imbalance, self.n_experts / self.top_k
+        # an expert takes at most one slot per token, so the busiest gets at most E / k its share
+        _check(f is None or 1.0 <= f <= top and (f == 1.0 or self.top_k < self.n_experts),
+               f"model.forced_routing_imbalance ({f}) must be in [1, n_experts / top_k = {top:g}] "
+               f"(1 = perfectly balanced), or null for learned routing")
 
     # ----- construction -----
     @classmethod

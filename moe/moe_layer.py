@@ -147,7 +147,8 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
-        self.router = TopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef)
+        self.router = TopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef,
+                                 cfg.forced_routing_imbalance)
         self.dispatcher = make_dispatcher(cfg, ctx)
         self.experts = Experts(self.dispatcher.n_local_experts, cfg.d_model, cfg.expert_ffn, cfg.mlp == "swiglu",
                                cfg.gelu_approx, cfg.expert_backend)

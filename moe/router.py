@@ -69,21 +69,47 @@ def z_loss(logits: torch.Tensor, coef: float, stats_group=None) -> torch.Tensor:
     return coef * sq / n.squeeze()
 
 
+def forced_experts(n_tokens: int, n_experts: int, top_k: int, imbalance: float = 1.0,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """A fixed [T, k] expert choice with a known load, for benchmarks and memory simulation.
+
+    imbalance 1: slot s = t k + j goes to expert s mod E (every expert within one slot of the fair
+    share T k / E; Megatron's force-load-balancing). imbalance F > 1: expert 0 is the first choice
+    of the first min(T, round(F T k / E)) tokens, the busiest expert at F times its fair share, and
+    the remaining slots go round-robin over experts 1..E-1. A token never gets one expert twice.
+    """
+    T, k, E = n_tokens, top_k, n_experts
+    t = torch.arange(T, device=device)[:, None]
+    j = torch.arange(k, device=device)[None, :]
+    if imbalance == 1.0:
+        return (t * k + j) % E
+    n0 = min(T, round(imbalance * T * k / E))
+    busy = t < n0                                   # tokens whose first choice is expert 0
+    counter = t * k - torch.clamp(t, max=n0) + j - busy.long()  # index among the other slots
+    return torch.where(busy & (j == 0), 0, 1 + counter % (E - 1))
+
+
 class TopKRouter(nn.Module):
     """Linear gate d_model -> E, then the routing math above. The gate weight is replicated on
     every rank (it is tiny); its gradient is summed over token shards by the gradient reducer."""
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, aux_coef: float, z_coef: float):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, aux_coef: float, z_coef: float,
+                 forced_imbalance: float | None = None):
         super().__init__()
         self.n_experts, self.top_k = n_experts, top_k
         self.aux_coef, self.z_coef = aux_coef, z_coef
+        self.forced_imbalance = forced_imbalance  # None = learned routing (see forced_experts)
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
 
     def forward(self, x: torch.Tensor, stats_group=None) -> Routing:
         with torch.autocast(x.device.type, enabled=False):  # float32 even inside a bf16 autocast region
             logits = F.linear(x.float(), self.weight.float())  # [T, E]
         probs = torch.softmax(logits, dim=-1)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.forced_imbalance is None:
+            weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        else:  # fixed choice, learned gate weights: the router still trains
+            experts = forced_experts(x.shape[0], self.n_experts, self.top_k, self.forced_imbalance, x.device)
+            weights = probs.gather(1, experts)
         if self.top_k > 1:  # renormalise over the chosen k (Mixtral); top-1 keeps p (Switch), so the
             weights = weights / weights.sum(dim=-1, keepdim=True)  # router still gets an LM-loss gradient
         aux, counts = load_balancing_loss(probs, experts, self.n_experts, self.aux_coef, stats_group)

@@ -104,3 +104,49 @@ def test_router_logits_are_float32_for_bf16_input():
     assert r.weights.dtype == torch.float32
     torch.testing.assert_close(r.weights, ref.weights)
     assert r.aux_loss.dtype == torch.float32 and r.z_loss.item() == pytest.approx(Z, rel=1e-6)
+
+
+@pytest.mark.parametrize("T,E,k,F,expected", [
+    (8, 4, 2, 1.0, [4, 4, 4, 4]),        # fair share T k / E = 4
+    (8, 4, 1, 2.0, [4, 2, 1, 1]),        # busiest 2 x 2; the other 4 slots round-robin over 1..3
+    (16, 8, 2, 4.0, [16, 3, 3, 2, 2, 2, 2, 2]),
+])
+def test_forced_experts_load(T, E, k, F, expected):
+    """The fixed choice gives the busiest expert F times its fair share, spreads the rest evenly
+    over the others, and never repeats an expert inside one token."""
+    from moe.router import expert_counts, forced_experts
+
+    experts = forced_experts(T, E, k, F)
+    assert experts.shape == (T, k)
+    assert all(len(set(row)) == k for row in experts.tolist())
+    counts = expert_counts(experts, E).tolist()
+    assert counts[0] == round(F * T * k / E)
+    assert max(counts[1:]) - min(counts[1:]) <= 1
+    if expected is not None:
+        assert counts == expected
+
+
+def test_forced_routing_keeps_learned_weights():
+    """Forced routing replaces the choice only: gate weights are the router's probabilities at the
+    forced experts, renormalised, so the router keeps a gradient."""
+    router = TopKRouter(d_model=4, n_experts=4, top_k=2, aux_coef=0.01, z_coef=0.0, forced_imbalance=1.0)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+    x = torch.tensor(LOGITS, requires_grad=True)
+    r = router(x)
+    assert r.experts.tolist() == [[0, 1], [2, 3], [0, 1]]
+    p = torch.tensor(PROBS)
+    chosen = p.gather(1, r.experts)
+    assert torch.allclose(r.weights, chosen / chosen.sum(-1, keepdim=True), atol=1e-6)
+    (r.weights[:, 0].sum() + r.aux_loss).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_forced_routing_imbalance_validated():
+    from moe.config import ModelConfig
+
+    with pytest.raises(ValueError, match=r"model.forced_routing_imbalance \(5.0\) must be in \[1, n_experts / top_k = 4\]"):
+        ModelConfig(n_experts=8, top_k=2, forced_routing_imbalance=5.0)
+    with pytest.raises(ValueError, match="forced_routing_imbalance"):
+        ModelConfig(n_experts=8, top_k=2, forced_routing_imbalance=0.5)
+    ModelConfig(n_experts=8, top_k=2, forced_routing_imbalance=4.0)
