@@ -21,8 +21,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from parallel.context import ParallelContext, check_divisible
 from parallel.kernels import autocast_dtype
-from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_to_tp, shard_tensor, \
-    vocab_parallel_cross_entropy
+from parallel.layout import ParamLayout, param_layouts
+from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_to_tp, vocab_parallel_cross_entropy
 
 from .config import ModelConfig
 from .layers import Attention, DenseMLP, make_norm, rope_cos_sin, sinusoidal_table
@@ -123,15 +123,17 @@ class Decoder(nn.Module):
             self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
             if not (cfg.tie_embeddings and pre):
                 self.head = ColumnParallelLinear(cfg.d_model, cfg.padded_vocab_size, False, ctx)
-                self.head.weight.tied_to = "tok_emb.weight" if cfg.tie_embeddings else None
-        self._mark_tp_partial_grads()
 
-    def _mark_tp_partial_grads(self) -> None:
-        """Under sequence parallelism every tp-replicated parameter sees only a sequence shard, so its
-        gradient is a partial sum over the tp group (Megatron's `sequence_parallel` attribute)."""
-        for p in self.parameters():
-            if getattr(p, "tp_dim", None) is None and self.ctx.sequence_parallel and self.ctx.tp > 1:
-                p.grad_sum_over_tp = True
+    def tied_params(self) -> dict[str, str | None]:
+        """A tied embedding split over pipeline stages (parallel/layout.py): the last stage's head
+        mirrors the first stage's embedding. On one stage they are one tensor: nothing to say."""
+        if not self.cfg.tie_embeddings or (self.pre and self.post):
+            return {}
+        return {"tok_emb.weight": None} if self.pre else {"head.weight": "tok_emb.weight"}
+
+    def layouts(self) -> dict[str, ParamLayout]:
+        """name -> layout record of every parameter, for this model's ParallelContext."""
+        return param_layouts(self, self.ctx)
 
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, aux_grad_scale: float = 1.0,
@@ -140,9 +142,9 @@ class Decoder(nn.Module):
         `aux_grad_scale`: the factor applied to this micro-batch's LM loss (e.g. 1/n_micro_batches);
         the MoE auxiliary losses get the same factor in backward."""
         h = self.embed(x) if self.pre else x
-        compute_dtype = autocast_dtype(h.device.type)
-        if self.pre and not self.cfg.fp32_residual and compute_dtype is not None:
-            h = h.to(compute_dtype)  # the residual stream in the compute dtype
+        if self.pre:  # the residual stream: float32 (fp32 training, model.fp32_residual) or bf16
+            compute_dtype = autocast_dtype(h.device.type)
+            h = h.float() if self.cfg.fp32_residual or compute_dtype is None else h.to(compute_dtype)
         rope = self._rope(h) if self.cfg.positions == "rope" else None
         out = DecoderOutput(logits=None)
         for key, block in self.layers.items():
@@ -222,24 +224,15 @@ class Decoder(nn.Module):
         """Layout-independent init: each parameter's full tensor from a (seed, name)-seeded generator,
         then this rank's shard. Normal(0, init_std) for matrices (output projections scaled by
         1/sqrt(2 n_layers), GPT-2), ones for norm weights, zeros for biases."""
+        layouts = self.layouts()
         for name, p in self.named_parameters():
-            name = getattr(p, "tied_to", None) or name
-            full = self._full_init(name, p, seed)
-            if getattr(p, "tp_dim", None) is not None:
-                full = shard_tensor(full, p.tp_dim, self.ctx.tp_rank, self.ctx.tp)
-            if getattr(p, "ep_dim", None) is not None:
-                full = shard_tensor(full, p.ep_dim, self.ctx.ep_rank, self.ctx.ep)
-            p.copy_(full)
+            rec = layouts[name]  # a tied replica is drawn under the name of the tensor it mirrors
+            p.copy_(rec.shard(self._full_init(rec.tied_to or rec.name, rec.global_shape, seed), self.ctx))
 
-    def _full_init(self, name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
-        shape = list(p.shape)
-        if getattr(p, "tp_dim", None) is not None:
-            shape[p.tp_dim] *= self.ctx.tp
-        if getattr(p, "ep_dim", None) is not None:
-            shape[p.ep_dim] *= self.ctx.ep
+    def _full_init(self, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
         if name.endswith("bias"):
             return torch.zeros(shape)
-        if p.ndim == 1:  # norm weights
+        if len(shape) == 1:  # norm weights
             return torch.ones(shape)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         std = self.cfg.init_std
@@ -255,9 +248,10 @@ def param_counts(model: Decoder) -> tuple[int, int]:
     """(total, active) parameters on this rank; active counts top_k of n_experts expert weights."""
     cfg = model.cfg
     total = expert = 0
+    layouts = model.layouts()
     for name, p in model.named_parameters():
         total += p.numel()
-        if getattr(p, "ep_dim", None) is not None:
+        if layouts[name].expert:
             expert += p.numel()
     active = total - expert + (expert * cfg.top_k // cfg.n_experts if cfg.n_experts else 0)
     return total, active
@@ -265,14 +259,10 @@ def param_counts(model: Decoder) -> tuple[int, int]:
 
 def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cpu", **stage) -> Decoder:
     """A Decoder with uninitialised weights on `device`, built on the meta device so no time goes
-    into random init of weights about to be overwritten. to_empty() makes new Parameter objects, so
-    the attributes our layers set on them (tp_dim, ep_dim, tied_to, ...) are copied across."""
+    into random init of weights about to be overwritten."""
     with torch.device("meta"):
         model = Decoder(cfg, ctx, **stage)
-    attrs = {name: dict(vars(p)) for name, p in model.named_parameters()}
     model.to_empty(device=device)
-    for name, p in model.named_parameters():
-        vars(p).update(attrs[name])
     model.init_buffers()  # to_empty left the computed (non-persistent) buffers uninitialised
     return model
 
@@ -280,21 +270,17 @@ def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cp
 @torch.no_grad()
 def load_full_state_dict(model: Decoder, full: dict[str, torch.Tensor]) -> None:
     """Copy a whole-model (single-process) state dict into this rank's shards and stage: each
-    tensor is cut by the parameter's tp_dim / ep_dim, so any layout can start from one checkpoint."""
-    ctx = model.ctx
+    tensor is cut as its layout record says, so any layout can start from one checkpoint."""
+    layouts = model.layouts()
     for name, p in model.named_parameters():
-        key = name if name in full else getattr(p, "tied_to", None)
+        rec = layouts[name]
+        key = rec.name if rec.name in full else rec.tied_to
         if key not in full:
             raise ValueError(f"checkpoint has no tensor for {name}: it does not match model {model.cfg}")
-        t = full[key]
-        if getattr(p, "tp_dim", None) is not None:
-            t = shard_tensor(t, p.tp_dim, ctx.tp_rank, ctx.tp)
-        if getattr(p, "ep_dim", None) is not None:
-            t = shard_tensor(t, p.ep_dim, ctx.ep_rank, ctx.ep)
-        if t.shape != p.shape:
-            raise ValueError(f"{name}: checkpoint shard has shape {tuple(t.shape)} but the model expects "
-                             f"{tuple(p.shape)}: the checkpoint's model config differs from this run's")
-        p.copy_(t)
+        if tuple(full[key].shape) != rec.global_shape:
+            raise ValueError(f"{name}: checkpoint tensor has shape {tuple(full[key].shape)} but the model "
+                             f"expects {rec.global_shape}: the checkpoint's model config differs from this run's")
+        p.copy_(rec.shard(full[key], model.ctx))
 
 
 def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, seed: int = 0, device=None,

@@ -153,10 +153,6 @@ class MoELayer(nn.Module):
         self.experts = Experts(self.dispatcher.n_local_experts, cfg.d_model, cfg.expert_ffn, cfg.mlp == "swiglu",
                                cfg.gelu_approx, cfg.expert_backend)
         self.shared = DenseMLP(cfg, ctx, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
-        # The router and experts see only this rank's token shard when tp > 1: their gradients are
-        # partial sums over the tp group (reduced by the gradient reducer).
-        for p in list(self.router.parameters()) + list(self.experts.parameters()):
-            p.grad_sum_over_tp = ctx.tp > 1
 
     def forward(self, x: torch.Tensor, aux_grad_scale: float = 1.0) -> tuple[torch.Tensor, MoEStats]:
         # 1. flatten tokens; with tp > 1 (no sequence parallelism) each tp rank takes 1/tp of them,

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from parallel.layout import Split
 from parallel.tensor import reduce_from_tp
 
 
@@ -91,7 +92,10 @@ def forced_experts(n_tokens: int, n_experts: int, top_k: int, imbalance: float =
 
 class TopKRouter(nn.Module):
     """Linear gate d_model -> E, then the routing math above. The gate weight is replicated on
-    every rank (it is tiny); its gradient is summed over token shards by the gradient reducer."""
+    every rank (it is tiny); under tp each rank routes its token shard, so the gradient is summed
+    over token shards by the gradient reducer (PARAM_SPLITS)."""
+
+    PARAM_SPLITS = {"weight": Split(token_sharded=True, keep_fp32=True)}  # routing is float32
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, aux_coef: float, z_coef: float,
                  forced_imbalance: float | None = None):

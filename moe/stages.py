@@ -3,17 +3,16 @@
 The partitioner (parallel/partition.py) balances one cost per decoder block plus the embedding
 (first stage) and head (last stage) extras; this module computes those costs from the ModelConfig,
 builds only this rank's chunks - chunk c of pipeline rank r is virtual stage v = c * pp + r, with
-the embedding on v = 0 and the final norm + head on v = S - 1 - and keeps tied embeddings equal
-when the input embedding and the LM head end up on different pipeline ranks.
+the embedding on v = 0 and the final norm + head on v = S - 1. A tied embedding split over the
+first and last stages is a pair of replicas (Decoder.tied_params); parallel/optimizer.py sums their
+gradients over ParallelContext.tied_group so they stay equal.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from parallel.context import ParallelContext
 from parallel.partition import check_partition, partition_layers
@@ -151,59 +150,3 @@ def merge_stage_stats(infos: list[list[DecoderOutput]], n_layers: int, n_experts
                 dropped = dropped + stats.dropped_fraction.to(device)
                 loads[layer] += stats.tokens_per_expert.to(device)
     return {"aux_loss": aux, "z_loss": z, "dropped": dropped, "loads": loads}
-
-
-# ---------------------------------------------------------------------------------------------
-# Tied embeddings across the first and last pipeline ranks
-# ---------------------------------------------------------------------------------------------
-
-
-def tied_embedding_group(ctx: ParallelContext, timeout_s: float = 600):
-    """The group {first pipeline rank, last pipeline rank} of this rank's (dp, tp) coordinate.
-
-    new_group is collective: EVERY rank must call this (middle stages too), and it creates one
-    group per (dp, tp) coordinate in the same order everywhere. Returns None for middle stages
-    and when pp == 1 (the embedding and head are then one tensor). A peer that never joins the
-    all-reduce turns into an error after timeout_s instead of a hang.
-    """
-    if ctx.pp == 1:
-        return None
-    mine, per_stage = None, ctx.dp * ctx.tp
-    for first in range(per_stage):  # rank = pp_rank * dp * tp + dp_rank * tp + tp_rank
-        ranks = [first, (ctx.pp - 1) * per_stage + first]
-        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), group_desc="tied_embedding_group")
-        if ctx.rank in ranks:
-            mine = group
-    return mine
-
-
-def tied_embedding_replicas(chunks: list[Decoder]) -> list[torch.nn.Parameter]:
-    """The first stage's tok_emb.weight and the last stage's head.weight, when embeddings are tied."""
-    replicas = []
-    for chunk in chunks:
-        if not chunk.cfg.tie_embeddings:
-            continue
-        if chunk.pre and not chunk.post:
-            replicas.append(chunk.tok_emb.weight)
-        if chunk.post and getattr(getattr(chunk, "head", None), "weight", None) is not None:
-            if getattr(chunk.head.weight, "tied_to", None) == "tok_emb.weight":
-                replicas.append(chunk.head.weight)
-    return replicas
-
-
-def sync_tied_grads(chunks: list[Decoder], group) -> None:
-    """After backward (and dp reduction): grad <- grad(tok_emb on the first stage) + grad(head on
-    the last stage), on both replicas, so they receive the same AdamW update and stay equal.
-
-    The sum is the gradient of the single shared matrix: d loss / d W = lookup part + head part.
-    """
-    replicas = tied_embedding_replicas(chunks)
-    if not replicas:
-        return
-    if group is None:
-        raise ValueError("these chunks hold a tied embedding replica but group is None: create it with "
-                         "tied_embedding_group(ctx) on every rank and pass it here")
-    for p in replicas:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)

@@ -24,7 +24,8 @@ class ParallelConfig:
     tp: int = 1                       # tensor-parallel size (Megatron column/row split); 1 = off
     pp: int = 1                       # pipeline stages
     vpp: int = 1                      # virtual stages per pipeline rank (interleaved 1F1B when > 1)
-    ep: int = 1                       # expert-parallel size; must divide dp
+    ep: int = 1                       # expert-parallel size; must divide dp (tp x dp with fold_experts)
+    fold_experts: bool = False        # cut experts over the tp x dp ranks of a stage instead of replicating them over tp (Megatron's Parallel Folding): with tp 2 each GPU holds half as many experts
     dp: int = 0                       # data-parallel size; 0 = world_size / (tp * pp)
     sequence_parallel: bool = False   # shard norms/dropout activations along the sequence across tp
     zero1: bool = False               # shard optimizer state across data-parallel ranks (ZeRO-1)

@@ -23,10 +23,9 @@ import torch
 import torch.distributed as dist
 
 from moe.model import Decoder, build_model, load_full_state_dict, param_counts
-from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, stage_chunk_fn, sync_tied_grads, tied_embedding_group, \
-    tied_embedding_replicas
+from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, stage_chunk_fn
 from parallel.context import ParallelContext
-from parallel.data import GradReducer, Zero1, norm_buckets, tied_replicas
+from parallel.layout import LayoutTable
 from parallel.pipeline import PipelineExecutor
 
 from .checkpoint import resolve_resume_everywhere, restore_training_state, rng_state, save_checkpoint, \
@@ -34,7 +33,7 @@ from .checkpoint import resolve_resume_everywhere, restore_training_state, rng_s
 from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
 from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
-from .optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm_
+from .optim import LRSchedule, apply_lr, build_parallel_optimizer
 
 
 def pick_device(cfg: TrainConfig, ctx: ParallelContext) -> torch.device:
@@ -131,28 +130,22 @@ class Trainer:
         return resolve_data_paths(c.data.paths, c.data.cache_dir, tok, max_bytes=c.data.stdlib_max_bytes)
 
     def _build_optimizer(self) -> None:
-        o = self.cfg.optimizer
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        tied = {id(p) for p in tied_embedding_replicas(self.chunks)}  # updated on both stages, not sharded
-        self.zero = Zero1(params, self.ctx, exempt=tied) if self.cfg.parallel.zero1 and self.dp > 1 else None
-        owner = self.zero.owner if self.zero else None
-        only = {id(p) for p in self.zero.local_params()} if self.zero else None
-        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, o.fused,
-                                         only=only)
-        s = self.cfg.schedule
-        decay = s.decay_steps if s.decay_steps is not None else self.cfg.training.max_steps
+        """The layout table of this rank's parameters, then AdamW over float32 main parameters
+        (the model held in bf16 under precision=bf16; ZeRO-1 owners per the table), the schedule
+        and the pipeline executor."""
+        o, c = self.cfg.optimizer, self.cfg
+        self.layout = LayoutTable(self.chunks, self.ctx, zero1=c.parallel.zero1 and self.dp > 1)
+        model_dtype = torch.bfloat16 if c.training.precision == "bf16" else None
+        self.optimizer = build_parallel_optimizer(self.chunks, self.layout, o.lr, o.weight_decay,
+                                                  (o.beta1, o.beta2), o.eps, o.fused, model_dtype)
+        s = c.schedule
+        decay = s.decay_steps if s.decay_steps is not None else c.training.max_steps
         self.schedule = LRSchedule(s.kind, o.lr, min(o.min_lr, o.lr), min(s.warmup_steps, decay), decay)
-        self.reducers = [GradReducer([q for q in chunk.parameters() if q.requires_grad], self.ctx, owner=owner)
-                         for chunk in self.chunks]
-        self.clip_buckets, self.tied_heads = norm_buckets(params, self.ctx, owner), tied_replicas(params)
-        self.tied_group = tied_embedding_group(self.ctx, self.cfg.parallel.timeout_s) \
-            if self.cfg.model.tie_embeddings else None
-        seq = self.cfg.data.seq_len // (self.ctx.tp if self.ctx.sequence_parallel else 1)
+        seq = c.data.seq_len // (self.ctx.tp if self.ctx.sequence_parallel else 1)
         self.executor = PipelineExecutor(
             [stage_chunk_fn(chunk, 1.0 / self.n_micro) for chunk in self.chunks], self.ctx, self._schedule_kind(),
-            self.n_micro, act_shape=(self.cfg.training.micro_batch_size, seq, self.cfg.model.d_model),
-            act_dtype=self._residual_dtype(),
-            before_backward=lambda c, last: self.reducers[c].prepare(sync=last))
+            self.n_micro, act_shape=(c.training.micro_batch_size, seq, c.model.d_model),
+            act_dtype=self._residual_dtype(), before_backward=self.optimizer.prepare)
 
     # ------------------------------------------------------------ one step
     def _residual_dtype(self) -> torch.dtype:
@@ -173,9 +166,7 @@ class Trainer:
         micro = batch.split(self.cfg.training.micro_batch_size)
         with self._autocast():
             result = self.executor.step([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
-        for reducer in self.reducers:
-            reducer.finish()
-        sync_tied_grads(self.chunks, self.tied_group)
+        self.optimizer.finish()
         return self._step_stats(result)
 
     def _step_stats(self, result) -> dict[str, torch.Tensor]:
@@ -195,19 +186,17 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
-        apply_lr(self.optimizer, lr)
+        apply_lr(self.optimizer.adamw, lr)
         stats = self.forward_backward()
         lm, aux, z, dropped = self._mean_over_dp(stats["lm"], stats["aux"], stats["z"], stats["dropped"])
-        grad_norm = clip_grad_norm_(self.clip_buckets, self.cfg.optimizer.grad_clip, scale_only=self.tied_heads)
+        grad_norm = self.optimizer.clip(self.cfg.optimizer.grad_clip)
         loss = lm + aux + z
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
-            if self.zero is not None:
-                self.zero.broadcast()
             self.bad_steps = 0
         else:
             self._skip_bad_step(loss, grad_norm)
-        self.model.zero_grad(set_to_none=True)  # not optimizer.zero_grad: under ZeRO-1 it only holds owned params
+        self.optimizer.zero_grad()
         self.step += 1
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm,
                 "dropped_fraction": dropped, "loads": self._sum_loads_over_dp(stats["loads"])}
@@ -290,7 +279,7 @@ class Trainer:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])
         if self.ctx.world_size > 1:
             flag = flag.to(self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
         return bool(flag.item())
 
     def train(self) -> dict[str, float]:
