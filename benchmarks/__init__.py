@@ -23,7 +23,9 @@ import torch
 
 # precision name -> what it means for parameters, inputs and the forward pass
 PRECISIONS = {
-    "amp": "fp32 params + autocast(bf16) (what our trainer does with training.precision=bf16)",
+    "mixed": "bf16 params, float32 main weights and gradient accumulation in the optimizer, autocast(bf16) "
+             "(what our trainer does with training.precision=bf16)",
+    "amp": "fp32 params + autocast(bf16) (float32 weights cast to bf16 in the forward)",
     "bf16": "bf16 params and activations, no autocast (no fp32 master weights)",
     "fp32": "fp32 params and activations (CPU smoke mode)",
 }
@@ -51,12 +53,12 @@ def parse_precisions(text: str) -> list[str]:
 
 
 def param_dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.bfloat16 if precision in ("bf16", "mixed") else torch.float32
 
 
 def autocast(precision: str, device: torch.device):
-    """The forward-pass context: autocast to bf16 for "amp", nothing otherwise."""
-    if precision == "amp":
+    """The forward-pass context: autocast to bf16 for "amp" and "mixed", nothing otherwise."""
+    if precision in ("amp", "mixed"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
