@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from moe.config import ModelConfig
 from moe.model import build_model, param_counts, validate_layout
 from moe.stages import embedding_cost, head_cost, layer_costs, plan_stages
-from parallel.context import GROUP_KINDS, RankCoords, group_ranks, rank_grid, resolve_sizes
+from parallel.context import GROUP_KINDS, RankCoords, group_ranks, rank_grid, rank_of, resolve_sizes
 from parallel.partition import (activation_microbatches_in_flight, bubble_fraction, check_partition,
                                 chunks_of_rank, format_partition)
 
@@ -408,7 +408,7 @@ def _format_grid(plan: Plan, pp_rank: int, max_rows: int) -> str:
     shown = _shown_rows(lay.dp, max_rows)
     last_node = None
     for d in range(lay.dp):
-        ranks = [pp_rank * lay.dp * lay.tp + d * lay.tp + t for t in range(lay.tp)]
+        ranks = [rank_of(pp_rank, d, t, lay.dp, lay.tp) for t in range(lay.tp)]
         nodes = sorted({r // g for r in ranks})
         if nodes[0] != last_node and d in shown:
             rows.append(f"  -- node {nodes[0]} --")
