@@ -74,13 +74,21 @@ def analytic_params(cfg: ModelConfig) -> int:
     for i in range(cfg.n_layers):
         attn = D * H * dh + 2 * D * K * dh + H * dh * D + ((H + 2 * K) * dh if qkv_bias else 0) + (D if cfg.bias else 0)
         total += attn + 2 * norm
-        if cfg.n_experts and i % cfg.moe_every == cfg.moe_every - 1:
+        if cfg.n_experts and _moe_block(cfg, i):
             Fe = cfg.expert_ffn_dim or cfg.ffn
             experts = cfg.n_experts * (D * Fe * (2 if cfg.mlp == "swiglu" else 1) + Fe * D)
             total += cfg.n_experts * D + experts + (mlp(cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else 0)
+            total += D if cfg.shared_expert_gate else 0
         else:
             total += mlp(cfg.ffn)
     return total
+
+
+def _moe_block(cfg: ModelConfig, i: int) -> bool:
+    """HF's rules: listed, or past first_k_dense_replace, not in mlp_only_layers, (i+1) % step == 0."""
+    if cfg.moe_layers is not None:
+        return i in cfg.moe_layers
+    return i >= cfg.first_k_dense and i not in (cfg.dense_layers or []) and (i + 1) % cfg.moe_every == 0
 
 
 @pytest.mark.parametrize("name", [n for n in FULL if published_params(n) is not None])
