@@ -17,13 +17,14 @@ its shards are gathered (by each parameter's `tp_dim` / `ep_dim`), the reference
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from moe.config import ModelConfig, get_preset
 from moe.model import Decoder, build_model
+from moe.stages import reduce_loads_over_dp, routing_count_fn, update_expert_biases
 from parallel.context import ParallelContext
 from parallel.data import GradReducer, Zero1, norm_buckets
 from train.optim import build_optimizer, clip_grad_norm_
@@ -52,6 +53,17 @@ MODELS: dict[str, tuple[str, dict]] = {
     "moe_capacity": ("tiny-moe", dict(_MOE, capacity_factor=1.0)),
     "dense_h8": ("tiny", dict(_HEADS8, vocab_size=250)),
     "moe_h8": ("tiny-moe", dict(_MOE, **_HEADS8)),
+    # balance-loss scopes: f over each sequence (split over tp ranks under token sharding), or over
+    # the whole step (counted in a no-grad pre-pass); a coefficient large enough to steer the router
+    "moe_seq": ("tiny-moe", dict(_MOE, aux_loss_scope="sequence", aux_loss_coef=0.1, shared_expert_ffn_dim=32,
+                                 shared_expert_gate=True)),
+    "moe_global": ("tiny-moe", dict(_MOE, aux_loss_scope="global_batch", aux_loss_coef=0.1)),
+    # aux-loss-free balancing (DeepSeek-V3 style: sigmoid, groups, scaled weights, first block
+    # dense); the rate is large so the bias changes the routing within the three steps, and 8
+    # experts make a data-parallel shard's load signs differ from the whole step's
+    "moe_bias": ("tiny-moe", dict(_MOE, n_experts=8, score_function="sigmoid", n_group=2, topk_group=1,
+                                  routed_scaling_factor=2.0, expert_bias=True, expert_bias_update_rate=0.05,
+                                  aux_loss_coef=0.0, first_k_dense=1)),
 }
 
 
@@ -85,19 +97,36 @@ def _dp_mean(values: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return values
 
 
-def forward_backward(model: Decoder, reducer: GradReducer, local: torch.Tensor) -> torch.Tensor:
-    """This rank's micro-batches (trainer.forward_backward); returns [lm, aux, z, dropped] means."""
+def count_loads(model: Decoder, micro: tuple[torch.Tensor, ...]) -> dict[int, torch.Tensor]:
+    """The global_batch scope's pre-pass (trainer._count_step_loads): routed slots per expert of
+    every micro-batch, no grad, summed over dp; {} for other scopes."""
+    if model.cfg.aux_loss_scope != "global_batch":
+        return {}
+    counted: dict[int, torch.Tensor] = {}
+    count = routing_count_fn(model, counted)
+    with torch.no_grad():
+        for mb in micro:
+            count(mb[:, :-1], None)
+    return reduce_loads_over_dp(counted, model.ctx)
+
+
+def forward_backward(model: Decoder, reducer: GradReducer, local: torch.Tensor):
+    """This rank's micro-batches (trainer.forward_backward); returns [lm, aux, z, dropped] means and
+    the step's loads per MoE layer (summed over micro-batches and dp, for the expert-bias update)."""
     micro = local.split(MICRO)
     n_micro = len(micro)
-    stats = torch.zeros(4)
+    stats, loads = torch.zeros(4), {}
+    global_loads = count_loads(model, micro)
     for i, mb in enumerate(micro):
         reducer.prepare(sync=i == n_micro - 1)
-        out = model(mb[:, :-1], mb[:, 1:], aux_grad_scale=1.0 / n_micro)
+        out = model(mb[:, :-1], mb[:, 1:], aux_grad_scale=1.0 / n_micro, global_loads=global_loads)
         (out.loss / n_micro).backward()
         dropped = sum(s.dropped_fraction for s in out.moe.values()) / max(len(out.moe), 1)
         stats += torch.stack([out.loss.detach(), out.aux_loss, out.z_loss, torch.as_tensor(dropped)])
+        for layer, s in out.moe.items():
+            loads[layer] = loads.get(layer, 0) + s.tokens_per_expert.float()
     reducer.finish()
-    return stats / n_micro
+    return stats / n_micro, reduce_loads_over_dp(loads, model.ctx)
 
 
 def _gather_grads(model: Decoder, ctx: ParallelContext, zero) -> dict:
@@ -129,13 +158,15 @@ def train(model: Decoder, ctx: ParallelContext, tokens: torch.Tensor, zero1: boo
     local = tokens[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]  # contiguous dp slice
     losses, norms, first_grads = [], [], None
     for step in range(STEPS):
-        losses.append(_dp_mean(forward_backward(model, reducer, local), ctx))
+        stats, loads = forward_backward(model, reducer, local)
+        losses.append(_dp_mean(stats, ctx))
         if step == 0:  # reduced, not yet clipped: Adam hides a uniform gradient scale error, this does not
             first_grads = _gather_grads(model, ctx, zero)
         norms.append(clip_grad_norm_(buckets, MAX_NORM))
         opt.step()
         if zero is not None:
             zero.broadcast()
+        update_expert_biases([model], loads)
         # model.zero_grad, not opt.zero_grad: under ZeRO-1 the optimizer holds only the owned params, so
         # opt.zero_grad (as train/trainer.py calls it) leaves the others' grads to accumulate into the next step
         model.zero_grad(set_to_none=True)
@@ -154,9 +185,10 @@ def _all_gather_cat(t: torch.Tensor, group, dim: int) -> torch.Tensor:
 @torch.no_grad()
 def gather_full(model: Decoder, ctx: ParallelContext, grads: bool = False) -> dict[str, torch.Tensor]:
     """name -> full parameter (or gradient): tp shards concatenated along `tp_dim`, expert shards
-    along `ep_dim`."""
+    along `ep_dim`; with the routers' expert biases (replicated state) when not gathering grads."""
     full = {}
-    for name, p in model.named_parameters():
+    tensors = model.named_parameters() if grads else model.state_dict(keep_vars=True).items()
+    for name, p in tensors:
         t = p.grad if grads else p.detach()
         if getattr(p, "tp_dim", None) is not None and ctx.tp > 1:
             t = _all_gather_cat(t, ctx.tp_group, p.tp_dim)
@@ -184,11 +216,16 @@ def max_param_error(got: dict, want: dict) -> tuple[float, str]:
 
 def reference(key: str) -> dict:
     """Single-process run of model `key`: initial and final weights, losses, grad norms."""
-    cfg, ctx = model_config(key), ParallelContext.single()
+    return reference_with(key)
+
+
+def reference_with(key: str, **overrides) -> dict:
+    """reference(key) with some model fields changed (e.g. another balance-loss scope)."""
+    cfg, ctx = replace(model_config(key), **overrides), ParallelContext.single()
     model = build_model(cfg, ctx, seed=0)
-    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    init = {n: t.detach().clone() for n, t in model.state_dict().items()}  # parameters and expert biases
     run = train(model, ctx, global_tokens(cfg.vocab_size))
-    return {**run, "init": init, "final": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return {**run, "init": init, "final": {n: t.detach().clone() for n, t in model.state_dict().items()}}
 
 
 def run_layout(rank: int, world: int, layout: Layout, ref: dict) -> dict:

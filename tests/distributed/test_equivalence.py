@@ -25,7 +25,8 @@ import torch
 
 from moe.model import Decoder, validate_layout
 from parallel.context import ParallelContext
-from tests.distributed.equiv_workers import MAX_NORM, MODELS, Layout, model_config, reference, run_layouts
+from tests.distributed.equiv_workers import MAX_NORM, MODELS, Layout, model_config, reference, reference_with, \
+    run_layouts
 from tests.distributed.harness import run_distributed
 
 LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
@@ -43,6 +44,10 @@ WORLD2 = [
     Layout("moe_capacity/ep2_dp2", "moe_capacity", ep=2),
     Layout("moe_capacity/tp2", "moe_capacity", tp=2),  # drops decided over the whole micro-batch
     Layout("moe_capacity/tp2_sp", "moe_capacity", tp=2, sp=True),
+    Layout("moe_seq/tp2", "moe_seq", tp=2),          # sequences split over the two token shards
+    Layout("moe_seq/tp2_sp", "moe_seq", tp=2, sp=True),
+    Layout("moe_global/ep2_dp2", "moe_global", ep=2),
+    Layout("moe_bias/dp2", "moe_bias"),
 ]
 WORLD4 = [
     Layout("dense_h8/tp4", "dense_h8", tp=4),
@@ -54,6 +59,8 @@ WORLD4 = [
     Layout("moe/ep4_dp4", "moe", ep=4),
     Layout("moe/tp2_ep2_dp2", "moe", tp=2, ep=2),
     Layout("moe/ep2_dp4_zero1", "moe", ep=2, zero1=True),  # edp = 2: expert grads reduced, experts partitioned
+    Layout("moe_global/tp2_ep2_dp2", "moe_global", tp=2, ep=2),
+    Layout("moe_bias/tp2_ep2_dp2", "moe_bias", tp=2, ep=2),
 ]
 
 
@@ -132,6 +139,19 @@ def test_reference_exercises_clipping_capacity_and_updates():
         assert moved > 100 * PARAM_ATOL, moved
     assert (capped["losses"][:, 3] > 0).all(), "capacity_factor 1.0 should drop some routed slots"
     assert (capped["losses"][:, 1] > 0).all() and (dense["losses"][:, 1:3] == 0).all()
+
+
+def test_balance_references_are_live():
+    """The balancing oracles move: the expert biases change the routing within the steps, the
+    sequence and global scopes give other aux losses than the micro-batch scope would."""
+    bias = _reference("moe_bias")
+    final = bias["final"]["layers.1.mlp.router.expert_bias"]
+    assert bias["init"]["layers.1.mlp.router.expert_bias"].eq(0).all() and final.unique().numel() >= 2, final
+    assert "layers.0.mlp.router.weight" not in bias["init"]  # first_k_dense: block 0 is dense
+    scoped = {key: _reference(key)["losses"][:, 1] for key in ("moe_seq", "moe_global")}
+    micro = {key: reference_with(key, aux_loss_scope="micro_batch")["losses"][:, 1] for key in scoped}
+    for key in scoped:
+        assert (scoped[key] > 0).all() and ((scoped[key] - micro[key]).abs() > 1e-5 * scoped[key]).all(), key
 
 
 # ----------------------------------------------------------------------------- invalid layouts
