@@ -369,7 +369,7 @@ def _shape(n_layers: int, d_model: int, n_heads: int, **kw: Any) -> dict[str, An
 
 
 # name -> (overrides, published parameter count or None). Counts from the GPT-1/2/3, LLaMA 1/2/3,
-# ChatGLM2 and GLM-4 papers / model cards; checked (within 2%) by tests/test_presets.py.
+# ChatGLM2, GLM-4 and GLM-4.5 papers / model cards; checked (within 2%) by tests/test_presets.py.
 PRESET_TABLE: dict[str, tuple[dict[str, Any], float | None]] = {
     "gpt1": (dict(_GPT, norm_position="post", vocab_size=40478, max_seq_len=512, **_shape(12, 768, 12)), 117e6),
     "gpt2-small": (dict(_GPT2, **_shape(12, 768, 12)), 124e6),
@@ -402,6 +402,18 @@ PRESET_TABLE: dict[str, tuple[dict[str, Any], float | None]] = {
     # No published size: ~40.9B total / ~7.0B active parameters, sized for 4 nodes x 8 GPUs.
     "moe16x": (dict(_LLAMA, vocab_size=100277, vocab_pad_multiple=128, max_seq_len=8192, rope_theta=500000.0,
                     n_experts=16, top_k=2, expert_ffn_dim=6144, **_shape(32, 4096, 32, n_kv_heads=8)), None),
+    # GLM-4.5-Air (Zhipu AI, 2025): the first block dense (ffn 10944), then 128 routed SwiGLU experts
+    # of 1408 (top-8 by sigmoid score, weights normalised, group-limited routing off) plus one shared
+    # expert, balanced by the expert bias (rate 1e-3) and a sequence-wise balance loss of 1e-4 (the
+    # GLM-4.5 report; no z-loss); GQA 96/8 heads of 128, RoPE on half of each head, q/k/v biases.
+    # Published 106B total / 12B active; the released checkpoint's extra multi-token-prediction
+    # layer is not part of this preset.
+    "glm4.5-air": (dict(_LLAMA, vocab_size=151552, max_seq_len=131072, rope_theta=1e6, rotary_fraction=0.5,
+                        qkv_bias=True, ffn_dim=10944, n_experts=128, top_k=8, expert_ffn_dim=1408,
+                        shared_expert_ffn_dim=1408, first_k_dense=1, score_function="sigmoid", norm_topk_prob=True,
+                        expert_bias=True, expert_bias_update_rate=1e-3, aux_loss_scope="sequence",
+                        aux_loss_coef=1e-4, z_loss_coef=0.0, **_shape(46, 4096, 96, n_kv_heads=8, head_dim=128)),
+                   106e9),
     # CPU-sized defaults for the quick start and tests.
     "tiny": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, **_shape(4, 128, 4, n_kv_heads=2, ffn_dim=344)), None),
     "tiny-moe": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, n_experts=8, top_k=2, expert_ffn_dim=128,
@@ -420,8 +432,10 @@ def tiny_variant(overrides: dict[str, Any]) -> dict[str, Any]:
                 max_seq_len=128, rope_original_max_seq_len=32)
     if full.local_window is not None:
         tiny["local_window"] = 8
-    if full.n_experts:
-        tiny.update(n_experts=min(full.n_experts, 8), expert_ffn_dim=64)
+    if full.n_experts:  # at least twice top_k experts, so top-8 routing still chooses
+        tiny.update(n_experts=min(full.n_experts, max(8, 2 * full.top_k)), expert_ffn_dim=64)
+        if full.shared_expert_ffn_dim:
+            tiny["shared_expert_ffn_dim"] = 64
     return tiny
 
 

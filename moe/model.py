@@ -259,7 +259,7 @@ class Decoder(nn.Module):
             return torch.zeros(shape)
         if p.ndim == 1:  # norm weights
             return torch.ones(shape)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        gen = init_generator(seed, name)
         std = self.cfg.init_std
         if name.endswith(("wo.weight", "w2.weight", "w_out")):
             std = std / (2 * self.cfg.n_layers) ** 0.5
@@ -267,6 +267,12 @@ class Decoder(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def init_generator(seed: int, name: str) -> torch.Generator:
+    """The generator a parameter's full tensor is drawn from: seeded by (seed, global name), so the
+    draw is the same in every layout."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def param_counts(model: Decoder) -> tuple[int, int]:

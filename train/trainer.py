@@ -34,6 +34,7 @@ from .checkpoint import resolve_resume_everywhere, restore_training_state, rng_s
     training_state
 from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
+from .init_from import initial_state
 from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
 from .optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm_
 
@@ -82,7 +83,7 @@ class Trainer:
                                 first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
         self.chunks = build_stage_chunks(c.model, self.ctx, partition, seed=c.training.seed, device=self.device)
         if c.checkpoint.init_from:
-            self._init_from_hf(self.chunks, c.checkpoint.init_from)
+            self._init_from(self.chunks, c.checkpoint.init_from)
         for chunk in self.chunks:
             chunk.activation_checkpointing = c.training.activation_checkpointing
             chunk.recompute = c.training.recompute
@@ -100,15 +101,15 @@ class Trainer:
             return "1f1b"  # one stage: F0 B0 F1 B1 ..., one micro-batch's activations alive at a time
         return "interleaved" if p.vpp > 1 else p.pp_schedule
 
-    def _init_from_hf(self, chunks: list[Decoder], path: str) -> None:
-        """Start from an HF checkpoint: whole tensors are read on every rank and cut to its shards."""
-        from moe.hf import check_matches_hf, hf_state_dict
-
-        check_matches_hf(self.cfg.model, path)
-        full = hf_state_dict(path, self.cfg.model)
+    def _init_from(self, chunks: list[Decoder], path: str) -> None:
+        """Start from an HF checkpoint or one of ours (upcycled when checkpoint.upcycle): whole
+        tensors are read on every rank and cut to its shards."""
+        c = self.cfg
+        full = initial_state(path, c.model, c.checkpoint.upcycle, c.training.seed)
         for chunk in chunks:
             load_full_state_dict(chunk, full)
-        self._log(f"initialised weights from {path}")
+        how = " (upcycled from a dense model)" if c.checkpoint.upcycle else ""
+        self._log(f"initialised weights from {path}{how}")
 
     def _build_data(self) -> tuple[PretrainData, PretrainData]:
         c = self.cfg

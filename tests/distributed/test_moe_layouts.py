@@ -1,4 +1,4 @@
-"""Balancing that does not depend on how the step is cut: the Trainer itself, end to end.
+"""MoE training that does not depend on how the step is cut: the Trainer itself, end to end.
 
 With model.aux_loss_scope=global_batch the balance loss uses the step's load fractions (counted in a
 no-grad pre-pass through the same pipeline), so one process with micro-batch 8, one with
@@ -6,8 +6,10 @@ micro-batch 4, tp 2 x ep 2 (dp 2) and pp 2 x ep 2 (dp 2, 1F1B over 4 micro-batch
 same per-step loss, lm, aux and z (relative 1e-5), read from each run's metrics.jsonl. Aux-loss-free
 balancing (expert bias, updated from the step's loads summed over every micro-batch and rank) must
 agree the same way, and its biases must come back identical from every layout's final checkpoint
-(a DCP buffer, resharded to one process on load). As a control, the micro_batch scope does change
-with the micro-batch size, so the comparison can fail. One 4-rank spawn runs every layout.
+(a DCP buffer, resharded to one process on load). A dense checkpoint upcycled into an MoE
+(checkpoint.upcycle) must start every layout at the dense model's loss and train identically. As a
+control, the micro_batch scope does change with the micro-batch size, so the comparison can fail.
+One 4-rank spawn runs every layout.
 """
 
 import json
@@ -34,19 +36,30 @@ MODELS = {
     "bias": [*SHAPE, "model.n_experts=8", "model.score_function=sigmoid", "model.n_group=2", "model.topk_group=1",
              "model.expert_bias=true", "model.expert_bias_update_rate=0.01", "model.aux_loss_coef=0.0",
              "model.first_k_dense=1"],
+    # the dense checkpoint DENSE_CKPT (made by the fixture) upcycled into 2 slices x 2 copies
+    "upcycled": [*SHAPE, "model.n_experts=4", "model.expert_ffn_dim=64", "model.aux_loss_scope=global_batch",
+                 "model.aux_loss_coef=0.01", "checkpoint.init_from={dense}", "checkpoint.upcycle=true"],
 }
+DENSE = ["model.preset=tiny", *SHAPE[1:]]
 LAYOUTS = {  # name -> (ParallelContext sizes, overrides)
     "tp2_ep2_dp2": (dict(tp=2, ep=2), ["parallel.tp=2", "parallel.ep=2", "training.micro_batch_size=4"]),
     "pp2_ep2_dp2": (dict(pp=2, ep=2), ["parallel.pp=2", "parallel.ep=2", "training.micro_batch_size=2"]),
 }
 
 
-def _config(tokens: str, run_dir: Path, model: str, *extra: str):
+def _config(tokens: str, run_dir: Path, model: str | list, *extra: str):
     base = [f"data.paths=[{tokens}]", "data.seq_len=32", "training.precision=fp32", "training.device=cpu",
             "training.global_batch_size=16", f"training.max_steps={STEPS}", "training.eval_interval=0",
             "schedule.warmup_steps=1", "optimizer.lr=3.0e-3", "logging.tensorboard=false", "logging.interval=100",
             "checkpoint.interval=0", f"run_dir={run_dir}"]
-    return load_config(None, [*MODELS[model], *base, *extra])
+    fields = MODELS[model] if isinstance(model, str) else model
+    dense = Path(tokens).parent / "dense" / "checkpoints"
+    return load_config(None, [f.format(dense=_latest(dense)) for f in fields] + base + list(extra))
+
+
+def _latest(root: Path) -> str:
+    found = list_checkpoints(root)
+    return str(found[-1]) if found else ""
 
 
 def _losses(run_dir: Path) -> torch.Tensor:
@@ -81,10 +94,11 @@ def runs(tmp_path_factory):
     rng = np.random.default_rng(3)
     write_token_file(root / "rand", [rng.integers(0, 256, 1000) for _ in range(60)], vocab_size=257)
     tokens = str(root / "rand")
-    run_distributed(_layout_worker, 4, tokens, root, timeout=400)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        Trainer(_config(tokens, root / "dense", DENSE), ParallelContext.single(), log=lambda m: None).train()
+        run_distributed(_layout_worker, 4, tokens, root, timeout=600)
         for model in MODELS:
             for micro in (8, 4):
                 _single(tokens, root / f"{model}_mb{micro}", model, micro)
@@ -129,3 +143,15 @@ def test_expert_biases_are_the_same_in_every_layout_and_checkpoint(runs):
         assert sorted(got) == sorted(ref), other
         for name, b in ref.items():
             torch.testing.assert_close(got[name], b, rtol=0, atol=1e-7, msg=f"{other} {name}")
+
+
+def test_upcycled_start_equals_the_dense_model_in_every_layout(runs):
+    """Step 1's LM loss is the dense checkpoint's on the same first batch (a dense run started from
+    that checkpoint, our own format, without upcycling); losses then agree in every layout (above)."""
+    start = f"checkpoint.init_from={_latest(runs / 'dense' / 'checkpoints')}"
+    dense = Trainer(_config(str(runs / "rand"), runs / "dense_again", DENSE, start), ParallelContext.single(),
+                    log=lambda m: None)
+    first_lm = dense.forward_backward()["lm"].item()
+    for run in ["mb8", "mb4", *LAYOUTS]:
+        lm = _losses(runs / f"upcycled_{run}")[0, 1].item()
+        assert lm == pytest.approx(first_lm, rel=1e-5), run
