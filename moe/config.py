@@ -142,8 +142,9 @@ class ModelConfig:
         return self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob
 
     def is_moe_layer(self, i: int) -> bool:
-        """Block i has an MoE MLP: listed in moe_layers, or else past the first_k_dense blocks, not in
-        dense_layers and on the moe_every stride (HF Qwen-MoE's (i + 1) % decoder_sparse_step == 0)."""
+        """Block i has an MoE MLP: listed in moe_layers, or else past the first_k_dense blocks, not
+        in dense_layers and on the moe_every stride (HF Qwen-MoE's
+        (i + 1) % decoder_sparse_step == 0)."""
         if self.n_experts == 0:
             return False
         if self.moe_layers is not None:
@@ -204,7 +205,7 @@ class ModelConfig:
         self._validate_routing()
 
     def _validate_moe_layers(self) -> None:
-        """Which blocks are MoE: indices in range, no conflicting ways of saying it, at least one."""
+        """Which blocks are MoE: indices in range, no conflicting ways to say it, at least one."""
         _check(self.first_k_dense >= 0, f"model.first_k_dense ({self.first_k_dense}) must be >= 0")
         for name in ("dense_layers", "moe_layers"):
             ids = getattr(self, name)
@@ -213,15 +214,17 @@ class ModelConfig:
             _check(ok, f"model.{name} ({ids}) must list distinct block indices in "
                        f"[0, n_layers = {self.n_layers})")
         explicit = self.moe_layers is not None
-        _check(not explicit or (self.moe_every, self.first_k_dense, self.dense_layers) == (1, 0, None),
+        defaults = (self.moe_every, self.first_k_dense, self.dense_layers) == (1, 0, None)
+        _check(not explicit or defaults,
                "model.moe_layers lists the MoE blocks itself: leave model.moe_every (1), "
                "model.first_k_dense (0) and model.dense_layers (null) at their defaults")
         _check(any(self.is_moe_layer(i) for i in range(self.n_layers)),
-               f"model.n_experts ({self.n_experts}) > 0 but no block is MoE: check model.moe_every, "
-               f"model.first_k_dense, model.dense_layers and model.moe_layers against "
-               f"model.n_layers ({self.n_layers})")
+               f"model.n_experts ({self.n_experts}) > 0 but no block is MoE: check "
+               f"model.moe_every, model.first_k_dense, model.dense_layers and model.moe_layers "
+               f"against model.n_layers ({self.n_layers})")
         _check(not self.shared_expert_gate or self.shared_expert_ffn_dim > 0,
-               "model.shared_expert_gate needs a shared expert: set model.shared_expert_ffn_dim > 0")
+               "model.shared_expert_gate needs a shared expert: set "
+               "model.shared_expert_ffn_dim > 0")
 
     def _validate_routing(self) -> None:
         E, k, g = self.n_experts, self.top_k, self.n_group
@@ -232,16 +235,19 @@ class ModelConfig:
                "leave model.norm_topk_prob null")
         _check(self.routed_scaling_factor > 0,
                f"model.routed_scaling_factor ({self.routed_scaling_factor}) must be > 0")
-        _check(g >= 1 and E % g == 0, f"model.n_group ({g}) must be >= 1 and divide model.n_experts ({E})")
+        _check(g >= 1 and E % g == 0,
+               f"model.n_group ({g}) must be >= 1 and divide model.n_experts ({E})")
         per_group = E // g
         _check(1 <= self.topk_group <= g and self.topk_group * per_group >= k,
-               f"model.topk_group ({self.topk_group}) must be in [1, n_group = {g}] and leave at least "
-               f"top_k ({k}) experts (topk_group x n_experts / n_group = {self.topk_group * per_group})")
+               f"model.topk_group ({self.topk_group}) must be in [1, n_group = {g}] and leave at "
+               f"least top_k ({k}) experts (topk_group x n_experts / n_group = "
+               f"{self.topk_group * per_group})")
         _check(g == 1 or 1 <= self.group_score_topk <= per_group,
-               f"model.group_score_topk ({self.group_score_topk}) must be in [1, n_experts / n_group = "
-               f"{per_group}]")
+               f"model.group_score_topk ({self.group_score_topk}) must be in "
+               f"[1, n_experts / n_group = {per_group}]")
         _check(self.expert_bias_update_rate >= 0,
-               f"model.expert_bias_update_rate ({self.expert_bias_update_rate}) must be >= 0 (0 = frozen)")
+               f"model.expert_bias_update_rate ({self.expert_bias_update_rate}) must be >= 0 "
+               f"(0 = frozen)")
         _check(0.0 <= self.router_input_jitter < 1.0,
                f"model.router_input_jitter ({self.router_input_jitter}) must be in [0, 1)")
 
@@ -272,11 +278,12 @@ TRAINING_ONLY = frozenset({
     "vocab_pad_multiple", "max_seq_len", "aux_loss_scope", "expert_bias_update_rate",
     "router_input_jitter", "forced_routing_imbalance"})
 # Fields whose None means a value derived from others: compared through that derived value.
-_DERIVED = {"ffn_dim": "ffn", "n_kv_heads": "kv_heads", "head_dim": "dim_head", "qkv_bias": "use_qkv_bias",
-            "norm_topk_prob": "normalizes_topk"}
+_DERIVED = {"ffn_dim": "ffn", "n_kv_heads": "kv_heads", "head_dim": "dim_head",
+            "qkv_bias": "use_qkv_bias", "norm_topk_prob": "normalizes_topk"}
 
 
-def first_difference(a: ModelConfig, b: ModelConfig, skip=TRAINING_ONLY) -> tuple[str, Any, Any] | None:
+def first_difference(a: ModelConfig, b: ModelConfig,
+                     skip=TRAINING_ONLY) -> tuple[str, Any, Any] | None:
     """(field, a's value, b's value) of the first field, in definition order and outside `skip`, on
     which a and b describe different networks; None when they describe the same one."""
     for f in fields(ModelConfig):
@@ -408,11 +415,12 @@ PRESET_TABLE: dict[str, tuple[dict[str, Any], float | None]] = {
     # GLM-4.5 report; no z-loss); GQA 96/8 heads of 128, RoPE on half of each head, q/k/v biases.
     # Published 106B total / 12B active; the released checkpoint's extra multi-token-prediction
     # layer is not part of this preset.
-    "glm4.5-air": (dict(_LLAMA, vocab_size=151552, max_seq_len=131072, rope_theta=1e6, rotary_fraction=0.5,
-                        qkv_bias=True, ffn_dim=10944, n_experts=128, top_k=8, expert_ffn_dim=1408,
-                        shared_expert_ffn_dim=1408, first_k_dense=1, score_function="sigmoid", norm_topk_prob=True,
-                        expert_bias=True, expert_bias_update_rate=1e-3, aux_loss_scope="sequence",
-                        aux_loss_coef=1e-4, z_loss_coef=0.0, **_shape(46, 4096, 96, n_kv_heads=8, head_dim=128)),
+    "glm4.5-air": (dict(_LLAMA, vocab_size=151552, max_seq_len=131072, rope_theta=1e6,
+                        rotary_fraction=0.5, qkv_bias=True, ffn_dim=10944, n_experts=128, top_k=8,
+                        expert_ffn_dim=1408, shared_expert_ffn_dim=1408, first_k_dense=1,
+                        score_function="sigmoid", norm_topk_prob=True, expert_bias=True,
+                        expert_bias_update_rate=1e-3, aux_loss_scope="sequence", aux_loss_coef=1e-4,
+                        z_loss_coef=0.0, **_shape(46, 4096, 96, n_kv_heads=8, head_dim=128)),
                    106e9),
     # CPU-sized defaults for the quick start and tests.
     "tiny": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, **_shape(4, 128, 4, n_kv_heads=2, ffn_dim=344)), None),

@@ -66,7 +66,8 @@ def _mixtral_fields(hf: dict[str, Any]) -> dict[str, Any]:
     window = hf.get("sliding_window")
     return dict(_decoder_fields(hf), bias=False, ffn_dim=hf["intermediate_size"],
                 expert_ffn_dim=hf["intermediate_size"], n_experts=hf["num_local_experts"],
-                top_k=hf["num_experts_per_tok"], moe_every=1, capacity_factor=None, norm_topk_prob=True,
+                top_k=hf["num_experts_per_tok"], moe_every=1, capacity_factor=None,
+                norm_topk_prob=True,
                 aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), z_loss_coef=0.0,
                 local_window=window, local_layers="all" if window else "none",
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **_rope_from_hf(hf, 1e6))
@@ -160,9 +161,11 @@ def _export_checks(cfg: ModelConfig) -> dict[str, list[tuple[bool, str]]]:
         (cfg.n_experts > 0, "model.n_experts (0) must be > 0: export a dense model as llama"),
         (cfg.moe_every == 1, f"model.moe_every ({cfg.moe_every}) must be 1 (every Mixtral block is MoE)"),
         (all(cfg.is_moe_layer(i) for i in range(cfg.n_layers)),
-         "every block must be MoE (model.first_k_dense 0, model.dense_layers and model.moe_layers null)"),
-        (_mixtral_routing(cfg), "the routing must be Mixtral's: model.score_function softmax, the k weights "
-                                "normalised, model.routed_scaling_factor 1, model.n_group 1, no model.expert_bias"),
+         "every block must be MoE (model.first_k_dense 0, model.dense_layers and "
+         "model.moe_layers null)"),
+        (_mixtral_routing(cfg), "the routing must be Mixtral's: model.score_function softmax, "
+                                "the k weights normalised, model.routed_scaling_factor 1, "
+                                "model.n_group 1, no model.expert_bias"),
         (not cfg.bias and not cfg.use_qkv_bias, "model.bias and model.qkv_bias must be False (Mixtral has no biases)"),
         (cfg.capacity_factor is None, f"model.capacity_factor ({cfg.capacity_factor}) must be None: Mixtral is "
                                       f"dropless (replace(model.cfg, capacity_factor=None) to export anyway)"),
@@ -183,8 +186,8 @@ def _export_checks(cfg: ModelConfig) -> dict[str, list[tuple[bool, str]]]:
 
 
 def _mixtral_routing(cfg: ModelConfig) -> bool:
-    return (cfg.score_function == "softmax" and cfg.normalizes_topk and cfg.routed_scaling_factor == 1.0
-            and cfg.n_group == 1 and not cfg.expert_bias)
+    return (cfg.score_function == "softmax" and cfg.normalizes_topk
+            and cfg.routed_scaling_factor == 1.0 and cfg.n_group == 1 and not cfg.expert_bias)
 
 
 def _rope_decoder_config(cfg: ModelConfig, arch: str) -> dict[str, Any]:
@@ -425,8 +428,8 @@ def check_matches_hf(cfg: ModelConfig, path: str) -> None:
     diff = first_difference(cfg, config_from_hf(read_hf_config(path)))
     if diff is not None:
         name, a, b = diff
-        raise ValueError(f"checkpoint.init_from={path}: model.{name} is {a!r} here but {b!r} in its "
-                         f"config.json: set model.{name}={b!r} (or use a matching checkpoint)")
+        raise ValueError(f"checkpoint.init_from={path}: model.{name} is {a!r} here but {b!r} in "
+                         f"its config.json: set model.{name}={b!r} (or use a matching checkpoint)")
 
 
 def hf_state_dict(path: str, cfg: ModelConfig, model: Decoder | None = None) -> dict[str, torch.Tensor]:

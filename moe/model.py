@@ -140,9 +140,10 @@ class Decoder(nn.Module):
                 ) -> DecoderOutput:
         """x: token ids [B, S] on the first stage, else the previous stage's hidden [B, S(/tp), D].
         `aux_grad_scale`: the factor applied to this micro-batch's LM loss (e.g. 1/n_micro_batches);
-        the MoE auxiliary losses get the same factor in backward. `global_loads`: layer -> [E] routed
-        slots over the whole step (model.aux_loss_scope=global_batch). `routing_only`: only what the
-        routing statistics need - the last stage stops after its last MoE block, no head, no loss."""
+        the MoE auxiliary losses get the same factor in backward. `global_loads`: layer -> [E]
+        routed slots over the whole step (model.aux_loss_scope=global_batch). `routing_only`: only
+        what the routing statistics need - the last stage stops after its last MoE block, no head,
+        no loss."""
         h = self.embed(x) if self.pre else x
         compute_dtype = autocast_dtype(h.device.type)
         if self.pre and not self.cfg.fp32_residual and compute_dtype is not None:
@@ -153,7 +154,8 @@ class Decoder(nn.Module):
             counts = (global_loads or {}).get(int(key))
             if self.activation_checkpointing and self.training:
                 extra = {"context_fn": selective_recompute_context} if self.recompute == "selective" else {}
-                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, use_reentrant=False, **extra)
+                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, use_reentrant=False,
+                                      **extra)
             else:
                 h, stats = block(h, rope, aux_grad_scale, counts)
             if stats is not None:

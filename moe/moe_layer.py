@@ -162,8 +162,8 @@ class MoELayer(nn.Module):
         for p in list(self.router.parameters()) + list(self.experts.parameters()):
             p.grad_sum_over_tp = ctx.tp > 1
 
-    def forward(self, x: torch.Tensor, aux_grad_scale: float = 1.0, global_counts: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, aux_grad_scale: float = 1.0,
+                global_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x [B, S(/tp), D] -> (y like x, stats). global_counts [E]: this layer's routed slots per
         expert over the whole step (needed by model.aux_loss_scope=global_batch in training)."""
         # 1. flatten tokens; with tp > 1 (no sequence parallelism) each tp rank takes 1/tp of them,
@@ -206,7 +206,8 @@ class MoELayer(nn.Module):
         pos, seq_len = self._positions(tokens.shape[0], shape, tp_group, tokens.device)
         return self.router(tokens, stats_group=tp_group, seq_ids=pos // seq_len, n_seqs=shape[0])
 
-    def _positions(self, n_local: int, shape: torch.Size, tp_group, device) -> tuple[torch.Tensor, int]:
+    def _positions(self, n_local: int, shape: torch.Size, tp_group,
+                   device) -> tuple[torch.Tensor, int]:
         """([n_local] each local token's position in the flattened micro-batch, the full sequence
         length): so position // length is its sequence and positions order capacity priority."""
         pos = torch.arange(n_local, device=device)

@@ -7,8 +7,9 @@ Math (T tokens, E experts, k experts per token; float32 throughout, even under a
     l       = x' W_r                               [T, E] logits
     s       = softmax(l)  or  sigmoid(l)           [T, E] scores (score_function)
     c       = s + b                                choice scores, b the expert bias (0 when off)
-    groups  (n_group G > 1): experts form G contiguous groups of E/G; a group's score is the sum of
-            its group_score_topk best c; each token keeps its topk_group best groups, c = -inf elsewhere
+    groups  (n_group G > 1): experts form G contiguous groups of E/G; a group's score is the sum
+            of its group_score_topk best c; each token keeps its topk_group best groups and
+            c = -inf elsewhere
     idx     = topk(c, k)                           [T, k] chosen experts (b only changes the choice)
     w       = s[idx]                               [T, k]; topk_before_softmax: w = softmax(l[idx])
     w       = w / (sum_k w + 1e-20)                when normalising (norm_topk_prob; default: k > 1)
@@ -17,15 +18,16 @@ Balance losses use probabilities q: q = softmax(l) for softmax scores, q = s / s
 scores (DeepSeek-V3 normalises its affinities the same way):
     f_e     = (# slots routed to e) / (T k)        no gradient
     P_e     = mean_t q[t, e]                       differentiable
-    micro_batch:  aux = coef * E * sum_e f_e P_e   over the micro-batch's tokens  (== coef if balanced)
+    micro_batch:  aux = coef * E * sum_e f_e P_e   over the micro-batch's tokens (coef if balanced)
     sequence:     aux = coef * mean_b (E * sum_e f_be P_be), f and P over the tokens of sequence b
     global_batch: aux = coef * E * sum_e F_e P_e,  F_e = C_e / sum_e' C_e' from the step's counts C
                   over every micro-batch and data-parallel rank
     z       = coef_z * mean_t logsumexp(l_t)^2
 Why global_batch is exact: the step's objective is coef E sum_e F_e Pbar_e, Pbar over all N tokens
-of the step. F has no gradient, so this equals the mean over the step's equal-sized micro-batches of
-coef E sum_e F_e P_e(micro-batch) - the term above, weighted like each micro-batch's LM loss. Only F
-must be known before the first backward: the trainer counts it in a no-grad pre-pass (moe/stages.py).
+of the step. F has no gradient, so this equals the mean over the step's equal-sized micro-batches
+of coef E sum_e F_e P_e(micro-batch) - the term above, weighted like each micro-batch's LM loss.
+Only F must be known before the first backward: the trainer counts it in a no-grad pre-pass
+(moe/stages.py routing_count_fn).
 Expert bias, after each optimizer step, from the step's loads n_e (routed slots summed over every
 micro-batch and rank, hence identical on every rank):
     b_e += rate * sign(mean_e' n_e' - n_e)
@@ -73,9 +75,10 @@ class RouterOptions:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "RouterOptions":
-        return cls(cfg.score_function, cfg.topk_before_softmax, cfg.norm_topk_prob, cfg.routed_scaling_factor,
-                   cfg.n_group, cfg.topk_group, cfg.group_score_topk, cfg.expert_bias,
-                   cfg.expert_bias_update_rate, cfg.router_input_jitter, cfg.aux_loss_scope)
+        return cls(cfg.score_function, cfg.topk_before_softmax, cfg.norm_topk_prob,
+                   cfg.routed_scaling_factor, cfg.n_group, cfg.topk_group, cfg.group_score_topk,
+                   cfg.expert_bias, cfg.expert_bias_update_rate, cfg.router_input_jitter,
+                   cfg.aux_loss_scope)
 
 
 # ---------------------------------------------------------------- scores, choice, weights
@@ -92,7 +95,8 @@ def balance_probs(scores: torch.Tensor, score_function: str) -> torch.Tensor:
     return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
 
 
-def group_limited(choice: torch.Tensor, n_group: int, topk_group: int, group_score_topk: int) -> torch.Tensor:
+def group_limited(choice: torch.Tensor, n_group: int, topk_group: int,
+                  group_score_topk: int) -> torch.Tensor:
     """choice [T, E] with -inf outside each token's topk_group best groups; a group's score is the
     sum of its group_score_topk best choice scores (DeepSeek-V3 node-limited routing)."""
     T, E = choice.shape
@@ -153,8 +157,9 @@ def sequence_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_expert
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """aux = coef * mean_b E sum_e f_be P_be (DeepSeek-V2/V3 sequence-wise balance loss).
     seq_ids [T]: each local token's sequence in the micro-batch (0 .. n_seqs-1). A sequence split
-    over `stats_group` (token sharding, sequence parallelism) has its counts, probability sums and
-    token count summed over the group first. Returns (loss, tokens_per_expert of the micro-batch)."""
+    over `stats_group` (token sharding, sequence parallelism) has its counts, probability sums
+    and token count summed over the group first. Returns (loss, the micro-batch's
+    tokens_per_expert)."""
     T, k = experts.shape
     E, dev = n_experts, probs.device
     slots = (seq_ids[:, None] * E + experts).flatten()                  # [T k] (sequence, expert) cells
@@ -228,8 +233,8 @@ class TopKRouter(nn.Module):
         else:
             self.expert_bias = None
 
-    def forward(self, x: torch.Tensor, stats_group=None, seq_ids: torch.Tensor | None = None, n_seqs: int = 0,
-                global_counts: torch.Tensor | None = None) -> Routing:
+    def forward(self, x: torch.Tensor, stats_group=None, seq_ids: torch.Tensor | None = None,
+                n_seqs: int = 0, global_counts: torch.Tensor | None = None) -> Routing:
         """x [T, D] -> Routing. seq_ids/n_seqs: each token's sequence (the sequence scope);
         global_counts [E]: the step's routed slots per expert (the global_batch scope)."""
         if self.training and self.opts.input_jitter > 0:
@@ -241,32 +246,38 @@ class TopKRouter(nn.Module):
         experts = self._choose(scores, x.shape[0])
         weights = gate_weights(logits, scores, experts, self.top_k, self.opts)
         probs = balance_probs(scores, self.opts.score_function)
-        aux, counts = self._balance_loss(probs, experts, stats_group, seq_ids, n_seqs, global_counts)
+        aux, counts = self._balance_loss(probs, experts, stats_group, seq_ids, n_seqs,
+                                         global_counts)
         z = z_loss(logits, self.z_coef, stats_group)
         return Routing(weights, experts, aux, z, counts)
 
     def _choose(self, scores: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """[T, k] expert ids: top-k of the (biased, group-limited) choice scores, or the forced choice."""
-        if self.forced_imbalance is not None:  # fixed choice, learned gate weights: the router still trains
-            return forced_experts(n_tokens, self.n_experts, self.top_k, self.forced_imbalance, scores.device)
+        """[T, k] expert ids: top-k of the (biased, group-limited) choice scores, or the forced
+        choice (learned gate weights even then: the router still trains)."""
+        if self.forced_imbalance is not None:
+            return forced_experts(n_tokens, self.n_experts, self.top_k, self.forced_imbalance,
+                                  scores.device)
         choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
-        if self.opts.n_group > 1:
-            choice = group_limited(choice, self.opts.n_group, self.opts.topk_group, self.opts.group_score_topk)
+        o = self.opts
+        if o.n_group > 1:
+            choice = group_limited(choice, o.n_group, o.topk_group, o.group_score_topk)
         return torch.topk(choice, self.top_k, dim=-1).indices
 
     def _balance_loss(self, probs, experts, stats_group, seq_ids, n_seqs, global_counts):
         scope = self.opts.aux_scope
         if scope == "sequence":
             if seq_ids is None:
-                raise ValueError("model.aux_loss_scope=sequence: the router needs each token's sequence "
-                                 "(seq_ids); call it through MoELayer")
-            return sequence_balancing_loss(probs, experts, self.n_experts, self.aux_coef, seq_ids, n_seqs,
-                                           stats_group)
-        if scope == "global_batch" and global_counts is None and torch.is_grad_enabled() and self.training:
-            raise ValueError("model.aux_loss_scope=global_batch needs the step's expert loads before "
-                             "backward: train through train.trainer.Trainer (it counts them in a no-grad "
-                             "pre-pass), or pass global_loads to Decoder.forward")
-        return load_balancing_loss(probs, experts, self.n_experts, self.aux_coef, stats_group, global_counts)
+                raise ValueError("model.aux_loss_scope=sequence: the router needs each token's "
+                                 "sequence (seq_ids); call it through MoELayer")
+            return sequence_balancing_loss(probs, experts, self.n_experts, self.aux_coef, seq_ids,
+                                           n_seqs, stats_group)
+        training = torch.is_grad_enabled() and self.training
+        if scope == "global_batch" and global_counts is None and training:
+            raise ValueError("model.aux_loss_scope=global_batch needs the step's expert loads "
+                             "before backward: train through train.trainer.Trainer (it counts them "
+                             "in a no-grad pre-pass), or pass global_loads to Decoder.forward")
+        return load_balancing_loss(probs, experts, self.n_experts, self.aux_coef, stats_group,
+                                   global_counts)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:
@@ -274,4 +285,5 @@ class TopKRouter(nn.Module):
         `load` [E] must be the whole step's slots per expert, identical on every rank."""
         if self.expert_bias is None:
             raise ValueError("update_bias needs model.expert_bias=true")
-        self.expert_bias.add_(expert_bias_step(load.to(self.expert_bias.device), self.opts.bias_update_rate))
+        step = expert_bias_step(load.to(self.expert_bias.device), self.opts.bias_update_rate)
+        self.expert_bias.add_(step)

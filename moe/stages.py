@@ -116,7 +116,8 @@ def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[l
     return chunks
 
 
-def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float, global_loads: dict[int, torch.Tensor] | None = None,
+def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float,
+                   global_loads: dict[int, torch.Tensor] | None = None,
                    ) -> Callable[[torch.Tensor, Any], tuple]:
     """Adapt a Decoder chunk to the executor's contract chunk(x, target) -> (output, info).
 
@@ -156,7 +157,8 @@ def merge_stage_stats(infos: list[list[DecoderOutput]], n_layers: int, n_experts
                 dropped = dropped + stats.dropped_fraction.to(device)
                 aux_layers[layer] += stats.aux_loss.float().to(device)
                 loads[layer] += stats.tokens_per_expert.to(device)
-    return {"aux_loss": aux, "z_loss": z, "dropped": dropped, "aux_layers": aux_layers, "loads": loads}
+    return {"aux_loss": aux, "z_loss": z, "dropped": dropped, "aux_layers": aux_layers,
+            "loads": loads}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +166,8 @@ def merge_stage_stats(infos: list[list[DecoderOutput]], n_layers: int, n_experts
 # ---------------------------------------------------------------------------------------------
 
 
-def routing_count_fn(chunk: Decoder, counted: dict[int, torch.Tensor]) -> Callable[[torch.Tensor, Any], tuple]:
+def routing_count_fn(chunk: Decoder,
+                     counted: dict[int, torch.Tensor]) -> Callable[[torch.Tensor, Any], tuple]:
     """A chunk function for a no-grad pass that only counts routing: runs the chunk with
     routing_only (the last stage stops after its last MoE block: no head, no loss) and adds each
     MoE layer's routed slots per expert into `counted` (layer -> [E] float). The last stage
@@ -180,10 +183,12 @@ def routing_count_fn(chunk: Decoder, counted: dict[int, torch.Tensor]) -> Callab
     return run
 
 
-def reduce_loads_over_dp(loads: dict[int, torch.Tensor], ctx: ParallelContext) -> dict[int, torch.Tensor]:
+def reduce_loads_over_dp(loads: dict[int, torch.Tensor],
+                         ctx: ParallelContext) -> dict[int, torch.Tensor]:
     """Sum each layer's [E] loads over the data-parallel group (one all-reduce, layers in a fixed
     order; the ranks of one dp group hold the same layers). Token shards inside a tp group are
-    already summed by the router, so the result counts every token of the step once, on every rank."""
+    already summed by the router, so the result counts every token of the step once, on every
+    rank."""
     if ctx.dp == 1 or not loads:
         return dict(loads)
     keys = sorted(loads)
@@ -199,8 +204,9 @@ def update_expert_biases(chunks: list[Decoder], loads: dict[int, torch.Tensor]) 
     for chunk in chunks:
         for key, block in chunk.layers.items():
             router = getattr(block.mlp, "router", None)
-            if router is not None and router.expert_bias is not None and router.opts.bias_update_rate > 0:
-                router.update_bias(loads[int(key)])
+            if router is None or router.expert_bias is None or router.opts.bias_update_rate == 0:
+                continue
+            router.update_bias(loads[int(key)])
 
 
 def expert_bias_table(chunks: list[Decoder], n_layers: int, n_experts: int,

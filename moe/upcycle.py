@@ -5,10 +5,10 @@ upcycling (He et al. 2024) first cuts it into g slices. Both are exact at step 0
 
     A dense MLP is a sum over its F hidden units, MLP(x) = sum_j w2[:, j] act_j(x) (SwiGLU and GELU
     act unit by unit), so g slices of F/g units are g experts whose outputs sum to MLP(x).
-    The MoE gets E = c g experts: expert e is slice e % g of copy e // g. Router rows are equal within
-    a copy (one small random row per copy), so the g slices of a copy always score the same, and a
-    top-k with g | k takes whole copies. With the k weights normalised (they sum to 1, then times
-    the routed scaling factor s) every chosen slice of copy c gets p_c / (g sum_c' p_c') times s:
+    The MoE gets E = c g experts: expert e is slice e % g of copy e // g. Router rows are equal
+    within a copy (one small random row per copy), so the g slices of a copy always score the same,
+    and a top-k with g | k takes whole copies. With the k weights normalised (they sum to 1, then
+    times the routed scaling factor s) every chosen slice of copy c gets s p_c / (g sum_c' p_c'):
         MoE(x) = s * sum_chosen c  p_c / (g sum p) * sum_slices y = (s / g) MLP(x),
     so each expert's output projection is scaled by g / s and MoE(x) = MLP(x) exactly.
 Everything else (attention, norms, embeddings, head, the MLPs of blocks that stay dense) is copied;
@@ -25,9 +25,10 @@ from .model import init_generator
 
 # Fields that only the MoE blocks use: the dense source need not (and cannot) match them.
 MOE_FIELDS = frozenset({
-    "n_experts", "top_k", "moe_every", "first_k_dense", "dense_layers", "moe_layers", "expert_ffn_dim",
-    "shared_expert_ffn_dim", "shared_expert_gate", "score_function", "topk_before_softmax", "norm_topk_prob",
-    "routed_scaling_factor", "n_group", "topk_group", "group_score_topk", "expert_bias"})
+    "n_experts", "top_k", "moe_every", "first_k_dense", "dense_layers", "moe_layers",
+    "expert_ffn_dim", "shared_expert_ffn_dim", "shared_expert_gate", "score_function",
+    "topk_before_softmax", "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group",
+    "group_score_topk", "expert_bias"})
 
 
 def granularity(dense: ModelConfig, moe: ModelConfig) -> int:
@@ -38,25 +39,30 @@ def granularity(dense: ModelConfig, moe: ModelConfig) -> int:
 def check_upcycle(dense: ModelConfig, moe: ModelConfig) -> None:
     """One-line ValueError naming the field when `dense` cannot be upcycled exactly into `moe`."""
     if dense.n_experts or not moe.n_experts:
-        raise ValueError(f"checkpoint.upcycle turns a dense checkpoint into an MoE model, but the source has "
-                         f"model.n_experts {dense.n_experts} and this run {moe.n_experts}")
-    diff = first_difference(moe, dense, skip=TRAINING_ONLY | MOE_FIELDS)
+        raise ValueError(f"checkpoint.upcycle turns a dense checkpoint into an MoE model, but the "
+                         f"source has model.n_experts {dense.n_experts} and this run "
+                         f"{moe.n_experts}")
+    all_moe = all(moe.is_moe_layer(i) for i in range(moe.n_layers))  # then no block keeps ffn_dim
+    skip = TRAINING_ONLY | MOE_FIELDS | ({"ffn_dim"} if all_moe else set())
+    diff = first_difference(moe, dense, skip=skip)
     if diff is not None:
         name, ours, theirs = diff
-        raise ValueError(f"checkpoint.upcycle: model.{name} is {ours!r} here but {theirs!r} in the dense "
-                         f"checkpoint: set model.{name}={theirs!r}")
+        raise ValueError(f"checkpoint.upcycle: model.{name} is {ours!r} here but {theirs!r} in the "
+                         f"dense checkpoint: set model.{name}={theirs!r}")
     g = max(granularity(dense, moe), 1)
     problems = [
         (not dense.bias, "the dense MLP has biases (model.bias true) and experts have none"),
         (dense.ffn % moe.expert_ffn == 0,
          f"model.expert_ffn_dim ({moe.expert_ffn}) must divide the dense MLP width ({dense.ffn})"),
-        (moe.shared_expert_ffn_dim == 0, "a shared expert has no dense counterpart: set model.shared_expert_ffn_dim=0"),
+        (moe.shared_expert_ffn_dim == 0,
+         "a shared expert has no dense counterpart: set model.shared_expert_ffn_dim=0"),
         (moe.normalizes_topk, "the k gate weights must sum to 1: set model.norm_topk_prob=true"),
         (moe.n_experts % g == 0 and moe.top_k % g == 0,
-         f"with {g} slices per dense MLP, model.n_experts ({moe.n_experts}) and model.top_k ({moe.top_k}) "
-         f"must be multiples of {g}"),
+         f"with {g} slices per dense MLP, model.n_experts ({moe.n_experts}) and model.top_k "
+         f"({moe.top_k}) must be multiples of {g}"),
         ((moe.n_experts // moe.n_group) % g == 0,
-         f"each of the model.n_group ({moe.n_group}) expert groups must hold whole copies of {g} slices"),
+         f"each of the model.n_group ({moe.n_group}) expert groups must hold whole copies of {g} "
+         f"slices"),
     ]
     for ok, problem in problems:
         if not ok:
@@ -77,7 +83,8 @@ def upcycle_state(dense_state: dict[str, torch.Tensor], dense: ModelConfig, moe:
 
 def _moe_block(sd: dict[str, torch.Tensor], prefix: str, dense: ModelConfig, moe: ModelConfig,
                seed: int) -> dict[str, torch.Tensor]:
-    """Experts (slice e % g of copy e // g, output scaled by g / s), router, expert bias of one block."""
+    """One block's experts (slice e % g of copy e // g, output scaled by g / s), router and expert
+    bias."""
     g, fe, swiglu = granularity(dense, moe), moe.expert_ffn, moe.mlp == "swiglu"
     w1, w2 = sd[prefix + "w1.weight"].float(), sd[prefix + "w2.weight"].float()  # [F, D], [D, F]
     w3 = sd[prefix + "w3.weight"].float() if swiglu else None                     # [F, D]

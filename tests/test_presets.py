@@ -85,10 +85,12 @@ def analytic_params(cfg: ModelConfig) -> int:
 
 
 def _moe_block(cfg: ModelConfig, i: int) -> bool:
-    """HF's rules: listed, or past first_k_dense_replace, not in mlp_only_layers, (i+1) % step == 0."""
+    """HF's rules: listed, or past first_k_dense_replace, not in mlp_only_layers, and
+    (i + 1) % decoder_sparse_step == 0."""
     if cfg.moe_layers is not None:
         return i in cfg.moe_layers
-    return i >= cfg.first_k_dense and i not in (cfg.dense_layers or []) and (i + 1) % cfg.moe_every == 0
+    stride = (i + 1) % cfg.moe_every == 0
+    return i >= cfg.first_k_dense and i not in (cfg.dense_layers or []) and stride
 
 
 @pytest.mark.parametrize("name", [n for n in FULL if published_params(n) is not None])

@@ -148,7 +148,8 @@ def validate(c: TrainConfig) -> None:
            f"schedule.kind ({c.schedule.kind!r}) must be cosine, linear or constant")
     _check(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last ({c.checkpoint.keep_last}) must be >= 1")
     _check(not c.checkpoint.upcycle or c.checkpoint.init_from,
-           "checkpoint.upcycle needs checkpoint.init_from: the dense checkpoint (ours or HF) to upcycle")
+           "checkpoint.upcycle needs checkpoint.init_from: the dense checkpoint (ours or HF) to "
+           "upcycle")
     _check(c.logging.interval >= 1, f"logging.interval ({c.logging.interval}) must be >= 1")
 
 

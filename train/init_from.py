@@ -28,7 +28,8 @@ def read_source(path: str, pad_multiple: int = 1) -> tuple[ModelConfig, dict[str
     """(the source's model config, its whole-model state dict under our names), with the vocabulary
     rows padded to a multiple of `pad_multiple` (the run's model.vocab_pad_multiple)."""
     if _is_ours(path):
-        saved = ModelConfig.from_dict(read_meta(path)["config"]["model"], where="checkpoint.init_from model")
+        saved = ModelConfig.from_dict(read_meta(path)["config"]["model"],
+                                      where="checkpoint.init_from model")
         cfg = replace(saved, vocab_pad_multiple=pad_multiple)
         return cfg, _repad_vocab(load_full_model_state(path), cfg)
     if (Path(path) / "config.json").is_file():
@@ -36,20 +37,23 @@ def read_source(path: str, pad_multiple: int = 1) -> tuple[ModelConfig, dict[str
 
         cfg = config_from_hf(read_hf_config(path), vocab_pad_multiple=pad_multiple)
         return cfg, hf_state_dict(path, cfg)
-    raise FileNotFoundError(f"checkpoint.init_from={path}: neither one of our checkpoints (a step_XXXXXXXX "
-                            f"directory with meta.json) nor an HF directory (config.json): point at one")
+    raise FileNotFoundError(f"checkpoint.init_from={path}: neither one of our checkpoints (a "
+                            f"step_XXXXXXXX directory with meta.json) nor an HF directory "
+                            f"(config.json): point at one")
 
 
 def _repad_vocab(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Embedding / head rows [V_saved, D] -> [V_padded, D]: the real vocab_size rows, zero padding."""
+    """Embedding / head rows [V_saved, D] -> [V_padded, D]: the vocab_size real rows, then zeros."""
     for name in ("tok_emb.weight", "head.weight"):
         if name in state:
             rows = state[name][: cfg.vocab_size]
-            state[name] = torch.nn.functional.pad(rows, (0, 0, 0, cfg.padded_vocab_size - cfg.vocab_size))
+            pad = cfg.padded_vocab_size - cfg.vocab_size
+            state[name] = torch.nn.functional.pad(rows, (0, 0, 0, pad))
     return state
 
 
-def initial_state(path: str, cfg: ModelConfig, upcycle: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+def initial_state(path: str, cfg: ModelConfig, upcycle: bool = False,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
     """The whole-model state dict that starts a run of model `cfg` from `path`."""
     source_cfg, state = read_source(path, cfg.vocab_pad_multiple)
     if upcycle:
@@ -64,6 +68,6 @@ def initial_state(path: str, cfg: ModelConfig, upcycle: bool = False, seed: int 
         name, ours, theirs = diff
         hint = " (or set checkpoint.upcycle=true to turn a dense model into this MoE)" \
             if source_cfg.n_experts == 0 and cfg.n_experts else ""
-        raise ValueError(f"checkpoint.init_from={path}: model.{name} is {ours!r} here but {theirs!r} in that "
-                         f"checkpoint: set model.{name}={theirs!r}{hint}")
+        raise ValueError(f"checkpoint.init_from={path}: model.{name} is {ours!r} here but "
+                         f"{theirs!r} in that checkpoint: set model.{name}={theirs!r}{hint}")
     return state

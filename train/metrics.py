@@ -83,8 +83,8 @@ class MetricsLogger:
                     self._expert_histogram(layer, counts, step)
 
     def log_histograms(self, step: int, values: dict[str, torch.Tensor]) -> None:
-        """A TensorBoard histogram of each tensor's values under its tag (e.g. a layer's expert biases:
-        how they spread over the experts); nothing without TensorBoard or with histograms off."""
+        """A TensorBoard histogram of each tensor's values under its tag (e.g. a layer's expert
+        biases: how they spread over the experts); nothing without TensorBoard or histograms."""
         if not self.enabled or self.writer is None or not self.histograms:
             return
         for tag, t in values.items():

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from moe.model import Decoder, build_model, load_full_state_dict, param_counts
 from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, stage_chunk_fn, sync_tied_grads, tied_embedding_group, \
     tied_embedding_replicas
-from moe.stages import expert_bias_table, reduce_loads_over_dp, routing_count_fn, update_expert_biases
+from moe.stages import expert_bias_table, reduce_loads_over_dp, routing_count_fn, \
+    update_expert_biases
 from parallel.context import ParallelContext
 from parallel.data import GradReducer, Zero1, norm_buckets, tied_replicas
 from parallel.pipeline import PipelineExecutor
@@ -152,16 +153,16 @@ class Trainer:
         seq = self.cfg.data.seq_len // (self.ctx.tp if self.ctx.sequence_parallel else 1)
         self.step_loads: dict[int, torch.Tensor] = {}  # global_batch scope: refilled before each step
         self.executor = PipelineExecutor(
-            [stage_chunk_fn(chunk, 1.0 / self.n_micro, self.step_loads) for chunk in self.chunks], self.ctx,
-            self._schedule_kind(), self.n_micro,
+            [stage_chunk_fn(chunk, 1.0 / self.n_micro, self.step_loads) for chunk in self.chunks],
+            self.ctx, self._schedule_kind(), self.n_micro,
             act_shape=(self.cfg.training.micro_batch_size, seq, self.cfg.model.d_model),
             act_dtype=self._residual_dtype(),
             before_backward=lambda c, last: self.reducers[c].prepare(sync=last))
         self._build_load_counter()
 
     def _build_load_counter(self) -> None:
-        """model.aux_loss_scope=global_batch: a second executor over the same chunks that only counts
-        routing (routing_count_fn), run before each step by _count_step_loads."""
+        """model.aux_loss_scope=global_batch: a second executor over the same chunks that only
+        counts routing (routing_count_fn), run before each step by _count_step_loads."""
         self.count_executor, self._counted = None, {}
         if self.cfg.model.n_experts and self.cfg.model.aux_loss_scope == "global_batch":
             self.count_executor = PipelineExecutor(
@@ -215,8 +216,8 @@ class Trainer:
         m = self.cfg.model
         merged = merge_stage_stats(result.infos, m.n_layers, m.n_experts, self.device)
         lm = sum((loss.float() for loss in result.losses), torch.zeros((), device=self.device))
-        sums = torch.cat([torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]]),
-                          merged["aux_layers"]])
+        scalars = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]])
+        sums = torch.cat([scalars, merged["aux_layers"]])
         loads = merged["loads"]
         if self.ctx.pp > 1:
             dist.all_reduce(sums, group=self.ctx.pp_group)
@@ -225,7 +226,8 @@ class Trainer:
         sums[3] /= max(len(moe_layers), 1)
         sums /= self.n_micro
         lm, aux, z, dropped = sums[:4].unbind(0)
-        return {"lm": lm, "aux": aux, "z": z, "dropped": dropped, "loads": {i: loads[i].long() for i in moe_layers},
+        return {"lm": lm, "aux": aux, "z": z, "dropped": dropped,
+                "loads": {i: loads[i].long() for i in moe_layers},
                 "aux_layers": {i: sums[4 + i] for i in moe_layers}}
 
     def train_step(self) -> dict[str, float]:
@@ -233,8 +235,8 @@ class Trainer:
         apply_lr(self.optimizer, lr)
         stats = self.forward_backward()
         per_layer = stats["aux_layers"]
-        lm, aux, z, dropped, *aux_layers = self._mean_over_dp(stats["lm"], stats["aux"], stats["z"], stats["dropped"],
-                                                              *per_layer.values())
+        lm, aux, z, dropped, *aux_layers = self._mean_over_dp(
+            stats["lm"], stats["aux"], stats["z"], stats["dropped"], *per_layer.values())
         loads = self._sum_loads_over_dp(stats["loads"])
         grad_norm = clip_grad_norm_(self.clip_buckets, self.cfg.optimizer.grad_clip, scale_only=self.tied_heads)
         loss = lm + aux + z
@@ -253,9 +255,10 @@ class Trainer:
                 **{f"moe/layer{i}/aux_loss": v for i, v in zip(per_layer, aux_layers)}}
 
     def _expert_biases(self) -> dict[int, torch.Tensor]:
-        """Every layer's expert bias for TensorBoard (gathered over pipeline stages: all ranks take part)."""
-        m = self.cfg.model
-        if not (m.n_experts and m.expert_bias and self.cfg.logging.tensorboard and self.cfg.logging.histograms):
+        """Every layer's expert bias for TensorBoard (gathered over pipeline stages: all ranks take
+        part, the condition being the same everywhere)."""
+        m, log = self.cfg.model, self.cfg.logging
+        if not (m.n_experts and m.expert_bias and log.tensorboard and log.histograms):
             return {}
         table = expert_bias_table(self.chunks, m.n_layers, m.n_experts, self.device)
         if self.ctx.pp > 1:
@@ -375,7 +378,8 @@ class Trainer:
         scalars = {k: v for k, v in s.items() if k not in ("loads", "expert_bias")}
         scalars.update(tokens_per_s=tok_s, mfu=mfu, memory_gb=memory_gb(self.device))
         self.logger.log(self.step, scalars, s["loads"])
-        self.logger.log_histograms(self.step, {f"moe/layer{i}/expert_bias": b for i, b in s["expert_bias"].items()})
+        biases = {f"moe/layer{i}/expert_bias": b for i, b in s["expert_bias"].items()}
+        self.logger.log_histograms(self.step, biases)
         if self.step % c.logging.interval == 0 or self.step == c.training.max_steps:
             done = self.step - start_step
             eta = (time.perf_counter() - t0) / max(done, 1) * (c.training.max_steps - self.step)

@@ -55,15 +55,16 @@ MODELS: dict[str, tuple[str, dict]] = {
     "moe_h8": ("tiny-moe", dict(_MOE, **_HEADS8)),
     # balance-loss scopes: f over each sequence (split over tp ranks under token sharding), or over
     # the whole step (counted in a no-grad pre-pass); a coefficient large enough to steer the router
-    "moe_seq": ("tiny-moe", dict(_MOE, aux_loss_scope="sequence", aux_loss_coef=0.1, shared_expert_ffn_dim=32,
-                                 shared_expert_gate=True)),
+    "moe_seq": ("tiny-moe", dict(_MOE, aux_loss_scope="sequence", aux_loss_coef=0.1,
+                                 shared_expert_ffn_dim=32, shared_expert_gate=True)),
     "moe_global": ("tiny-moe", dict(_MOE, aux_loss_scope="global_batch", aux_loss_coef=0.1)),
     # aux-loss-free balancing (DeepSeek-V3 style: sigmoid, groups, scaled weights, first block
     # dense); the rate is large so the bias changes the routing within the three steps, and 8
     # experts make a data-parallel shard's load signs differ from the whole step's
-    "moe_bias": ("tiny-moe", dict(_MOE, n_experts=8, score_function="sigmoid", n_group=2, topk_group=1,
-                                  routed_scaling_factor=2.0, expert_bias=True, expert_bias_update_rate=0.05,
-                                  aux_loss_coef=0.0, first_k_dense=1)),
+    "moe_bias": ("tiny-moe", dict(_MOE, n_experts=8, score_function="sigmoid", n_group=2,
+                                  topk_group=1, routed_scaling_factor=2.0, expert_bias=True,
+                                  expert_bias_update_rate=0.05, aux_loss_coef=0.0,
+                                  first_k_dense=1)),
 }
 
 
@@ -111,8 +112,8 @@ def count_loads(model: Decoder, micro: tuple[torch.Tensor, ...]) -> dict[int, to
 
 
 def forward_backward(model: Decoder, reducer: GradReducer, local: torch.Tensor):
-    """This rank's micro-batches (trainer.forward_backward); returns [lm, aux, z, dropped] means and
-    the step's loads per MoE layer (summed over micro-batches and dp, for the expert-bias update)."""
+    """This rank's micro-batches (trainer.forward_backward); returns [lm, aux, z, dropped] means
+    and the step's loads per MoE layer (summed over micro-batches and dp), for the bias update."""
     micro = local.split(MICRO)
     n_micro = len(micro)
     stats, loads = torch.zeros(4), {}
@@ -225,7 +226,8 @@ def reference_with(key: str, **overrides) -> dict:
     model = build_model(cfg, ctx, seed=0)
     init = {n: t.detach().clone() for n, t in model.state_dict().items()}  # parameters and expert biases
     run = train(model, ctx, global_tokens(cfg.vocab_size))
-    return {**run, "init": init, "final": {n: t.detach().clone() for n, t in model.state_dict().items()}}
+    final = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    return {**run, "init": init, "final": final}
 
 
 def run_layout(rank: int, world: int, layout: Layout, ref: dict) -> dict:

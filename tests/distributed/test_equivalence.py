@@ -25,8 +25,8 @@ import torch
 
 from moe.model import Decoder, validate_layout
 from parallel.context import ParallelContext
-from tests.distributed.equiv_workers import MAX_NORM, MODELS, Layout, model_config, reference, reference_with, \
-    run_layouts
+from tests.distributed.equiv_workers import MAX_NORM, MODELS, Layout, model_config, reference, \
+    reference_with, run_layouts
 from tests.distributed.harness import run_distributed
 
 LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
@@ -146,12 +146,13 @@ def test_balance_references_are_live():
     sequence and global scopes give other aux losses than the micro-batch scope would."""
     bias = _reference("moe_bias")
     final = bias["final"]["layers.1.mlp.router.expert_bias"]
-    assert bias["init"]["layers.1.mlp.router.expert_bias"].eq(0).all() and final.unique().numel() >= 2, final
+    assert bias["init"]["layers.1.mlp.router.expert_bias"].eq(0).all(), final
+    assert final.unique().numel() >= 2, final
     assert "layers.0.mlp.router.weight" not in bias["init"]  # first_k_dense: block 0 is dense
     scoped = {key: _reference(key)["losses"][:, 1] for key in ("moe_seq", "moe_global")}
-    micro = {key: reference_with(key, aux_loss_scope="micro_batch")["losses"][:, 1] for key in scoped}
-    for key in scoped:
-        assert (scoped[key] > 0).all() and ((scoped[key] - micro[key]).abs() > 1e-5 * scoped[key]).all(), key
+    for key, aux in scoped.items():
+        micro = reference_with(key, aux_loss_scope="micro_batch")["losses"][:, 1]
+        assert (aux > 0).all() and ((aux - micro).abs() > 1e-5 * aux).all(), key
 
 
 # ----------------------------------------------------------------------------- invalid layouts
