@@ -2,6 +2,7 @@
 
     python -m benchmarks.moe_layer  [--smoke]   MoE layer forward + backward per expert backend
     python -m benchmarks.train_step [--smoke]   full training step of our model (and HF's, --hf)
+    python -m benchmarks.balance_prepass [--smoke]  the global_batch balance loss's pre-pass cost
 
 This module holds what both scripts share: device and precision handling, the timer (median of N
 timed iterations after warmup, CUDA events on a GPU) and the markdown table printer. Figures are

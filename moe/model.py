@@ -69,19 +69,20 @@ class Block(nn.Module):
         self.mlp = MoELayer(cfg, ctx) if cfg.is_moe_layer(idx) else DenseMLP(cfg, ctx)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, aux_grad_scale: float) -> tuple[torch.Tensor, MoEStats | None]:
+    def forward(self, x, rope, aux_grad_scale: float, global_counts: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, MoEStats | None]:
         if self.pre:
             x = x + self.drop(self.attn(self.attn_norm(x), rope))
-            m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale)
+            m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale, global_counts)
             return x + self.drop(m), stats
         dtype = x.dtype  # LayerNorm runs in float32 under autocast: keep the stream's dtype
         x = self.attn_norm(x + self.drop(self.attn(x, rope))).to(dtype)
-        m, stats = self._mlp(x, aux_grad_scale)
+        m, stats = self._mlp(x, aux_grad_scale, global_counts)
         return self.mlp_norm(x + self.drop(m)).to(dtype), stats
 
-    def _mlp(self, x, aux_grad_scale):
+    def _mlp(self, x, aux_grad_scale, global_counts=None):
         if isinstance(self.mlp, MoELayer):
-            return self.mlp(x, aux_grad_scale)
+            return self.mlp(x, aux_grad_scale, global_counts)
         return self.mlp(x), None
 
 
@@ -137,28 +138,34 @@ class Decoder(nn.Module):
 
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, aux_grad_scale: float = 1.0,
+                global_loads: dict[int, torch.Tensor] | None = None, routing_only: bool = False,
                 ) -> DecoderOutput:
         """x: token ids [B, S] on the first stage, else the previous stage's hidden [B, S(/tp), D].
         `aux_grad_scale`: the factor applied to this micro-batch's LM loss (e.g. 1/n_micro_batches);
-        the MoE auxiliary losses get the same factor in backward."""
+        the MoE auxiliary losses get the same factor in backward. `global_loads`: layer -> [E]
+        routed slots over the whole step (model.aux_loss_scope=global_batch). `routing_only`: only
+        what the routing statistics need - the last stage stops after its last MoE block, no head,
+        no loss."""
         h = self.embed(x) if self.pre else x
         if self.pre:  # the residual stream: float32 (fp32 training, model.fp32_residual) or bf16
             compute_dtype = autocast_dtype(h.device.type)
             h = h.float() if self.cfg.fp32_residual or compute_dtype is None else h.to(compute_dtype)
         rope = self._rope(h) if self.cfg.positions == "rope" else None
         out = DecoderOutput(logits=None)
-        for key, block in self.layers.items():
+        for key, block in self._blocks(routing_only):
+            counts = (global_loads or {}).get(int(key))
             if self.activation_checkpointing and self.training:
                 extra = {"context_fn": selective_recompute_context} if self.recompute == "selective" else {}
-                h, stats = checkpoint(block, h, rope, aux_grad_scale, use_reentrant=False, **extra)
+                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, use_reentrant=False,
+                                      **extra)
             else:
-                h, stats = block(h, rope, aux_grad_scale)
+                h, stats = block(h, rope, aux_grad_scale, counts)
             if stats is not None:
                 out.moe[int(key)] = stats
         if out.moe:
             out.aux_loss = torch.stack([s.aux_loss for s in out.moe.values()]).sum()
             out.z_loss = torch.stack([s.z_loss for s in out.moe.values()]).sum()
-        if not self.post:
+        if not self.post or routing_only:
             out.hidden = h
             return out
         out.logits = self.logits(h)
@@ -167,6 +174,15 @@ class Decoder(nn.Module):
         if self.ctx.tp == 1 and self.cfg.padded_vocab_size != self.cfg.vocab_size:
             out.logits = out.logits[..., : self.cfg.vocab_size]
         return out
+
+    def _blocks(self, routing_only: bool) -> list[tuple[str, Block]]:
+        """The blocks to run: all of them, or for routing statistics on the last stage only those
+        up to its last MoE block (what follows changes no routing decision)."""
+        blocks = list(self.layers.items())
+        if routing_only and self.post:
+            moe = [i for i, (key, _) in enumerate(blocks) if self.cfg.is_moe_layer(int(key))]
+            blocks = blocks[:moe[-1] + 1] if moe else []
+        return blocks
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.cfg.max_seq_len:
@@ -223,7 +239,11 @@ class Decoder(nn.Module):
     def init_weights(self, seed: int = 0) -> None:
         """Layout-independent init: each parameter's full tensor from a (seed, name)-seeded generator,
         then this rank's shard. Normal(0, init_std) for matrices (output projections scaled by
-        1/sqrt(2 n_layers), GPT-2), ones for norm weights, zeros for biases."""
+        1/sqrt(2 n_layers), GPT-2), ones for norm weights, zeros for biases; the routers' expert
+        biases (state, not weights) start at zero."""
+        for name, b in self.named_buffers():
+            if name.endswith("router.expert_bias"):
+                b.zero_()
         layouts = self.layouts()
         for name, p in self.named_parameters():
             rec = layouts[name]  # a tied replica is drawn under the name of the tensor it mirrors
@@ -234,7 +254,7 @@ class Decoder(nn.Module):
             return torch.zeros(shape)
         if len(shape) == 1:  # norm weights
             return torch.ones(shape)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        gen = init_generator(seed, name)
         std = self.cfg.init_std
         if name.endswith(("wo.weight", "w2.weight", "w_out")):
             std = std / (2 * self.cfg.n_layers) ** 0.5
@@ -242,6 +262,12 @@ class Decoder(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def init_generator(seed: int, name: str) -> torch.Generator:
+    """The generator a parameter's full tensor is drawn from: seeded by (seed, global name), so the
+    draw is the same in every layout."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def param_counts(model: Decoder) -> tuple[int, int]:
@@ -270,17 +296,19 @@ def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cp
 @torch.no_grad()
 def load_full_state_dict(model: Decoder, full: dict[str, torch.Tensor]) -> None:
     """Copy a whole-model (single-process) state dict into this rank's shards and stage: each
-    tensor is cut as its layout record says, so any layout can start from one checkpoint."""
+    tensor is cut as its layout record says, so any layout can start from one checkpoint.
+    Persistent buffers (the routers' expert biases) are state too: replicated, copied whole."""
     layouts = model.layouts()
-    for name, p in model.named_parameters():
-        rec = layouts[name]
-        key = rec.name if rec.name in full else rec.tied_to
+    for name, t in model.state_dict(keep_vars=True).items():
+        rec = layouts.get(name)  # None for a buffer
+        key = name if rec is None else (rec.name if rec.name in full else rec.tied_to)
         if key not in full:
             raise ValueError(f"checkpoint has no tensor for {name}: it does not match model {model.cfg}")
-        if tuple(full[key].shape) != rec.global_shape:
+        want = tuple(t.shape) if rec is None else rec.global_shape
+        if tuple(full[key].shape) != want:
             raise ValueError(f"{name}: checkpoint tensor has shape {tuple(full[key].shape)} but the model "
-                             f"expects {rec.global_shape}: the checkpoint's model config differs from this run's")
-        p.copy_(rec.shard(full[key], model.ctx))
+                             f"expects {want}: the checkpoint's model config differs from this run's")
+        t.copy_(full[key] if rec is None else rec.shard(full[key], model.ctx))
 
 
 def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, seed: int = 0, device=None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from parallel.context import ParallelContext
 from parallel.partition import check_partition, partition_layers
@@ -115,17 +116,21 @@ def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[l
     return chunks
 
 
-def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float) -> Callable[[torch.Tensor, Any], tuple]:
+def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float,
+                   global_loads: dict[int, torch.Tensor] | None = None,
+                   ) -> Callable[[torch.Tensor, Any], tuple]:
     """Adapt a Decoder chunk to the executor's contract chunk(x, target) -> (output, info).
 
     output: the hidden activations on non-last chunks, the mean LM loss on the last. info: a
     DecoderOutput with only the detached loss, aux_loss, z_loss and MoE statistics (no logits or
     activations are kept alive for logging). aux_grad_scale: the micro-batch's loss weight
-    (1 / n_micro), applied to the MoE auxiliary losses in backward as on pp=1.
+    (1 / n_micro), applied to the MoE auxiliary losses in backward as on pp=1. global_loads: a
+    dict the caller refills before each step with the step's loads (model.aux_loss_scope
+    global_batch, see count_step_loads); read at every call, so one executor serves every step.
     """
 
     def run(x: torch.Tensor, target: Any) -> tuple[torch.Tensor, DecoderOutput]:
-        out = chunk(x, target, aux_grad_scale=aux_grad_scale)
+        out = chunk(x, target, aux_grad_scale=aux_grad_scale, global_loads=global_loads)
         output = out.hidden if not chunk.post else out.loss
         if output is None:
             raise ValueError("the last pipeline stage got no targets: pass targets to PipelineExecutor.step")
@@ -138,15 +143,80 @@ def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float) -> Callable[[torch.Ten
 def merge_stage_stats(infos: list[list[DecoderOutput]], n_layers: int, n_experts: int,
                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Sum this rank's chunk statistics over chunks and micro-batches, on `device` (no host sync):
-    aux_loss, z_loss, dropped (summed dropped fractions over MoE layers and micro-batches) and
-    loads [n_layers, n_experts] (tokens per expert, zero rows for layers this rank lacks), so the
-    caller can all-reduce them over pipeline ranks as they are and divide by n_micro."""
+    aux_loss, z_loss, dropped (summed dropped fractions over MoE layers and micro-batches),
+    aux_layers [n_layers] (each layer's balance loss) and loads [n_layers, n_experts] (tokens per
+    expert), zero for layers this rank lacks, so the caller can all-reduce them over pipeline
+    ranks as they are and divide by n_micro."""
     aux, z, dropped = (torch.zeros((), device=device) for _ in range(3))
+    aux_layers = torch.zeros(n_layers, device=device)
     loads = torch.zeros(n_layers, max(n_experts, 1), device=device)
     for per_micro in infos:
         for out in per_micro:
             aux, z = aux + out.aux_loss.float().to(device), z + out.z_loss.float().to(device)
             for layer, stats in out.moe.items():
                 dropped = dropped + stats.dropped_fraction.to(device)
+                aux_layers[layer] += stats.aux_loss.float().to(device)
                 loads[layer] += stats.tokens_per_expert.to(device)
-    return {"aux_loss": aux, "z_loss": z, "dropped": dropped, "loads": loads}
+    return {"aux_loss": aux, "z_loss": z, "dropped": dropped, "aux_layers": aux_layers,
+            "loads": loads}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-wide expert loads: the global_batch balance loss and the expert-bias update
+# ---------------------------------------------------------------------------------------------
+
+
+def routing_count_fn(chunk: Decoder,
+                     counted: dict[int, torch.Tensor]) -> Callable[[torch.Tensor, Any], tuple]:
+    """A chunk function for a no-grad pass that only counts routing: runs the chunk with
+    routing_only (the last stage stops after its last MoE block: no head, no loss) and adds each
+    MoE layer's routed slots per expert into `counted` (layer -> [E] float). The last stage
+    returns a zero in place of a loss."""
+
+    def run(x: torch.Tensor, target: Any) -> tuple[torch.Tensor, None]:
+        out = chunk(x, routing_only=True)
+        for layer, stats in out.moe.items():
+            load = stats.tokens_per_expert.float()
+            counted[layer] = counted[layer] + load if layer in counted else load
+        return (out.hidden if not chunk.post else out.hidden.new_zeros(())), None
+
+    return run
+
+
+def reduce_loads_over_dp(loads: dict[int, torch.Tensor],
+                         ctx: ParallelContext) -> dict[int, torch.Tensor]:
+    """Sum each layer's [E] loads over the data-parallel group (one all-reduce, layers in a fixed
+    order; the ranks of one dp group hold the same layers). Token shards inside a tp group are
+    already summed by the router, so the result counts every token of the step once, on every
+    rank."""
+    if ctx.dp == 1 or not loads:
+        return dict(loads)
+    keys = sorted(loads)
+    flat = torch.stack([loads[k].float() for k in keys])  # [layers, E]
+    dist.all_reduce(flat, group=ctx.dp_group)
+    return dict(zip(keys, flat.unbind(0)))
+
+
+@torch.no_grad()
+def update_expert_biases(chunks: list[Decoder], loads: dict[int, torch.Tensor]) -> None:
+    """After an optimizer step: each router with an expert bias moves it by its rule (moe/router.py)
+    from its layer's step load (summed over micro-batches and ranks: the same on every rank)."""
+    for chunk in chunks:
+        for key, block in chunk.layers.items():
+            router = getattr(block.mlp, "router", None)
+            if router is None or router.expert_bias is None or router.opts.bias_update_rate == 0:
+                continue
+            router.update_bias(loads[int(key)])
+
+
+def expert_bias_table(chunks: list[Decoder], n_layers: int, n_experts: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """[n_layers, n_experts] expert biases of this rank's layers (zero rows elsewhere): summed over
+    pipeline ranks, the whole model's biases, for logging."""
+    table = torch.zeros(n_layers, max(n_experts, 1), device=device)
+    for chunk in chunks:
+        for key, block in chunk.layers.items():
+            router = getattr(block.mlp, "router", None)
+            if router is not None and router.expert_bias is not None:
+                table[int(key)] = router.expert_bias.to(device)
+    return table

@@ -89,7 +89,8 @@ class CheckpointConfig:
     keep_last: int = 3                # checkpoints kept (older ones deleted)
     resume: str = "none"              # none | auto (latest in run_dir/checkpoints) | path to a checkpoint
     dir: str | None = None            # null = <run_dir>/checkpoints
-    init_from: str | None = None      # HF directory (Llama / GPT-2 / Mixtral safetensors) whose weights start the run; sharded for any layout
+    init_from: str | None = None      # weights that start the run (step 0, fresh optimizer), sharded for any layout: an HF directory (safetensors) or one of our step_XXXXXXXX checkpoints
+    upcycle: bool = False             # with init_from: a dense checkpoint becomes this MoE model (each expert a copy or a slice of the dense MLP, router drawn small); the step-0 loss equals the dense model's
 
 
 @dataclass
@@ -147,6 +148,9 @@ def validate(c: TrainConfig) -> None:
     _check(c.schedule.kind in ("cosine", "linear", "constant"),
            f"schedule.kind ({c.schedule.kind!r}) must be cosine, linear or constant")
     _check(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last ({c.checkpoint.keep_last}) must be >= 1")
+    _check(not c.checkpoint.upcycle or c.checkpoint.init_from,
+           "checkpoint.upcycle needs checkpoint.init_from: the dense checkpoint (ours or HF) to "
+           "upcycle")
     _check(c.logging.interval >= 1, f"logging.interval ({c.logging.interval}) must be >= 1")
 
 

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from moe.model import Decoder, build_model, load_full_state_dict, param_counts
-from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, stage_chunk_fn
+from moe.stages import (build_stage_chunks, expert_bias_table, merge_stage_stats, plan_stages,
+                        reduce_loads_over_dp, routing_count_fn, stage_chunk_fn, update_expert_biases)
 from parallel.context import ParallelContext
 from parallel.layout import LayoutTable
 from parallel.pipeline import PipelineExecutor
@@ -32,6 +33,7 @@ from .checkpoint import resolve_resume_everywhere, restore_training_state, rng_s
     training_state
 from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
+from .init_from import initial_state
 from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
 from .optim import LRSchedule, apply_lr, build_parallel_optimizer
 
@@ -80,7 +82,7 @@ class Trainer:
                                 first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
         self.chunks = build_stage_chunks(c.model, self.ctx, partition, seed=c.training.seed, device=self.device)
         if c.checkpoint.init_from:
-            self._init_from_hf(self.chunks, c.checkpoint.init_from)
+            self._init_from(self.chunks, c.checkpoint.init_from)
         for chunk in self.chunks:
             chunk.activation_checkpointing = c.training.activation_checkpointing
             chunk.recompute = c.training.recompute
@@ -98,15 +100,15 @@ class Trainer:
             return "1f1b"  # one stage: F0 B0 F1 B1 ..., one micro-batch's activations alive at a time
         return "interleaved" if p.vpp > 1 else p.pp_schedule
 
-    def _init_from_hf(self, chunks: list[Decoder], path: str) -> None:
-        """Start from an HF checkpoint: whole tensors are read on every rank and cut to its shards."""
-        from moe.hf import check_matches_hf, hf_state_dict
-
-        check_matches_hf(self.cfg.model, path)
-        full = hf_state_dict(path, self.cfg.model)
+    def _init_from(self, chunks: list[Decoder], path: str) -> None:
+        """Start from an HF checkpoint or one of ours (upcycled when checkpoint.upcycle): whole
+        tensors are read on every rank and cut to its shards."""
+        c = self.cfg
+        full = initial_state(path, c.model, c.checkpoint.upcycle, c.training.seed)
         for chunk in chunks:
             load_full_state_dict(chunk, full)
-        self._log(f"initialised weights from {path}")
+        how = " (upcycled from a dense model)" if c.checkpoint.upcycle else ""
+        self._log(f"initialised weights from {path}{how}")
 
     def _build_data(self) -> tuple[PretrainData, PretrainData]:
         c = self.cfg
@@ -142,10 +144,23 @@ class Trainer:
         decay = s.decay_steps if s.decay_steps is not None else c.training.max_steps
         self.schedule = LRSchedule(s.kind, o.lr, min(o.min_lr, o.lr), min(s.warmup_steps, decay), decay)
         seq = c.data.seq_len // (self.ctx.tp if self.ctx.sequence_parallel else 1)
+        self.step_loads: dict[int, torch.Tensor] = {}  # global_batch scope: refilled before each step
         self.executor = PipelineExecutor(
-            [stage_chunk_fn(chunk, 1.0 / self.n_micro) for chunk in self.chunks], self.ctx, self._schedule_kind(),
-            self.n_micro, act_shape=(c.training.micro_batch_size, seq, c.model.d_model),
+            [stage_chunk_fn(chunk, 1.0 / self.n_micro, self.step_loads) for chunk in self.chunks],
+            self.ctx, self._schedule_kind(), self.n_micro,
+            act_shape=(c.training.micro_batch_size, seq, c.model.d_model),
             act_dtype=self._residual_dtype(), before_backward=self.optimizer.prepare)
+        self._build_load_counter()
+
+    def _build_load_counter(self) -> None:
+        """model.aux_loss_scope=global_batch: a second executor over the same chunks that only
+        counts routing (routing_count_fn), run before each step by _count_step_loads."""
+        self.count_executor, self._counted = None, {}
+        if self.cfg.model.n_experts and self.cfg.model.aux_loss_scope == "global_batch":
+            self.count_executor = PipelineExecutor(
+                [routing_count_fn(chunk, self._counted) for chunk in self.chunks], self.ctx,
+                self._schedule_kind(), self.n_micro, act_shape=self.executor.act_shape,
+                act_dtype=self.executor.act_dtype)
 
     # ------------------------------------------------------------ one step
     def _residual_dtype(self) -> torch.dtype:
@@ -165,9 +180,25 @@ class Trainer:
         batch = self.train_data.next_batch().to(self.device, non_blocking=True)
         micro = batch.split(self.cfg.training.micro_batch_size)
         with self._autocast():
+            self._count_step_loads([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
             result = self.executor.step([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
         self.optimizer.finish()
         return self._step_stats(result)
+
+    def _count_step_loads(self, inputs, targets) -> None:
+        """The global_batch balance loss needs the step's routed slots per expert F before the first
+        backward (under 1F1B micro-batch 0's backward precedes micro-batch 1's forward): count them
+        in a no-grad forward of every micro-batch through the same pipeline, sum over dp, and refill
+        step_loads, which the training chunks read. Exact (the weights and inputs are the same)
+        for one extra forward per step; the RNG is forked so training draws the same dropout."""
+        if self.count_executor is None:
+            return
+        self._counted.clear()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.count_executor.forward_only(self.n_micro, inputs, targets)
+        self.step_loads.clear()
+        self.step_loads.update(reduce_loads_over_dp(self._counted, self.ctx))
 
     def _step_stats(self, result) -> dict[str, torch.Tensor]:
         """lm, aux, z, dropped (mean over micro-batches and MoE layers) and per-layer expert loads,
@@ -175,31 +206,52 @@ class Trainer:
         m = self.cfg.model
         merged = merge_stage_stats(result.infos, m.n_layers, m.n_experts, self.device)
         lm = sum((loss.float() for loss in result.losses), torch.zeros((), device=self.device))
-        sums, loads = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]]), merged["loads"]
+        scalars = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]])
+        sums = torch.cat([scalars, merged["aux_layers"]])
+        loads = merged["loads"]
         if self.ctx.pp > 1:
             dist.all_reduce(sums, group=self.ctx.pp_group)
             dist.all_reduce(loads, group=self.ctx.pp_group)
         moe_layers = [i for i in range(m.n_layers) if m.is_moe_layer(i)]
         sums[3] /= max(len(moe_layers), 1)
-        lm, aux, z, dropped = (sums / self.n_micro).unbind(0)
-        return {"lm": lm, "aux": aux, "z": z, "dropped": dropped, "loads": {i: loads[i].long() for i in moe_layers}}
+        sums /= self.n_micro
+        lm, aux, z, dropped = sums[:4].unbind(0)
+        return {"lm": lm, "aux": aux, "z": z, "dropped": dropped,
+                "loads": {i: loads[i].long() for i in moe_layers},
+                "aux_layers": {i: sums[4 + i] for i in moe_layers}}
 
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
         apply_lr(self.optimizer.adamw, lr)
         stats = self.forward_backward()
-        lm, aux, z, dropped = self._mean_over_dp(stats["lm"], stats["aux"], stats["z"], stats["dropped"])
+        per_layer = stats["aux_layers"]
+        lm, aux, z, dropped, *aux_layers = self._mean_over_dp(
+            stats["lm"], stats["aux"], stats["z"], stats["dropped"], *per_layer.values())
+        loads = self._sum_loads_over_dp(stats["loads"])
         grad_norm = self.optimizer.clip(self.cfg.optimizer.grad_clip)
         loss = lm + aux + z
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
+            update_expert_biases(self.chunks, loads)  # from the step's loads: identical on every rank
             self.bad_steps = 0
         else:
             self._skip_bad_step(loss, grad_norm)
         self.optimizer.zero_grad()
         self.step += 1
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm,
-                "dropped_fraction": dropped, "loads": self._sum_loads_over_dp(stats["loads"])}
+                "dropped_fraction": dropped, "loads": loads, "expert_bias": self._expert_biases(),
+                **{f"moe/layer{i}/aux_loss": v for i, v in zip(per_layer, aux_layers)}}
+
+    def _expert_biases(self) -> dict[int, torch.Tensor]:
+        """Every layer's expert bias for TensorBoard (gathered over pipeline stages: all ranks take
+        part, the condition being the same everywhere)."""
+        m, log = self.cfg.model, self.cfg.logging
+        if not (m.n_experts and m.expert_bias and log.tensorboard and log.histograms):
+            return {}
+        table = expert_bias_table(self.chunks, m.n_layers, m.n_experts, self.device)
+        if self.ctx.pp > 1:
+            dist.all_reduce(table, group=self.ctx.pp_group)
+        return {i: table[i].cpu() for i in range(m.n_layers) if m.is_moe_layer(i)}
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
         self.bad_steps += 1
@@ -311,9 +363,11 @@ class Trainer:
         c = self.cfg
         tok_s, _ = meter.rate()
         mfu = tok_s * self.flops_per_token / (self.peak * self.ctx.world_size) if self.peak else None
-        scalars = {k: v for k, v in s.items() if k != "loads"}
+        scalars = {k: v for k, v in s.items() if k not in ("loads", "expert_bias")}
         scalars.update(tokens_per_s=tok_s, mfu=mfu, memory_gb=memory_gb(self.device))
         self.logger.log(self.step, scalars, s["loads"])
+        biases = {f"moe/layer{i}/expert_bias": b for i, b in s["expert_bias"].items()}
+        self.logger.log_histograms(self.step, biases)
         if self.step % c.logging.interval == 0 or self.step == c.training.max_steps:
             done = self.step - start_step
             eta = (time.perf_counter() - t0) / max(done, 1) * (c.training.max_steps - self.step)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from moe.config import ModelConfig, get_preset
 from moe.model import Decoder, build_model
+from moe.stages import reduce_loads_over_dp, routing_count_fn, update_expert_biases
 from parallel.context import ParallelContext
 from parallel.layout import LayoutTable
 from parallel.optimizer import ParallelOptimizer
@@ -57,6 +58,18 @@ MODELS: dict[str, tuple[str, dict]] = {
     "moe_capacity": ("tiny-moe", dict(_MOE, capacity_factor=1.0)),
     "dense_h8": ("tiny", dict(_HEADS8, vocab_size=250)),
     "moe_h8": ("tiny-moe", dict(_MOE, **_HEADS8)),
+    # balance-loss scopes: f over each sequence (split over tp ranks under token sharding), or over
+    # the whole step (counted in a no-grad pre-pass); a coefficient large enough to steer the router
+    "moe_seq": ("tiny-moe", dict(_MOE, aux_loss_scope="sequence", aux_loss_coef=0.1,
+                                 shared_expert_ffn_dim=32, shared_expert_gate=True)),
+    "moe_global": ("tiny-moe", dict(_MOE, aux_loss_scope="global_batch", aux_loss_coef=0.1)),
+    # aux-loss-free balancing (DeepSeek-V3 style: sigmoid, groups, scaled weights, first block
+    # dense); the rate is large so the bias changes the routing within the three steps, and 8
+    # experts make a data-parallel shard's load signs differ from the whole step's
+    "moe_bias": ("tiny-moe", dict(_MOE, n_experts=8, score_function="sigmoid", n_group=2,
+                                  topk_group=1, routed_scaling_factor=2.0, expert_bias=True,
+                                  expert_bias_update_rate=0.05, aux_loss_coef=0.0,
+                                  first_k_dense=1)),
 }
 
 
@@ -100,20 +113,37 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def forward_backward(model: Decoder, opt: ParallelOptimizer, local: torch.Tensor, precision: str) -> torch.Tensor:
-    """This rank's micro-batches (trainer.forward_backward); returns [lm, aux, z, dropped] means."""
+def count_loads(model: Decoder, micro: tuple[torch.Tensor, ...], precision: str) -> dict[int, torch.Tensor]:
+    """The global_batch scope's pre-pass (trainer._count_step_loads): routed slots per expert of
+    every micro-batch, no grad, summed over dp; {} for other scopes."""
+    if model.cfg.aux_loss_scope != "global_batch":
+        return {}
+    counted: dict[int, torch.Tensor] = {}
+    count = routing_count_fn(model, counted)
+    with torch.no_grad(), _autocast(precision):
+        for mb in micro:
+            count(mb[:, :-1], None)
+    return reduce_loads_over_dp(counted, model.ctx)
+
+
+def forward_backward(model: Decoder, opt: ParallelOptimizer, local: torch.Tensor, precision: str):
+    """This rank's micro-batches (trainer.forward_backward); returns [lm, aux, z, dropped] means
+    and the step's loads per MoE layer (summed over micro-batches and dp), for the bias update."""
     micro = local.split(MICRO)
     n_micro = len(micro)
-    stats = torch.zeros(4)
+    stats, loads = torch.zeros(4), {}
+    global_loads = count_loads(model, micro, precision)
     for i, mb in enumerate(micro):
         opt.prepare(0, last=i == n_micro - 1)
         with _autocast(precision):
-            out = model(mb[:, :-1], mb[:, 1:], aux_grad_scale=1.0 / n_micro)
+            out = model(mb[:, :-1], mb[:, 1:], aux_grad_scale=1.0 / n_micro, global_loads=global_loads)
         (out.loss / n_micro).backward()
         dropped = sum(s.dropped_fraction for s in out.moe.values()) / max(len(out.moe), 1)
         stats += torch.stack([out.loss.detach().float(), out.aux_loss, out.z_loss, torch.as_tensor(dropped)])
+        for layer, s in out.moe.items():
+            loads[layer] = loads.get(layer, 0) + s.tokens_per_expert.float()
     opt.finish()
-    return stats / n_micro
+    return stats / n_micro, reduce_loads_over_dp(loads, model.ctx)
 
 
 def _gather_grads(model: Decoder, ctx: ParallelContext, opt: ParallelOptimizer) -> dict:
@@ -140,15 +170,24 @@ def train(model: Decoder, ctx: ParallelContext, tokens: torch.Tensor, zero1: boo
     local = tokens[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank]  # contiguous dp slice
     losses, norms, first_grads = [], [], None
     for step in range(STEPS):
-        losses.append(_dp_mean(forward_backward(model, opt, local, precision), ctx))
+        stats, loads = forward_backward(model, opt, local, precision)
+        losses.append(_dp_mean(stats, ctx))
         if step == 0:  # reduced, not yet clipped: Adam hides a uniform gradient scale error, this does not
             first_grads = _gather_grads(model, ctx, opt)
         norms.append(opt.clip(MAX_NORM))
         opt.step()
+        update_expert_biases([model], loads)
         opt.zero_grad()
     masters = {name: _master_or_model(opt, p) for name, p in model.named_parameters()}
+    final = gather_full(model, ctx, _broadcast_owned(model, ctx, opt, masters))
     return {"losses": torch.stack(losses), "grad_norms": torch.tensor(norms), "first_grads": first_grads,
-            "n_owned": len(opt.main), "final": gather_full(model, ctx, _broadcast_owned(model, ctx, opt, masters))}
+            "n_owned": len(opt.main), "final": {**final, **buffers(model)}}
+
+
+def buffers(model: Decoder) -> dict[str, torch.Tensor]:
+    """The persistent buffers (the routers' expert biases: replicated state, compared like weights)."""
+    params = dict(model.named_parameters())
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if n not in params}
 
 
 def _master_or_model(opt: ParallelOptimizer, p: torch.Tensor) -> torch.Tensor:
@@ -223,9 +262,14 @@ def max_param_error(got: dict, want: dict) -> tuple[float, str]:
 
 def reference(key: str, precision: str = "fp32") -> dict:
     """Single-process run of model `key`: initial and final weights, losses, grad norms."""
-    cfg, ctx = model_config(key), ParallelContext.single()
+    return reference_with(key, precision)
+
+
+def reference_with(key: str, precision: str = "fp32", **overrides) -> dict:
+    """reference(key) with some model fields changed (e.g. another balance-loss scope)."""
+    cfg, ctx = replace(model_config(key), **overrides), ParallelContext.single()
     model = build_model(cfg, ctx, seed=0)
-    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    init = {n: t.detach().clone() for n, t in model.state_dict().items()}  # parameters and expert biases
     run = train(model, ctx, global_tokens(cfg.vocab_size), precision=precision)
     return {**run, "init": init}
 
@@ -238,7 +282,7 @@ def run_layout(rank: int, world: int, layout: Layout, ref: dict) -> dict:
     cfg = model_config(layout.model)
     torch.manual_seed(1000 + rank)  # a layout must not depend on the global RNG state
     model = build_model(cfg, ctx, seed=0)
-    init_err, _ = max_param_error(gather_full(model, ctx), ref["init"])
+    init_err, _ = max_param_error({**gather_full(model, ctx), **buffers(model)}, ref["init"])
     run = train(model, ctx, global_tokens(cfg.vocab_size), zero1=layout.zero1, precision=layout.precision)
     final, grads = run.pop("final"), run.pop("first_grads")
     if layout.precision == "bf16":  # relative per tensor (bf16 rounding differs elementwise between layouts)

@@ -25,7 +25,8 @@ import torch
 
 from moe.model import Decoder, validate_layout
 from parallel.context import ParallelContext
-from tests.distributed.equiv_workers import MAX_NORM, MODELS, Layout, model_config, reference, run_layouts
+from tests.distributed.equiv_workers import MAX_NORM, MODELS, Layout, model_config, reference, \
+    reference_with, run_layouts
 from tests.distributed.harness import run_distributed
 
 LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
@@ -53,6 +54,10 @@ WORLD2 = [
     Layout("moe_capacity/tp2_ep2_fold", "moe_capacity", tp=2, ep=2, fold=True),
     Layout("moe/dp2_bf16", "moe", precision="bf16"),
     Layout("dense/tp2_sp_bf16", "dense", tp=2, sp=True, precision="bf16"),
+    Layout("moe_seq/tp2", "moe_seq", tp=2),          # sequences split over the two token shards
+    Layout("moe_seq/tp2_sp", "moe_seq", tp=2, sp=True),
+    Layout("moe_global/ep2_dp2", "moe_global", ep=2),
+    Layout("moe_bias/dp2", "moe_bias"),
 ]
 WORLD4 = [
     Layout("dense_h8/tp4", "dense_h8", tp=4),
@@ -69,6 +74,8 @@ WORLD4 = [
     Layout("moe/tp2_ep2_dp2_bf16", "moe", tp=2, ep=2, precision="bf16"),
     Layout("moe/dp4_zero1_bf16", "moe", zero1=True, precision="bf16"),
     Layout("dense/tp2_dp2_zero1_bf16", "dense", tp=2, zero1=True, precision="bf16"),
+    Layout("moe_global/tp2_ep2_dp2", "moe_global", tp=2, ep=2),
+    Layout("moe_bias/tp2_ep2_dp2", "moe_bias", tp=2, ep=2),
 ]
 
 
@@ -150,6 +157,20 @@ def test_reference_exercises_clipping_capacity_and_updates():
         assert moved > 100 * PARAM_ATOL, moved
     assert (capped["losses"][:, 3] > 0).all(), "capacity_factor 1.0 should drop some routed slots"
     assert (capped["losses"][:, 1] > 0).all() and (dense["losses"][:, 1:3] == 0).all()
+
+
+def test_balance_references_are_live():
+    """The balancing oracles move: the expert biases change the routing within the steps, the
+    sequence and global scopes give other aux losses than the micro-batch scope would."""
+    bias = _reference("moe_bias")
+    final = bias["final"]["layers.1.mlp.router.expert_bias"]
+    assert bias["init"]["layers.1.mlp.router.expert_bias"].eq(0).all(), final
+    assert final.unique().numel() >= 2, final
+    assert "layers.0.mlp.router.weight" not in bias["init"]  # first_k_dense: block 0 is dense
+    scoped = {key: _reference(key)["losses"][:, 1] for key in ("moe_seq", "moe_global")}
+    for key, aux in scoped.items():
+        micro = reference_with(key, aux_loss_scope="micro_batch")["losses"][:, 1]
+        assert (aux > 0).all() and ((aux - micro).abs() > 1e-5 * aux).all(), key
 
 
 # ----------------------------------------------------------------------------- invalid layouts
