@@ -27,6 +27,7 @@ CHOICES = {
     "expert_backend": ("grouped_mm", "padded", "loop", "megablocks"),
     "score_function": ("softmax", "sigmoid"),
     "aux_loss_scope": ("micro_batch", "sequence", "global_batch"),
+    "qk_norm": ("none", "head", "full"),
 }
 
 
@@ -46,6 +47,7 @@ class ModelConfig:
     norm: str = "rmsnorm"                 # layernorm | rmsnorm
     norm_position: str = "pre"            # pre (GPT-2 onward) | post (GPT-1, original Transformer)
     norm_eps: float = 1e-5                # epsilon inside the norm's square root
+    sandwich_norm: bool = False           # pre-norm only: also normalise each sublayer's output before its residual add (GLM-4's post_self_attn_layernorm / post_mlp_layernorm)
     # --- positions ---
     positions: str = "rope"               # learned | sinusoidal | rope
     rope_theta: float = 10000.0           # RoPE base
@@ -59,6 +61,8 @@ class ModelConfig:
     # --- attention ---
     local_window: int | None = None       # banded (local) attention width in tokens; None = full causal
     local_layers: str = "none"            # which layers use the band: none | all | odd | even (GPT-3 alternates)
+    qk_norm: str = "none"                 # RMSNorm of queries and keys before RoPE: none | head (each head's Dh features, one [Dh] weight per q and k: Qwen3, GLM-4.5 use_qk_norm) | full (the whole projection, [H*Dh] and [K*Dh] weights: OLMoE; under tp its statistics are summed over the tp group)
+    qkv_clip: float | None = None         # clamp q, k and v to [-c, c] after the q/k norms (OLMo / OLMoE clip_qkv); None = off
     # --- MLP / linear layers ---
     mlp: str = "swiglu"                   # gelu (GPT) | swiglu (LLaMA, GLM)
     gelu_approx: str = "tanh"             # tanh (GPT-1/2 "gelu_new") | none (exact erf)
@@ -183,6 +187,11 @@ class ModelConfig:
         _check(self.local_layers == "none" or (self.local_window or 0) >= 1,
                f"model.local_layers ({self.local_layers!r}) needs model.local_window >= 1")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout ({self.dropout}) must be in [0, 1)")
+        _check(self.qkv_clip is None or self.qkv_clip > 0,
+               f"model.qkv_clip ({self.qkv_clip}) must be > 0, or null for no clipping")
+        _check(not self.sandwich_norm or self.norm_position == "pre",
+               f"model.sandwich_norm needs model.norm_position=pre (got {self.norm_position!r}): "
+               f"a post-norm block already normalises each sublayer's sum")
         self._validate_moe()
 
     def _validate_moe(self) -> None:
