@@ -27,6 +27,7 @@ from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, stage
     tied_embedding_replicas
 from moe.stages import expert_bias_table, reduce_loads_over_dp, routing_count_fn, \
     update_expert_biases
+from moe.stages import pool_loads_over_layers
 from parallel.context import ParallelContext
 from parallel.data import GradReducer, Zero1, norm_buckets, tied_replicas
 from parallel.pipeline import PipelineExecutor
@@ -209,6 +210,10 @@ class Trainer:
             self.count_executor.forward_only(self.n_micro, inputs, targets)
         self.step_loads.clear()
         self.step_loads.update(reduce_loads_over_dp(self._counted, self.ctx))
+        if self.cfg.model.aux_loss_pool_layers:  # one total over every MoE layer (docs/hf.md)
+            loads = pool_loads_over_layers(self.step_loads, self.ctx, self.cfg.model.n_experts,
+                                           self.device)
+            self.step_loads.update(loads)
 
     def _step_stats(self, result) -> dict[str, torch.Tensor]:
         """lm, aux, z, dropped (mean over micro-batches and MoE layers) and per-layer expert loads,
