@@ -27,6 +27,11 @@ CHOICES = {
     "expert_backend": ("grouped_mm", "padded", "loop", "megablocks"),
 }
 
+# Fields that change how the model is trained or computed, not what its weights mean: a checkpoint
+# resumes with other values for these (every other field must match; train/rundir.py).
+RUNTIME_FIELDS = frozenset({"dropout", "fp32_residual", "init_std", "aux_loss_coef", "z_loss_coef",
+                            "capacity_factor", "expert_backend", "forced_routing_imbalance"})
+
 
 @dataclass
 class ModelConfig:
