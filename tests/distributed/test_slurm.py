@@ -1,11 +1,14 @@
 """launchers/slurm/pretrain.sbatch under a real SLURM (two nodes on one host, ../shared/tools/slurm-local):
-a 2-rank data-parallel job must reproduce the single-process losses. Skipped where sbatch is missing."""
+a 2-rank data-parallel job must reproduce the single-process losses, also when it is preempted,
+requeued and resumed. Skipped where sbatch is missing."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,13 @@ OVERRIDES = ["model.preset=tiny-moe", "model.n_layers=2", "model.d_model=64", "m
              "training.eval_interval=0", "checkpoint.interval=0", "logging.tensorboard=false"]
 
 
+def _single_process_run(overrides: list[str], run_dir: Path) -> None:
+    single = subprocess.run([sys.executable, "launchers/pretrain.py", "configs/tiny.yaml", *overrides,
+                             f"run_dir={run_dir}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+
+
 def _losses(run_dir: Path) -> list[float]:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in lines if "split" not in r]
@@ -48,9 +58,7 @@ def test_sbatch_data_parallel_matches_single_process(tmp_path):
     common = OVERRIDES + [f"data.paths=[{prefix}]"]
     env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT)}
     env["SLURM_CONF"] = SLURM_CONF
-    single = subprocess.run([sys.executable, "launchers/pretrain.py", "configs/tiny.yaml", *common,
-                             f"run_dir={tmp_path / 'single'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
+    _single_process_run(common, tmp_path / "single")
     out = tmp_path / "slurm.out"
     job = subprocess.run(["sbatch", "--wait", "--nodes", "2", "--ntasks-per-node", "1", "--output", str(out),
                           "launchers/slurm/pretrain.sbatch", "configs/tiny.yaml", *common,
@@ -61,4 +69,66 @@ def test_sbatch_data_parallel_matches_single_process(tmp_path):
     assert "2 process(es)" in log
     ref, got = _losses(tmp_path / "single"), _losses(tmp_path / "slurm")
     assert len(got) == len(ref) == 3
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def _squeue(name: str) -> tuple[str, str, str] | None:
+    """(job id, state, reason) of the job called `name`, or None once it has left the queue."""
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T %r"],
+                         env={**os.environ, "SLURM_CONF": SLURM_CONF}, capture_output=True, text=True,
+                         timeout=30).stdout.split()
+    return tuple(out[:3]) if len(out) >= 3 else None
+
+
+def _slurm(*args: str) -> None:
+    subprocess.run(list(args), env={**os.environ, "SLURM_CONF": SLURM_CONF}, check=True, timeout=30)
+
+
+def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(tmp_path):
+    """SIGUSR1 (what `#SBATCH --signal=USR1@120` sends before the time limit) mid-run: both ranks
+    stop at one step with a checkpoint and exit 75, pretrain.sbatch requeues the job, and the
+    requeued job resumes and finishes; its losses equal one process's. The lab SLURM holds a
+    requeued job ~2 minutes (its credential lifetime) before it may start again: the test releases
+    it at once with `scontrol update StartTime=now`."""
+    rng = np.random.default_rng(0)
+    prefix = tmp_path / "corpus"
+    write_token_file(prefix, [rng.integers(0, 256, 4000).tolist() for _ in range(5)], vocab_size=257)
+    common = [o for o in OVERRIDES if not o.startswith(("training.max_steps", "checkpoint.interval"))]
+    common += [f"data.paths=[{prefix}]", "training.max_steps=8", "checkpoint.interval=2"]
+    run, out, name = tmp_path / "slurm", tmp_path / "slurm.out", f"requeue-{os.getpid()}"
+    env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT), "SLURM_CONF": SLURM_CONF,
+           "SRUN_WAIT": "20"}
+    job = subprocess.Popen(["sbatch", "--wait", "--job-name", name, "--nodes", "2",
+                            "--ntasks-per-node", "1", "--output", str(out),
+                            "launchers/slurm/pretrain.sbatch", "configs/tiny.yaml", *common,
+                            f"run_dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, signalled, released = time.monotonic() + 300, False, False
+        while job.poll() is None:
+            assert time.monotonic() < deadline, "job not done after 300 s"
+            metrics = run / "metrics.jsonl"
+            rows = metrics.read_text().splitlines() if metrics.exists() else []
+            queued = _squeue(name)
+            if not signalled and len(rows) >= 3 and queued and queued[1] == "RUNNING":
+                _slurm("scancel", "--signal=USR1", queued[0])  # to the job's tasks, as --signal does
+                signalled = True
+            elif signalled and not released and queued and queued[1:] == ("PENDING", "BeginTime"):
+                _slurm("scontrol", "update", f"JobId={queued[0]}", "StartTime=now")
+                released = True
+            time.sleep(0.2)
+        stdout, stderr = job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    log = out.read_text() if out.exists() else ""
+    assert job.returncode == 0 and signalled and released, f"{stdout}\n{stderr}\n{log[-4000:]}"
+    stop = re.search(r"SIGUSR1: stopping at step (\d+) with a final checkpoint", log)
+    assert stop and 3 <= int(stop.group(1)) < 8, log[-4000:]
+    assert "stopped with a checkpoint (exit 75): requeueing job" in log
+    assert "(restart 1): resuming" in log
+    assert f"resumed from {run / 'checkpoints' / f'step_{int(stop.group(1)):08d}'}" in log
+    _single_process_run(common, tmp_path / "single")
+    got, ref = _losses(run), _losses(tmp_path / "single")
+    assert len(got) == len(ref) == 8  # every step once
     np.testing.assert_allclose(got, ref, rtol=1e-5)
