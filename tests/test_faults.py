@@ -141,8 +141,8 @@ def test_meta_json_edited_after_the_save_fails_its_checksum(tmp_path, tokens):  
     del meta["files"], meta["meta_checksum"]  # as saved before checksums were recorded
     meta_path.write_text(json.dumps(meta))
     logs = []
-    resumed = _trainer(make_cfg(tmp_path, tokens, "training.max_steps=1", "training.micro_batch_size=8",
-                                "checkpoint.resume=auto"), logs)
+    resumed = _trainer(make_cfg(tmp_path, tokens, "training.max_steps=1",
+                                "training.micro_batch_size=8", "checkpoint.resume=auto"), logs)
     assert resumed.step == 1
     assert f"warning: {meta_path.parent} predates checksums: its files are used unverified" in logs
 
@@ -195,6 +195,25 @@ def test_resume_truncates_metrics_and_tensorboard_purges_the_rest(tmp_path, toke
     train = [r["loss"] for r in rows if "split" not in r]
     assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx(train)
     assert [e.step for e in ea.Scalars("valid/loss")] == [2, 4]
+
+
+def test_resuming_another_directory_s_checkpoint_sets_this_one_s_old_logs_aside(
+        tmp_path, tokens):  # noqa: F811
+    """A run continued elsewhere (checkpoint.resume=<another run's step>) does not mix its rows into
+    the logs an earlier, checkpoint-less run left in this run_dir: those move aside."""
+    common = ["training.micro_batch_size=8", "training.max_steps=2"]
+    _trainer(make_cfg(tmp_path, tokens, *common, run="a")).train()
+    _trainer(make_cfg(tmp_path, tokens, *common, "checkpoint.interval=0", run="b")).train()
+    shutil.rmtree(tmp_path / "b" / "checkpoints")  # b: logs without checkpoints (e.g. moved away)
+    step_2 = tmp_path / "a" / "checkpoints" / "step_00000002"
+    _trainer(make_cfg(tmp_path, tokens, "training.micro_batch_size=8", "training.max_steps=3",
+                      f"checkpoint.resume={step_2}", run="b")).train()
+    assert [r["step"] for r in read_jsonl(tmp_path / "b")] == [3]
+    (moved,) = (tmp_path / "b" / "aside").iterdir()
+    assert moved.name.endswith("earlier-run")
+    assert [r["step"] for r in read_jsonl(moved)] == [1, 2]
+    run_id = json.loads((tmp_path / "a" / "run.json").read_text())["run_id"]
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["run_id"] == run_id  # its lineage
 
 
 def test_a_torn_last_metrics_row_is_dropped_on_resume(tmp_path, tokens):  # noqa: F811

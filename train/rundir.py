@@ -66,16 +66,20 @@ def _claim(cfg: TrainConfig, ckpt_dir: Path, choice: ResumeChoice, log) -> RunSt
             log(f"resume: settings changed since {path.name}: {', '.join(changed)}")
     step = int(meta["step"]) if meta is not None else 0
     _make_way(cfg, ckpt_dir, path, step, log)
-    if meta is None:
-        logs = [run_dir / f for f in LOG_FILES if (run_dir / f).is_dir() or _size(run_dir / f)]
-        _set_aside(move_aside(logs, run_dir, "earlier-run"), "the earlier run's logs", log)
-        run_id, purge = new_run_id(), None
-    else:
-        run_id = meta.get("run_id") or _recorded_run_id(run_dir) or new_run_id()
+    purge = None
+    if _continues_here(path, ckpt_dir):  # this run_dir's logs are its past up to `step`
         truncated = truncate_metrics(run_dir, step, log)
         purge = step + 1 if truncated or (run_dir / "tb").is_dir() else None
+    else:
+        logs = [run_dir / f for f in LOG_FILES if (run_dir / f).is_dir() or _size(run_dir / f)]
+        _set_aside(move_aside(logs, run_dir, "earlier-run"), "the earlier run's logs", log)
+    run_id = (meta or {}).get("run_id") or new_run_id()
     record_start(run_dir, run_id, step, path)
     return RunStart(run_id, path, step, purge)
+
+
+def _continues_here(path: Path | None, ckpt_dir: Path) -> bool:
+    return path is not None and path.resolve().parent == ckpt_dir.resolve()
 
 
 def _make_way(cfg: TrainConfig, ckpt_dir: Path, path: Path | None, step: int, log) -> None:
@@ -83,7 +87,7 @@ def _make_way(cfg: TrainConfig, ckpt_dir: Path, path: Path | None, step: int, lo
     same directory, or all of them when the run does not continue from this directory (refused
     without checkpoint.overwrite=true)."""
     existing = list_checkpoints(ckpt_dir)
-    if path is not None and path.resolve().parent == ckpt_dir.resolve():
+    if _continues_here(path, ckpt_dir):
         newer = [c for c in existing if step_of(c) > step]
         dest = move_aside(newer, ckpt_dir, f"after-{path.name}")
         _set_aside(dest, f"{len(newer)} newer checkpoint(s)", log)
