@@ -147,7 +147,8 @@ def choose_checkpoint(resume: str, root: str | Path, ctx=None,
             verify_checkpoint(path, ctx)
             return ResumeChoice(path, skipped)
         except ValueError as e:
-            skipped.append((path.name, str(e).split(": ", 1)[-1]))
+            why = str(e).split(": ", 1)[-1].removesuffix("; resume from an earlier checkpoint")
+            skipped.append((path.name, why))
     if skipped and max_step is None:
         why = "; ".join(f"{n}: {reason}" for n, reason in skipped)
         raise ValueError(f"checkpoint.resume=auto: none of the {len(skipped)} checkpoints under "
