@@ -1,6 +1,7 @@
 """launchers/slurm/pretrain.sbatch under a real SLURM (two nodes on one host, ../shared/tools/slurm-local):
-a 2-rank data-parallel job must reproduce the single-process losses, also when it is preempted,
-requeued and resumed. Skipped where sbatch is missing."""
+a 2-rank data-parallel job, preempted mid-run, requeued and resumed, must reproduce the
+single-process losses. One job covers both the launch and the requeue. Skipped where sbatch is
+missing."""
 
 import json
 import os
@@ -14,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from parallel.context import ParallelContext
+from train.config import load_config
 from train.data import write_token_file
+from train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_CONF = os.environ.get("SLURM_CONF", "/tmp/slurm-local/etc/slurm.conf")
@@ -35,41 +39,19 @@ pytestmark = [pytest.mark.slow,
 
 OVERRIDES = ["model.preset=tiny-moe", "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
              "model.n_experts=4", "model.expert_ffn_dim=32", "data.seq_len=32", "training.global_batch_size=8",
-             "training.micro_batch_size=2", "training.max_steps=3", "training.precision=fp32", "training.device=cpu",
-             "training.eval_interval=0", "checkpoint.interval=0", "logging.tensorboard=false"]
+             "training.micro_batch_size=2", "training.max_steps=8", "training.precision=fp32", "training.device=cpu",
+             "training.eval_interval=0", "checkpoint.interval=2", "logging.tensorboard=false"]
 
 
-def _single_process_run(overrides: list[str], run_dir: Path) -> None:
-    single = subprocess.run([sys.executable, "launchers/pretrain.py", "configs/tiny.yaml", *overrides,
-                             f"run_dir={run_dir}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
+def _single_process(overrides: list[str], run_dir: Path) -> None:
+    """The reference: the same config in this process."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, f"run_dir={run_dir}"])
+    Trainer(cfg, ParallelContext.single(), log=lambda msg: None).train()
 
 
 def _losses(run_dir: Path) -> list[float]:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in lines if "split" not in r]
-
-
-def test_sbatch_data_parallel_matches_single_process(tmp_path):
-    rng = np.random.default_rng(0)
-    prefix = tmp_path / "corpus"
-    write_token_file(prefix, [rng.integers(0, 256, 4000).tolist() for _ in range(5)], vocab_size=257)
-    common = OVERRIDES + [f"data.paths=[{prefix}]"]
-    env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT)}
-    env["SLURM_CONF"] = SLURM_CONF
-    _single_process_run(common, tmp_path / "single")
-    out = tmp_path / "slurm.out"
-    job = subprocess.run(["sbatch", "--wait", "--nodes", "2", "--ntasks-per-node", "1", "--output", str(out),
-                          "launchers/slurm/pretrain.sbatch", "configs/tiny.yaml", *common,
-                          f"run_dir={tmp_path / 'slurm'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=400)
-    log = out.read_text() if out.exists() else ""
-    assert job.returncode == 0, job.stderr + log[-3000:]
-    assert "2 process(es)" in log
-    ref, got = _losses(tmp_path / "single"), _losses(tmp_path / "slurm")
-    assert len(got) == len(ref) == 3
-    np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
 def _squeue(name: str) -> tuple[str, str, str] | None:
@@ -84,7 +66,7 @@ def _slurm(*args: str) -> None:
     subprocess.run(list(args), env={**os.environ, "SLURM_CONF": SLURM_CONF}, check=True, timeout=30)
 
 
-def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(tmp_path):
+def test_sbatch_job_preempted_requeued_and_resumed_matches_single_process(tmp_path):
     """SIGUSR1 (what `#SBATCH --signal=USR1@120` sends before the time limit) mid-run: both ranks
     stop at one step with a checkpoint and exit 75, pretrain.sbatch requeues the job, and the
     requeued job resumes and finishes; its losses equal one process's. The lab SLURM holds a
@@ -93,8 +75,7 @@ def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(tmp_path)
     rng = np.random.default_rng(0)
     prefix = tmp_path / "corpus"
     write_token_file(prefix, [rng.integers(0, 256, 4000).tolist() for _ in range(5)], vocab_size=257)
-    common = [o for o in OVERRIDES if not o.startswith(("training.max_steps", "checkpoint.interval"))]
-    common += [f"data.paths=[{prefix}]", "training.max_steps=8", "checkpoint.interval=2"]
+    common = [*OVERRIDES, f"data.paths=[{prefix}]"]
     run, out, name = tmp_path / "slurm", tmp_path / "slurm.out", f"requeue-{os.getpid()}"
     env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT), "SLURM_CONF": SLURM_CONF,
            "SRUN_WAIT": "20"}
@@ -121,6 +102,8 @@ def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(tmp_path)
     finally:
         if job.poll() is None:
             job.kill()
+        subprocess.run(["scancel", "--name", name], env={**os.environ, "SLURM_CONF": SLURM_CONF},
+                       capture_output=True, timeout=30)  # a no-op unless the test failed mid-job
     log = out.read_text() if out.exists() else ""
     assert job.returncode == 0 and signalled and released, f"{stdout}\n{stderr}\n{log[-4000:]}"
     stop = re.search(r"SIGUSR1: stopping at step (\d+) with a final checkpoint", log)
@@ -128,7 +111,8 @@ def test_preempted_job_saves_requeues_and_resumes_with_the_same_losses(tmp_path)
     assert "stopped with a checkpoint (exit 75): requeueing job" in log
     assert "(restart 1): resuming" in log
     assert f"resumed from {run / 'checkpoints' / f'step_{int(stop.group(1)):08d}'}" in log
-    _single_process_run(common, tmp_path / "single")
+    assert log.count("2 process(es)") == 2  # both attempts ran the 2-rank layout
+    _single_process(common, tmp_path / "single")
     got, ref = _losses(run), _losses(tmp_path / "single")
     assert len(got) == len(ref) == 8  # every step once
     np.testing.assert_allclose(got, ref, rtol=1e-5)
