@@ -89,7 +89,7 @@ class CheckpointConfig:
     interval: int = 500               # steps between checkpoints; 0 = only at the end
     keep_last: int = 3                # checkpoints kept (older ones deleted)
     resume: str = "none"              # none | auto (newest checkpoint in run_dir/checkpoints that verifies) | path to a checkpoint
-    overwrite: bool = False           # a new run where checkpoints exist moves them to <checkpoint dir>/aside/ (never deletes); false = refuse
+    overwrite: bool = False           # a new run where checkpoints exist moves them to checkpoints/aside/ (never deletes); false = refuse the run
     dir: str | None = None            # null = <run_dir>/checkpoints
     init_from: str | None = None      # HF directory (Llama / GPT-2 / Mixtral safetensors) whose weights start the run; sharded for any layout
 
