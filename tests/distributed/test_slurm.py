@@ -116,3 +116,38 @@ def test_sbatch_job_preempted_requeued_and_resumed_matches_single_process(tmp_pa
     got, ref = _losses(run), _losses(tmp_path / "single")
     assert len(got) == len(ref) == 8  # every step once
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_cancelled_job_saves_and_stays_cancelled(tmp_path):
+    """scancel sends SIGTERM too: the ranks save (within SLURM's KillWait) and exit 75, but a job
+    being cancelled is not requeued: it would come back after the user cancelled it."""
+    rng = np.random.default_rng(0)
+    prefix = tmp_path / "corpus"
+    write_token_file(prefix, [rng.integers(0, 256, 4000).tolist() for _ in range(5)], vocab_size=257)
+    common = [*OVERRIDES, f"data.paths=[{prefix}]", "training.max_steps=100000"]
+    run, out, name = tmp_path / "slurm", tmp_path / "slurm.out", f"cancel-{os.getpid()}"
+    env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT), "SLURM_CONF": SLURM_CONF}
+    job = subprocess.Popen(["sbatch", "--wait", "--job-name", name, "--nodes", "1",
+                            "--ntasks-per-node", "1", "--output", str(out),
+                            "launchers/slurm/pretrain.sbatch", "configs/tiny.yaml", *common,
+                            f"run_dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+            assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        _slurm("scancel", "--name", name)
+        job.communicate(timeout=120)
+        time.sleep(3)  # a requeued job would be PENDING by now
+        queued = _squeue(name)
+        assert queued is None or queued[1] == "COMPLETING", f"the cancelled job came back: {queued}"
+    finally:
+        if job.poll() is None:
+            job.kill()
+        subprocess.run(["scancel", "--name", name], env={**os.environ, "SLURM_CONF": SLURM_CONF},
+                       capture_output=True, timeout=30)
+    log = out.read_text()
+    stop = re.search(r"SIGTERM: stopping at step (\d+) with a final checkpoint", log)
+    assert stop and "requeueing" not in log, log[-3000:]
+    assert (run / "checkpoints" / f"step_{int(stop.group(1)):08d}" / "meta.json").is_file()
