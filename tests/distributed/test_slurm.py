@@ -54,11 +54,20 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in lines if "split" not in r]
 
 
+def _corpus(tmp_path: Path) -> Path:
+    """20k random byte tokens in 5 documents; returns the token-file prefix."""
+    rng = np.random.default_rng(0)
+    prefix = tmp_path / "corpus"
+    write_token_file(prefix, [rng.integers(0, 256, 4000).tolist() for _ in range(5)],
+                     vocab_size=257)
+    return prefix
+
+
 def _squeue(name: str) -> tuple[str, str, str] | None:
     """(job id, state, reason) of the job called `name`, or None once it has left the queue."""
     out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T %r"],
-                         env={**os.environ, "SLURM_CONF": SLURM_CONF}, capture_output=True, text=True,
-                         timeout=30).stdout.split()
+                         env={**os.environ, "SLURM_CONF": SLURM_CONF}, capture_output=True,
+                         text=True, timeout=30).stdout.split()
     return tuple(out[:3]) if len(out) >= 3 else None
 
 
@@ -72,9 +81,7 @@ def test_sbatch_job_preempted_requeued_and_resumed_matches_single_process(tmp_pa
     requeued job resumes and finishes; its losses equal one process's. The lab SLURM holds a
     requeued job ~2 minutes (its credential lifetime) before it may start again: the test releases
     it at once with `scontrol update StartTime=now`."""
-    rng = np.random.default_rng(0)
-    prefix = tmp_path / "corpus"
-    write_token_file(prefix, [rng.integers(0, 256, 4000).tolist() for _ in range(5)], vocab_size=257)
+    prefix = _corpus(tmp_path)
     common = [*OVERRIDES, f"data.paths=[{prefix}]"]
     run, out, name = tmp_path / "slurm", tmp_path / "slurm.out", f"requeue-{os.getpid()}"
     env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT), "SLURM_CONF": SLURM_CONF,
@@ -92,7 +99,7 @@ def test_sbatch_job_preempted_requeued_and_resumed_matches_single_process(tmp_pa
             rows = metrics.read_text().splitlines() if metrics.exists() else []
             queued = _squeue(name)
             if not signalled and len(rows) >= 3 and queued and queued[1] == "RUNNING":
-                _slurm("scancel", "--signal=USR1", queued[0])  # to the job's tasks, as --signal does
+                _slurm("scancel", "--signal=USR1", queued[0])  # to its tasks, as --signal does
                 signalled = True
             elif signalled and not released and queued and queued[1:] == ("PENDING", "BeginTime"):
                 _slurm("scontrol", "update", f"JobId={queued[0]}", "StartTime=now")
@@ -121,9 +128,7 @@ def test_sbatch_job_preempted_requeued_and_resumed_matches_single_process(tmp_pa
 def test_cancelled_job_saves_and_stays_cancelled(tmp_path):
     """scancel sends SIGTERM too: the ranks save (within SLURM's KillWait) and exit 75, but a job
     being cancelled is not requeued: it would come back after the user cancelled it."""
-    rng = np.random.default_rng(0)
-    prefix = tmp_path / "corpus"
-    write_token_file(prefix, [rng.integers(0, 256, 4000).tolist() for _ in range(5)], vocab_size=257)
+    prefix = _corpus(tmp_path)
     common = [*OVERRIDES, f"data.paths=[{prefix}]", "training.max_steps=100000"]
     run, out, name = tmp_path / "slurm", tmp_path / "slurm.out", f"cancel-{os.getpid()}"
     env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT), "SLURM_CONF": SLURM_CONF}
