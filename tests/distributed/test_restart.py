@@ -18,7 +18,7 @@ from tests.distributed.test_launch import (LAUNCHER, _env, _single_process,  # n
                                            config_file)
 
 pytestmark = pytest.mark.slow
-STEPS = 8
+STEPS = 20  # enough that the kill lands mid-run on an idle machine too
 
 
 def _rows(path: Path) -> dict[int, float]:
