@@ -16,18 +16,22 @@ import torch  # noqa: E402
 
 from moe.config import ModelConfig  # noqa: E402
 from moe.model import Decoder, build_empty, load_full_state_dict  # noqa: E402
-from train.checkpoint import list_checkpoints, load_full_model_state, read_meta  # noqa: E402
+from train.checkpoint import (choose_checkpoint, list_checkpoints,  # noqa: E402
+                              load_full_model_state, read_meta)
 from train.data import load_tokenizer  # noqa: E402
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A step_XXXXXXXX directory, or the latest one under RUN_DIR/checkpoints or the given folder."""
+    """A step_XXXXXXXX directory, or the newest one that verifies under RUN_DIR/checkpoints or the
+    given folder (each newer one that does not is named on stderr)."""
     if (path / "meta.json").is_file():
         return path
     for root in (path / "checkpoints", path):
-        found = list_checkpoints(root)
-        if found:
-            return found[-1]
+        if list_checkpoints(root):
+            choice = choose_checkpoint("auto", root)
+            for name, why in choice.skipped:
+                print(f"warning: skipped checkpoint {name}: {why}", file=sys.stderr)
+            return choice.path
     raise FileNotFoundError(f"no checkpoint under {path}: pass a run_dir or a step_XXXXXXXX directory")
 
 
@@ -72,11 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, cfg = load_model(find_checkpoint(Path(args.checkpoint)))
         tok = load_tokenizer(args.tokenizer or cfg["data"]["tokenizer"])
+        ids = tok.encode(args.prompt)
+        if not ids:
+            raise ValueError(f"--prompt {args.prompt!r} gives no tokens: the model needs at least "
+                             f"one to continue, e.g. --prompt 'def '")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(args.seed)
-    out = generate(model, tok.encode(args.prompt), args.max_new_tokens, args.temperature, args.top_k, gen)
+    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, gen)
     print(args.prompt + tok.decode(out))
     return 0
 

@@ -291,11 +291,12 @@ def _check(ok: bool, message: str) -> None:
 
 
 # Fields that change how a model trains, not the function its weights compute: a checkpoint made
-# under other values still fits (used when starting from a checkpoint, ours or HF's).
+# under other values still fits (starting from a checkpoint, ours or HF's, and resuming one:
+# train/rundir.py; a change that alters a tensor's shape is still refused by the checkpoint loader).
 TRAINING_ONLY = frozenset({
     "dropout", "init_std", "expert_backend", "capacity_factor", "aux_loss_coef", "z_loss_coef",
     "vocab_pad_multiple", "max_seq_len", "aux_loss_scope", "expert_bias_update_rate",
-    "router_input_jitter", "forced_routing_imbalance", "aux_loss_pool_layers"})
+    "router_input_jitter", "forced_routing_imbalance", "aux_loss_pool_layers", "fp32_residual"})
 # Fields compared through a value derived from them (a None that stands for a derived default, or
 # one of several ways of saying which blocks are MoE).
 _DERIVED = {"ffn_dim": "ffn", "n_kv_heads": "kv_heads", "head_dim": "dim_head",

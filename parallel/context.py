@@ -366,9 +366,15 @@ def _validate_layout(world_size: int, rank: int, vpp: int, pp: int, backend: str
 
 
 def _init_process_group(info: LaunchInfo, backend: str, timeout: timedelta) -> None:
-    """torchrun: env:// (reuses the agent's store on MASTER_PORT); SLURM: explicit tcp:// rendezvous."""
+    """torchrun: env:// (the agent's store on MASTER_PORT), its keys under a prefix per restart
+    (TORCHELASTIC_RESTART_COUNT): the agent keeps its store across `--max-restarts` restarts, and a
+    restarted gloo rank reading a dead rank's address left there fails to connect or hangs.
+    SLURM: explicit tcp:// rendezvous."""
     if info.via == "torchrun":
-        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         return
     dist.init_process_group(backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
                             rank=info.rank, world_size=info.world_size, timeout=timeout)

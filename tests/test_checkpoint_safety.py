@@ -11,8 +11,9 @@ from parallel.context import ParallelContext
 from parallel.data import GradReducer
 from parallel.layout import LayoutTable
 from tests.distributed.harness import run_distributed
-from tests.test_trainer import make_cfg, make_trainer, tokens  # noqa: F401  (fixture)
-from train.checkpoint import agree, list_checkpoints, resolve_resume
+from tests.test_trainer import make_cfg, make_trainer, tokens, train_losses  # noqa: F401  (fixture)
+from train.checkpoint import agree, choose_checkpoint, list_checkpoints
+from train.trainer import Trainer
 
 
 def _run(tmp_path, tokens, steps, *extra, run="run"):  # noqa: F811
@@ -23,14 +24,24 @@ def _run(tmp_path, tokens, steps, *extra, run="run"):  # noqa: F811
     return trainer
 
 
-def test_resuming_an_older_checkpoint_next_to_newer_ones_is_refused(tmp_path, tokens):  # noqa: F811
+def test_resuming_an_earlier_checkpoint_moves_the_newer_ones_aside(tmp_path, tokens):  # noqa: F811
+    """The advice "resume from an earlier checkpoint" works in the same run_dir: the newer
+    checkpoints move to checkpoints/aside/ (not deleted), the run retrains steps 2 and 3
+    bit-exactly, and metrics.jsonl holds each step once (the full earlier file is in aside/)."""
     _run(tmp_path, tokens, 3)
-    root = tmp_path / "run" / "checkpoints"
+    run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    first = train_losses(run)
     older = list_checkpoints(root)[0]
-    with pytest.raises(ValueError, match=r"newer checkpoints \['step_00000002', 'step_00000003'\]") as e:
-        resolve_resume(str(older), root)
-    assert "\n" not in str(e.value)
-    assert [p.name for p in list_checkpoints(root)] == [f"step_0000000{i}" for i in (1, 2, 3)]  # nothing lost
+    _run(tmp_path, tokens, 3, f"checkpoint.resume={older}")
+    (aside,) = (root / "aside").iterdir()
+    assert aside.name.endswith("after-step_00000001")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000002", "step_00000003"]
+    assert [p.name for p in list_checkpoints(root)] == [f"step_0000000{i}" for i in (1, 2, 3)]
+    assert train_losses(run) == first
+    rows = [line for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    (kept,) = (run / "aside").iterdir()
+    assert len((kept / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_resumed_run_at_max_steps_does_not_rewrite_its_checkpoint(tmp_path, tokens):  # noqa: F811
@@ -45,7 +56,15 @@ def test_auto_resume_skips_a_torn_meta_json(tmp_path, tokens):  # noqa: F811
     _run(tmp_path, tokens, 2)
     root = tmp_path / "run" / "checkpoints"
     (list_checkpoints(root)[-1] / "meta.json").write_text('{"step": 2, "da')  # torn by a power loss
-    assert resolve_resume("auto", root).name == "step_00000001"
+    choice = choose_checkpoint("auto", root)
+    assert choice.path.name == "step_00000001"
+    torn = "meta.json is unreadable (JSONDecodeError)"
+    assert choice.skipped == [("step_00000002", torn)]
+    logs = []
+    resumed = Trainer(make_cfg(tmp_path, tokens, "checkpoint.resume=auto"), ParallelContext.single(),
+                      log=logs.append)
+    assert resumed.step == 1
+    assert f"warning: skipped checkpoint step_00000002: {torn}" in logs[0]
 
 
 def _agree_worker(rank, world):
@@ -53,13 +72,15 @@ def _agree_worker(rank, world):
     try:
         agree(ctx, ValueError("rank 1 saw a bad shard") if rank == 1 else None)
     except (ValueError, RuntimeError) as e:
-        return type(e).__name__
+        return f"{type(e).__name__}: {e}"
     return "no error"
 
 
 @pytest.mark.slow
 def test_a_rank_local_error_stops_every_rank():
-    assert run_distributed(_agree_worker, 2, timeout=60) == ["RuntimeError", "ValueError"]
+    """Every rank raises the failing rank's error (a launcher prints it once), naming that rank."""
+    expected = "ValueError: rank 1 saw a bad shard (on rank 1)"
+    assert run_distributed(_agree_worker, 2, timeout=60) == [expected] * 2
 
 
 def test_reducer_never_holds_a_gradient_twice():

@@ -66,7 +66,7 @@ def test_hf_tokenizer(tmp_path):
     # A corpus through the HF tokenizer round-trips like the byte one.
     (tmp_path / "a.txt").write_text("a cat sat")
     stats = preprocess([tmp_path / "a.txt"], tmp_path / "hf", tok, progress=False)
-    assert stats == (1, 4)
+    assert stats[:2] == (1, 4)
     assert TokenFile(tmp_path / "hf").doc(0).tolist() == tok.encode("a cat sat") + [tok.eos_id]
 
 
@@ -100,7 +100,7 @@ def test_preprocess_round_trip(tmp_path):
     expected = [BYTE.encode(t) + [BYTE.eos_id] for t in corpus["texts"]]
     tf = TokenFile(tmp_path / "out" / "mix")
     assert [tf.doc(i).tolist() for i in range(len(tf))] == expected
-    assert stats == (4, sum(map(len, expected))) == (tf.num_docs, tf.num_tokens)
+    assert stats[:2] == (4, sum(map(len, expected))) == (tf.num_docs, tf.num_tokens)
     assert tf.dtype == np.uint16 and tf.vocab_size == 257
     assert os.path.getsize(tmp_path / "out" / "mix.bin") == 2 * tf.num_tokens
     # A glob and --no-eos through the CLI's main(): same docs without the EOS.
@@ -191,6 +191,52 @@ def test_jsonl_errors_name_file_and_line(tmp_path, content, line, pattern):
     assert not list(tmp_path.glob("o.*"))  # nothing left behind
 
 
+def test_preprocess_reports_empty_inputs_and_undecodable_bytes(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    text = "caf\u00e9 ok \ufffd".encode() + b"\xff\xfe tail"  # a real U+FFFD, then 2 bad bytes
+    (tmp_path / "in" / "a.txt").write_bytes(text)
+    (tmp_path / "in" / "b.txt").write_bytes(b"")
+    (tmp_path / "in" / "c.jsonl").write_text('{"text": ""}\n\n')
+    (tmp_path / "in" / "d.txt").write_text("fine")
+    stats = preprocess([tmp_path / "in"], tmp_path / "o", BYTE, progress=False)
+    assert stats.docs == 2 and stats.files == 4
+    assert [Path(f).name for f in stats.empty_files] == ["b.txt", "c.jsonl"]
+    assert {Path(k).name: v for k, v in stats.undecodable.items()} == {"a.txt": 2}
+    assert preprocess_cli.main([str(tmp_path / "in"), "--output", str(tmp_path / "o2"),
+                                "--quiet"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert err[0].startswith("preprocess: warning: 2 input file(s) had no text and were skipped: ")
+    assert err[1].startswith("preprocess: warning: 2 byte(s) were not UTF-8 and became U+FFFD, "
+                             "in 1 file(s): ")
+
+
+def test_preprocess_refuses_an_empty_corpus_and_keeps_the_old_output(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("")
+    (tmp_path / "in" / "b.jsonl").write_text("\n")
+    write_token_file(tmp_path / "o", [[1, 2, 3]], vocab_size=257)
+    before = (tmp_path / "o.bin").read_bytes()
+    with pytest.raises(ValueError, match=r"all 2 input file\(s\) are empty .*a.txt.*nothing was"):
+        preprocess([tmp_path / "in"], tmp_path / "o", BYTE, progress=False)
+    assert (tmp_path / "o.bin").read_bytes() == before and TokenFile(tmp_path / "o").num_tokens == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "o.bin", "o.idx"]  # no temp files
+    assert preprocess_cli.main([str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+                                "--quiet"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_token_ids_are_checked_against_the_vocabulary_when_opened(tmp_path):
+    write_token_file(tmp_path / "t", [[1, 2, 3], [4, 5, 6, 7]], vocab_size=257)
+    data = bytearray((tmp_path / "t.bin").read_bytes())
+    data[10:12] = (300).to_bytes(2, "little")  # token 5 (document 1) -> id 300
+    (tmp_path / "t.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"t.bin: token 5 \(document 1\) has id 300, outside the "
+                                         r"vocabulary 0..256") as info:
+        TokenFile(tmp_path / "t")
+    assert "\n" not in str(info.value)
+
+
 def test_missing_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="input .*nope not found"):
         preprocess([tmp_path / "nope"], tmp_path / "o", BYTE, progress=False)
@@ -199,7 +245,7 @@ def test_missing_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no .txt"):
         preprocess([tmp_path / "empty"], tmp_path / "o", BYTE, progress=False)
-    assert preprocess_cli.main([str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 1
+    assert preprocess_cli.main([str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
 
 
 # ------------------------------------------------------------------------------ sampler

@@ -74,13 +74,19 @@ def test_missing_config_file(tmp_path):
     assert "nope.yaml" in msg and "not found" in msg
 
 
-def test_invalid_yaml_file_and_non_mapping_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("training: {max_steps: 3\nmodel: [\n")
-    assert "not valid YAML" in _error(ValueError, path=bad)
-    scalar = tmp_path / "scalar.yaml"
-    scalar.write_text("- just\n- a list\n")
-    assert "mapping" in _error(ValueError, path=scalar)
+@pytest.mark.parametrize("text, needle", [
+    ("training: {max_steps: 3\nmodel: [\n", "not valid YAML: line 2, column 6: expected ',' or '}'"),
+    ("- just\n- a list\n", "mapping"),
+    ("# only a comment\n", "is empty"),
+    ("training:\n  max_steps: 3\n  seed: 1\n  max_steps: 30\n",
+     "line 4, column 3: duplicate key 'max_steps' (first at line 2)"),
+    ("training: {max_steps: 3}\nmodel: {preset: tiny}\ntraining: {seed: 2}\n",
+     "line 3, column 1: duplicate key 'training' (first at line 1)"),
+])
+def test_bad_yaml_files_name_line_and_column(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert needle in _error(ValueError, path=path)
 
 
 def test_global_batch_not_divisible_by_micro_batch():
@@ -194,3 +200,16 @@ def test_launcher_config_error_exits_2_with_one_line(tmp_path, capsys):
     code = pretrain_cli.main([str(path), "training.max_step=3"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "did you mean" in err and err.startswith("error: ")
+
+
+def test_launcher_takes_overrides_anywhere_and_says_so(tmp_path, capsys):
+    args = pretrain_cli.parse_args(["c.yaml", "--resume", "training.max_steps=3", "training.seed=2"])
+    assert args.config == "c.yaml" and args.resume
+    assert args.overrides == ["training.max_steps=3", "training.seed=2"]
+    args = pretrain_cli.parse_args(["--resume", "c.yaml", "training.max_steps=3"])
+    assert args.config == "c.yaml" and args.resume and args.overrides == ["training.max_steps=3"]
+    with pytest.raises(SystemExit) as info:
+        pretrain_cli.parse_args([])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith("usage: pretrain.py CONFIG [KEY.SUB=VALUE ...] [--resume]\n")

@@ -24,7 +24,7 @@ import yaml
 
 import train.checkpoint as ckpt_mod
 from parallel.context import ParallelContext
-from train.checkpoint import STEP_DIR, list_checkpoints, load_full_state, read_meta, resolve_resume, save_checkpoint
+from train.checkpoint import STEP_DIR, choose_checkpoint, list_checkpoints, load_full_state, read_meta, save_checkpoint
 from train.config import load_config
 from train.data import write_token_file
 from train.trainer import Trainer
@@ -188,7 +188,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, tokens, monkeypa
     assert _step_dirs_without_meta(root) == []
     shard, meta = load_full_state(root / "step_00000002"), read_meta(root / "step_00000002")
     assert meta["step"] == 2 and "model.layers.0.attn.wq.weight" in shard
-    assert resolve_resume("auto", root) == root / "step_00000002"
+    assert choose_checkpoint("auto", root).path == root / "step_00000002"
 
     # resume picks step 2; a later save (at another step) removes the stale step_4 temp dir
     t = make_trainer(make_cfg(tmp_path, tokens, "checkpoint.resume=auto", "training.max_steps=3"))
@@ -224,9 +224,16 @@ def test_corrupt_shard_is_a_clear_error(tmp_path, damage):
         shard.write_bytes(b"this is not a torch file" * 10)
     else:
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(ValueError, match="step_00000001 is corrupt") as info:
+    with pytest.raises(ValueError, match=r"step_00000001: __0_0.distcp has \d+ bytes but \d+ were written") as info:
         load_full_state(path)
     assert "\n" not in str(info.value) and "earlier checkpoint" in str(info.value)
+
+
+def _as_unverified(path: Path) -> None:
+    """Rewrite meta.json as a checkpoint saved before checksums were recorded."""
+    meta = read_meta(path)
+    del meta["files"]
+    (path / "meta.json").write_text(json.dumps(meta))
 
 
 def test_missing_files_and_bad_meta_are_clear_errors(tmp_path):
@@ -234,6 +241,10 @@ def test_missing_files_and_bad_meta_are_clear_errors(tmp_path):
     path = save_checkpoint(root, 1, ctx, {"w": torch.zeros(2)}, {}, keep_last=1)
     (data,) = path.glob("*.distcp")
     data.unlink()
+    with pytest.raises(ValueError, match="step_00000001: __0_0.distcp is missing; resume from an earlier") as info:
+        load_full_state(path)
+    assert "\n" not in str(info.value)
+    _as_unverified(path)  # without checksums, DCP's own reading still fails with one line
     with pytest.raises(ValueError, match="is corrupt or incomplete .*FileNotFoundError") as info:
         load_full_state(path)
     assert "\n" not in str(info.value)
@@ -360,7 +371,7 @@ def test_too_many_bad_steps_raise(tmp_path, tokens):
 
 # ------------------------------------------------------------------------------ SIGTERM
 @pytest.mark.slow
-def test_sigterm_stops_cleanly_with_a_final_checkpoint(tmp_path, tokens):
+def test_sigterm_stops_with_a_final_checkpoint_and_exit_status_75(tmp_path, tokens):
     run = tmp_path / "run"
     cfg = {"run_dir": str(run),
            "model": {"preset": "tiny-moe", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2,
@@ -387,8 +398,8 @@ def test_sigterm_stops_cleanly_with_a_final_checkpoint(tmp_path, tokens):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
-    assert "SIGTERM: stopping at step" in out
+    assert proc.returncode == 75, err  # stopped early with a checkpoint: a scheduler requeues, not "finished"
+    assert "SIGTERM: stopping at step" in out and "resume with --resume" in out
     last_step = train_losses(run)
     last = max(last_step)
     assert 2 <= last < 100000

@@ -79,7 +79,8 @@ class TrainingConfig:
     compile: bool = False             # torch.compile each block
     eval_interval: int = 200          # steps between validation runs; 0 = never
     eval_steps: int = 10              # validation batches (of global_batch_size sequences, any layout) per run
-    max_bad_steps: int = 5            # consecutive non-finite losses skipped before stopping with an error
+    max_bad_steps: int = 5            # consecutive non-finite steps (loss or grad norm) skipped, update not applied
+    on_bad_steps: str = "stop"        # after more than max_bad_steps in a row: stop (error) | rollback (reload the newest verified checkpoint from before them and skip their batches)
     device: str = "auto"              # auto | cpu | cuda
 
 
@@ -87,7 +88,8 @@ class TrainingConfig:
 class CheckpointConfig:
     interval: int = 500               # steps between checkpoints; 0 = only at the end
     keep_last: int = 3                # checkpoints kept (older ones deleted)
-    resume: str = "none"              # none | auto (latest in run_dir/checkpoints) | path to a checkpoint
+    resume: str = "none"              # none | auto (newest checkpoint in run_dir/checkpoints that verifies) | path to a checkpoint
+    overwrite: bool = False           # a new run where checkpoints exist moves them to checkpoints/aside/ (never deletes); false = refuse the run
     dir: str | None = None            # null = <run_dir>/checkpoints
     init_from: str | None = None      # weights that start the run (step 0, fresh optimizer), sharded for any layout: an HF directory (safetensors; a family in docs/hf.md) or one of our step_XXXXXXXX checkpoints
     upcycle: bool = False             # with init_from: a dense checkpoint becomes this MoE model (each expert a copy or a slice of the dense MLP, router drawn small); the step-0 loss equals the dense model's
@@ -130,6 +132,9 @@ def validate(c: TrainConfig) -> None:
         _check(getattr(t, name) >= 1, f"training.{name} ({getattr(t, name)}) must be >= 1")
     _check(t.precision in ("fp32", "bf16"), f"training.precision ({t.precision!r}) must be fp32 or bf16")
     _check(t.device in ("auto", "cpu", "cuda"), f"training.device ({t.device!r}) must be auto, cpu or cuda")
+    _check(t.on_bad_steps in ("stop", "rollback"),
+           f"training.on_bad_steps ({t.on_bad_steps!r}) must be stop or rollback")
+    _check(t.max_bad_steps >= 0, f"training.max_bad_steps ({t.max_bad_steps}) must be >= 0")
     _check(t.recompute in RECOMPUTE, f"training.recompute ({t.recompute!r}) must be one of {list(RECOMPUTE)}")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"training.global_batch_size ({t.global_batch_size}) must be a multiple of training.micro_batch_size "
@@ -170,8 +175,20 @@ def check_world(c: TrainConfig, world_size: int) -> int:
 
 # ---------------------------------------------------------------- loading
 class _Loader(yaml.SafeLoader):
-    """safe_load plus YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string, which
-    would make `optimizer.lr=1e-3` a type error."""
+    """safe_load plus YAML 1.2 floats (PyYAML, YAML 1.1, reads `1e-3` without a dot as a string,
+    which would make `optimizer.lr=1e-3` a type error) and duplicate keys refused (PyYAML keeps the
+    last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first[key] + 1}): keep one",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -183,6 +200,16 @@ _Loader.add_implicit_resolver(
 
 def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: no object construction
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """'line L, column C: problem' from PyYAML's multi-line message (whose first line has no
+    position)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -220,9 +247,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} not found: pass a YAML file such as configs/tiny.yaml")
         try:
-            d = _yaml(p.read_text()) or {}
+            d = _yaml(p.read_text())
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ValueError(f"config file {p} is not valid YAML: {_yaml_error(e)}") from None
+        if d is None:
+            raise ValueError(f"config file {p} is empty: give at least one section, e.g. "
+                             f"model: {{preset: tiny-moe}}")
         if not isinstance(d, dict):
             raise ValueError(f"config file {p} must hold a mapping of sections, got {type(d).__name__}")
     d = apply_overrides(d, list(overrides))

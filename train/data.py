@@ -137,6 +137,21 @@ class CorpusStats(NamedTuple):
     tokens: int
 
 
+class PreprocessStats(NamedTuple):
+    """What `preprocess` wrote and what it met on the way: input files that gave no document, and
+    bytes that were not UTF-8 (each replaced by U+FFFD), per file."""
+
+    docs: int
+    tokens: int
+    files: int
+    empty_files: list[str]
+    undecodable: dict[str, int]
+
+
+class EmptyCorpusError(ValueError):
+    """write_token_file(..., allow_empty=False) was given no token at all (nothing was written)."""
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest supported dtype holding ids 0..vocab_size-1: uint16 up to 65535, else uint32."""
     if not 1 <= vocab_size <= 2**32:
@@ -151,11 +166,12 @@ def _strip_suffix(prefix: str | os.PathLike) -> str:
 
 
 def write_token_file(prefix: str | os.PathLike, docs: Iterable[Sequence[int]],
-                     vocab_size: int) -> CorpusStats:
+                     vocab_size: int, allow_empty: bool = True) -> CorpusStats:
     """Stream `docs` (each a sequence of token ids) into <prefix>.bin/.idx.
 
     Both files are written under temporary names and moved into place with os.replace (.bin
-    first, .idx last), so a crash never leaves a half-written file under a final name.
+    first, .idx last), so a crash never leaves a half-written file under a final name. With
+    allow_empty=False a corpus without tokens raises EmptyCorpusError and replaces nothing.
     """
     prefix = _strip_suffix(prefix)
     dtype = token_dtype(vocab_size)
@@ -166,6 +182,8 @@ def write_token_file(prefix: str | os.PathLike, docs: Iterable[Sequence[int]],
             offsets = _write_docs(f, docs, dtype, vocab_size)
             _flush(f)
         num_docs, num_tokens = len(offsets) - 1, int(offsets[-1])
+        if num_tokens == 0 and not allow_empty:
+            raise EmptyCorpusError(f"no token to write to {prefix}.bin; nothing was written")
         with open(tmp_idx, "wb") as f:
             code = 1 if dtype == _DTYPES[1] else 2
             f.write(_HEADER.pack(MAGIC, VERSION, code, vocab_size, num_docs, num_tokens))
@@ -203,7 +221,10 @@ class TokenFile:
     """A validated, memory-mapped <prefix>.bin/.idx pair.
 
     `tokens` is a read-only 1-D np.memmap [num_tokens]; `offsets` is int64 [num_docs + 1].
-    Every inconsistency between the two files is reported with the file name on one line.
+    Every inconsistency between the two files is reported with the file name on one line, and
+    every token id is checked against the vocabulary when the file is opened (one vectorised pass
+    over the memmap at memory speed, ~10 GB/s from the page cache: docs/faults.md), so a damaged
+    .bin never reaches the embedding.
     """
 
     def __init__(self, prefix: str | os.PathLike):
@@ -216,6 +237,7 @@ class TokenFile:
         self._read_header()
         self.offsets = self._read_offsets()
         self.tokens = self._map_tokens()
+        self._check_ids()
 
     def _read_header(self) -> None:
         with open(self.idx_path, "rb") as f:
@@ -255,6 +277,18 @@ class TokenFile:
         if self.num_tokens == 0:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+
+    def _check_ids(self, chunk: int = 1 << 24) -> None:
+        """Every id < vocab_size, checked 16M tokens at a time (bounded memory on any corpus)."""
+        for lo in range(0, self.num_tokens, chunk):
+            piece = self.tokens[lo:lo + chunk]
+            if int(piece.max()) >= self.vocab_size:
+                at = lo + int(np.argmax(piece >= self.vocab_size))
+                doc = int(np.searchsorted(self.offsets, at, side="right")) - 1
+                raise ValueError(f"{self.bin_path}: token {at} (document {doc}) has id "
+                                 f"{int(self.tokens[at])}, outside the vocabulary "
+                                 f"0..{self.vocab_size - 1} of {self.idx_path}: the file is "
+                                 f"damaged or was written for another tokenizer; {_RERUN}")
 
     def __len__(self) -> int:
         return self.num_docs
@@ -327,27 +361,45 @@ class _ProgressBar:
             sys.stderr.write("\n")
 
 
-def _iter_texts(files: Sequence[Path], on_progress: Callable[[int, int], None]) -> Iterator[str]:
-    """Yield documents: one per .jsonl line ("text" field), one per other file."""
+def _decode(raw: bytes, name: str, undecodable: dict[str, int]) -> str:
+    """UTF-8 text; bytes that are not UTF-8 become U+FFFD and are counted in undecodable[name]."""
+    text = raw.decode("utf-8", errors="replace")
+    if "\ufffd" in text:  # a genuine U+FFFD decodes and re-encodes whole: only invalid bytes count
+        bad = len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))
+        if bad:
+            undecodable[name] = undecodable.get(name, 0) + bad
+    return text
+
+
+def _iter_texts(files: Sequence[Path], on_progress: Callable[[int, int], None], empty: list[str],
+                undecodable: dict[str, int]) -> Iterator[str]:
+    """Yield documents: one per .jsonl line ("text" field), one per other file. Files that give
+    no non-empty document are listed in `empty`; undecodable bytes are counted per file."""
     bytes_done = 0
     for n, path in enumerate(files):
+        found = False
         if path.suffix == ".jsonl":
-            for text, nbytes in _iter_jsonl(path):
+            for text, nbytes in _iter_jsonl(path, undecodable):
                 bytes_done += nbytes
                 on_progress(n, bytes_done)
+                found = found or bool(text)
                 yield text
         else:
             raw = path.read_bytes()
             bytes_done += len(raw)
-            yield raw.decode("utf-8", errors="replace")
+            text = _decode(raw, str(path), undecodable)
+            found = bool(text)
+            yield text
+        if not found:
+            empty.append(str(path))
         on_progress(n + 1, bytes_done)
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, int]]:
+def _iter_jsonl(path: Path, undecodable: dict[str, int]) -> Iterator[tuple[str, int]]:
     """(text, bytes of the line) per non-blank line; errors name file:line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="replace").strip()
+            line = _decode(raw, str(path), undecodable).strip()
             if not line:
                 yield "", len(raw)  # keeps byte accounting; empty docs are skipped by the caller
                 continue
@@ -363,12 +415,14 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, int]]:
 
 
 def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.PathLike,
-               tokenizer: Tokenizer, append_eos: bool = True, progress: bool = True) -> CorpusStats:
+               tokenizer: Tokenizer, append_eos: bool = True,
+               progress: bool = True) -> PreprocessStats:
     """Tokenize `inputs` (see `expand_inputs`) into <output_prefix>.bin/.idx.
 
     One document per text file or per .jsonl line (blank lines and empty texts are skipped);
     with `append_eos` each document ends with tokenizer.eos_id so that windows that cross a
-    document boundary see the separator. Returns CorpusStats(docs, tokens).
+    document boundary see the separator. Bytes that are not UTF-8 become U+FFFD and are counted;
+    inputs without text are listed; a corpus without any text is refused (nothing is written).
     """
     files = expand_inputs(inputs)
     bar = _ProgressBar(len(files), sum(p.stat().st_size for p in files), enabled=progress)
@@ -379,10 +433,25 @@ def preprocess(inputs: Sequence[str | os.PathLike], output_prefix: str | os.Path
         bar.update(files_done, bytes_done)
 
     eos = [tokenizer.eos_id] if append_eos else []
-    docs = (tokenizer.encode(t) + eos for t in _iter_texts(files, on_progress) if t)
-    stats = write_token_file(output_prefix, docs, tokenizer.vocab_size)
-    bar.close(state["files"], state["bytes"])
-    return stats
+    empty: list[str] = []
+    undecodable: dict[str, int] = {}
+    texts = _iter_texts(files, on_progress, empty, undecodable)
+    docs = (tokenizer.encode(t) + eos for t in texts if t)
+    try:
+        stats = write_token_file(output_prefix, docs, tokenizer.vocab_size, allow_empty=False)
+    except EmptyCorpusError:
+        raise ValueError(f"all {len(files)} input file(s) are empty ({first_names(empty)}), so "
+                         f"{output_prefix} would hold no text: nothing was written; check the "
+                         f"input paths") from None
+    finally:
+        bar.close(state["files"], state["bytes"])
+    return PreprocessStats(stats.docs, stats.tokens, len(files), empty, undecodable)
+
+
+def first_names(names: Sequence[str], n: int = 3) -> str:
+    """The first n names, then how many more (for one-line reports)."""
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 # --------------------------------------------------------------------------------------------

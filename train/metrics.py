@@ -43,7 +43,10 @@ def expert_load(tokens_per_expert: torch.Tensor) -> tuple[float, float]:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, histograms: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True,
+                 histograms: bool = True, purge_step: int | None = None):
+        """purge_step: a resumed run's first step; TensorBoard hides the events an earlier attempt
+        logged at and after it, so resumed curves never overlap (train/rundir.py)."""
         self.enabled = enabled
         self.histograms = histograms
         self.writer = None
@@ -56,7 +59,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tb"))
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
     def log(self, step: int, scalars: dict[str, float | None], loads: dict[int, torch.Tensor] | None = None,
             prefix: str = "train") -> None:

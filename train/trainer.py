@@ -1,5 +1,6 @@
 """The training loop: micro-batches, mixed precision, gradient reduction, clipping, logging,
-validation, checkpoints, NaN handling and a clean stop on SIGTERM.
+validation, checkpoints, non-finite steps (skip, then stop or roll back) and a stop with a final
+checkpoint on SIGTERM / SIGUSR1 (preemption; the launcher exits with status 75 to be requeued).
 
 One optimizer step (global batch G sequences, dp data-parallel ranks, micro-batch m):
     n_micro = G / (dp * m);  for each micro-batch: loss_i / n_micro -> backward
@@ -30,13 +31,16 @@ from parallel.context import ParallelContext
 from parallel.layout import LayoutTable
 from parallel.pipeline import PipelineExecutor
 
-from .checkpoint import resolve_resume_everywhere, restore_training_state, rng_state, save_checkpoint, \
-    training_state
+from .checkpoint import (choose_checkpoint, restore_training_state, rng_state, save_checkpoint,
+                         step_of, training_state)
 from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
 from .init_from import initial_state
 from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
 from .optim import LRSchedule, apply_lr, build_parallel_optimizer
+from .rundir import RunStart, start_run
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption (SLURM: #SBATCH --signal=USR1@120)
 
 
 def pick_device(cfg: TrainConfig, ctx: ParallelContext) -> torch.device:
@@ -59,6 +63,7 @@ class Trainer:
         self.is_logger = ctx.rank == 0
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.run_start = self._start_run()
         torch.manual_seed(t.seed)
         self.model = self._build_model()
         self.train_data, self.valid_data = self._build_data()
@@ -66,8 +71,10 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self.stop_requested = False
+        self.stopped_by: str | None = None  # the signal that ended the run before max_steps
         self.last_saved_step = -1
-        self.logger = MetricsLogger(self.run_dir, self.is_logger, cfg.logging.tensorboard, cfg.logging.histograms)
+        self.rolled_back_to = -1
+        self.logger = self._open_logger(self.run_start.purge_step)
         _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
         self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers,
                                                cfg.model.n_heads * cfg.model.dim_head, cfg.data.seq_len)
@@ -259,14 +266,49 @@ class Trainer:
         return {i: table[i].cpu() for i in range(m.n_layers) if m.is_moe_layer(i)}
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
+        """The update is not applied. Past training.max_bad_steps in a row: stop with an error, or
+        (on_bad_steps=rollback) mark a rollback that the loop carries out after logging the step."""
         self.bad_steps += 1
-        limit = self.cfg.training.max_bad_steps
-        if self.bad_steps > limit:
-            raise FloatingPointError(f"{self.bad_steps} consecutive steps had a non-finite loss ({loss}) or grad norm "
-                                     f"({grad_norm}) at step {self.step}: lower optimizer.lr, use precision=fp32, or "
-                                     f"resume from an earlier checkpoint (training.max_bad_steps={limit})")
-        warnings.warn(f"step {self.step}: non-finite loss ({loss}) or grad norm ({grad_norm}); "
-                      f"skipping the update ({self.bad_steps}/{limit})")
+        t, what = self.cfg.training, _non_finite(loss, grad_norm)
+        if self.bad_steps <= t.max_bad_steps:
+            warnings.warn(f"step {self.step}: {what}; skipping the update "
+                          f"({self.bad_steps}/{t.max_bad_steps})")
+        elif t.on_bad_steps == "stop":
+            raise FloatingPointError(
+                f"{self.bad_steps} consecutive steps were non-finite (step {self.step}: {what}): "
+                f"lower optimizer.lr, use training.precision=fp32, set training.on_bad_steps="
+                f"rollback, or resume from an earlier checkpoint (training.max_bad_steps="
+                f"{t.max_bad_steps})")
+        else:
+            warnings.warn(f"step {self.step}: {what}; {self.bad_steps} non-finite steps in a row: "
+                          f"rolling back")
+
+    def _rollback(self) -> None:
+        """training.on_bad_steps=rollback, collective: reload the newest verified checkpoint saved
+        before the run of bad steps began (its weights predate them), keep the data stream where it
+        is (the batches since that checkpoint are skipped, the bad ones among them) and log from the
+        checkpoint's step again (metrics rows past it move aside, TensorBoard purges them). Newer
+        checkpoints move aside. Rolling back twice to one checkpoint means no progress: stop."""
+        n_bad = self.bad_steps
+        first_bad = self.step - n_bad  # updates applied before the bad run began
+        choice = choose_checkpoint("auto", self.ckpt_dir, self.ctx, max_step=first_bad)
+        if choice.path is None or step_of(choice.path) == self.rolled_back_to:
+            why = "no verified checkpoint precedes them" if choice.path is None else \
+                f"the run already rolled back to {choice.path.name} once"
+            raise FloatingPointError(f"{n_bad} consecutive steps were non-finite from step "
+                                     f"{first_bad} and {why}: lower optimizer.lr or use "
+                                     f"training.precision=fp32")
+        position = self.train_data.state_dict()
+        self.run_start = start_run(self.cfg, self.ckpt_dir, choice, self.ctx, self._log)
+        restore_training_state(choice.path, self.chunks, self.optimizer, self.ctx, self.device)
+        self.train_data.load_state_dict(position)
+        skipped = self.step - self.run_start.step
+        self.step = self.last_saved_step = self.rolled_back_to = self.run_start.step
+        self.bad_steps = 0
+        self.logger.close()
+        self.logger = self._open_logger(self.run_start.purge_step)
+        self._log(f"rolled back to {choice.path} (step {self.step}); skipping the {skipped} "
+                  f"batches drawn since, the last {n_bad} of them non-finite")
 
     def _mean_over_dp(self, *values: torch.Tensor) -> list[float]:
         t = torch.stack([v.float() for v in values])
@@ -306,13 +348,26 @@ class Trainer:
         """Collective: model, AdamW state and RNG under global names (train/checkpoint.py), resumable
         under any layout; the data position and config go to meta.json."""
         state = training_state(self.chunks, self.optimizer, self.ctx, rng_state(self.device))
-        meta = {"data": self.train_data.state_dict(), "config": self.cfg.to_dict()}
+        meta = {"data": self.train_data.state_dict(), "config": self.cfg.to_dict(),
+                "run_id": self.run_start.run_id}
         path = save_checkpoint(self.ckpt_dir, self.step, self.ctx, state, meta, self.cfg.checkpoint.keep_last)
         self._log(f"saved checkpoint {path}")
         return path
 
+    def _start_run(self) -> RunStart:
+        """Collective, before any model is built (a refused run_dir or another model fails in
+        seconds): the checkpoint to continue from, verified (resume=auto: the newest that verifies,
+        each skipped one logged), and run_dir claimed for this run (train/rundir.py)."""
+        choice = choose_checkpoint(self.cfg.checkpoint.resume, self.ckpt_dir, self.ctx)
+        return start_run(self.cfg, self.ckpt_dir, choice, self.ctx, self._log)
+
+    def _open_logger(self, purge_step: int | None) -> MetricsLogger:
+        c = self.cfg.logging
+        return MetricsLogger(self.run_dir, self.is_logger, c.tensorboard, c.histograms,
+                             purge_step=purge_step)
+
     def _maybe_resume(self) -> None:
-        path = resolve_resume_everywhere(self.cfg.checkpoint.resume, self.ckpt_dir, self.ctx)
+        path = self.run_start.resume_from
         if path is None:
             if self.cfg.checkpoint.resume == "auto":
                 self._log(f"no checkpoint under {self.ckpt_dir}: starting from scratch")
@@ -328,23 +383,26 @@ class Trainer:
         if self.is_logger:
             self.log_fn(msg)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.stop_requested = signum
 
     def _should_stop(self) -> bool:
-        """SIGTERM on any rank stops every rank at the same step."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        """A stop signal on any rank stops every rank at the same step, unless that step ended
+        the run; every rank learns which signal it was (self.stopped_by)."""
+        flag = torch.tensor([float(self.stop_requested or 0)])
         if self.ctx.world_size > 1:
             flag = flag.to(self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
-        return bool(flag.item())
+        if flag.item() and self.step < self.cfg.training.max_steps:
+            self.stopped_by = signal.Signals(int(flag.item())).name
+        return self.stopped_by is not None
 
     def train(self) -> dict[str, float]:
         c = self.cfg
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(c, self.run_dir / "config.yaml")
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         self._log(f"training {self.active_params:,} active parameters on {self.device}, "
                   f"{self.ctx.world_size} process(es), {self.n_micro} micro-batch(es) per step")
         meter, start_step, t0, last = Throughput(), self.step, time.perf_counter(), {}
@@ -353,14 +411,18 @@ class Trainer:
                 last = self.train_step()
                 meter.add(c.training.global_batch_size * c.data.seq_len)
                 self._after_step(last, meter, start_step, t0)
+                if self.bad_steps > c.training.max_bad_steps:
+                    self._rollback()
                 if self._should_stop():
-                    self._log(f"SIGTERM: stopping at step {self.step} with a final checkpoint")
+                    self._log(f"{self.stopped_by}: stopping at step {self.step} with a final "
+                              f"checkpoint; resume with --resume")
                     break
             if self.last_saved_step != self.step:  # decided from shared state, not a directory listing
                 self.save()
                 self.last_saved_step = self.step
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.logger.close()
         return last
 
@@ -390,6 +452,14 @@ class Trainer:
             self.save()
             self.last_saved_step = self.step
         meter.rate()  # restart the window: evaluation and saving do not count as training time
+
+
+def _non_finite(loss: float, grad_norm: float) -> str:
+    """Which of the step's loss and gradient norm were non-finite, with the other's value."""
+    values = (("loss", loss), ("grad norm", grad_norm))
+    bad = [f"{name} ({v})" for name, v in values if not math.isfinite(v)]
+    good = [f"{name} {v:.4g}" for name, v in values if math.isfinite(v)]
+    return f"non-finite {' and '.join(bad)}" + (f" (finite {good[0]})" if good else "")
 
 
 def memory_gb(device: torch.device) -> float:

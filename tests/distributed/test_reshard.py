@@ -285,6 +285,7 @@ def test_rng_is_restored_only_under_the_saved_layout(configs, tmp_path):
 
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["layout"].update(world_size=2, dp=2)
+    del meta["meta_checksum"]  # an edited meta.json would fail its own checksum
     (ckpt / "meta.json").write_text(json.dumps(meta))
     logs = []
     cfg = load_config(configs["untied"], [f"run_dir={tmp_path / 'c'}", f"checkpoint.resume={ckpt}"])
@@ -299,10 +300,11 @@ def test_other_model_and_unsafe_index_are_one_line_errors(configs, tmp_path):
     torch.set_num_threads(1)
     _quick_trainer(configs["untied"], tmp_path / "a").train()
     ckpt = _ckpt(tmp_path / "a", 1)
-    for override, problem in (("model.expert_ffn_dim=64", "has shape"), ("model.n_layers=3", "has no tensor")):
+    for override, problem in (("model.expert_ffn_dim=64", "model.expert_ffn_dim is 32 there, 64 here"),
+                              ("model.n_layers=3", "model.n_layers is 2 there, 3 here")):
         with pytest.raises(ValueError, match=problem) as info:
             _quick_trainer(configs["untied"], tmp_path / "b", f"checkpoint.resume={ckpt}", override)
-        assert "\n" not in str(info.value) and "model config" in str(info.value)
+        assert "\n" not in str(info.value) and "holds another model" in str(info.value)
 
     marker = tmp_path / "pwned"
 
@@ -311,6 +313,11 @@ def test_other_model_and_unsafe_index_are_one_line_errors(configs, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     (ckpt / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match=".metadata has .* bytes but .* were written"):
+        load_full_model_state(ckpt)  # the recorded checksums catch it first
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["files"], meta["meta_checksum"]  # as saved before checksums: the unpickler must refuse
+    (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="metadata is corrupt or unsafe .*not allowed") as info:
         load_full_model_state(ckpt)
     assert not marker.exists() and "\n" not in str(info.value)
