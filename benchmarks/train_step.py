@@ -15,7 +15,8 @@ clipping and fused AdamW, with bf16 params by default (--hf-precision).
 
 Columns:
   tok/s       B*S / median step time (median of --steps after --warmup untimed steps)
-  MFU (%)     flops_per_token * tok/s / peak, flops_per_token = 6 N_active + 12 L d S (PaLM; from
+  MFU (%)     flops_per_token * tok/s / peak, flops_per_token = 6 N + 12 L d S, N the active matmul
+              parameters (no embedding lookup; PaLM, matmuls only; from
               train.metrics), peak = --peak-tflops (default: train.metrics.peak_flops, 989 for H100)
   peak mem    torch.cuda.max_memory_allocated during the steps (params, grads, AdamW state,
               activations; the model build is excluded), GiB ('-' on CPU)
@@ -40,7 +41,7 @@ from benchmarks import (PRECISIONS, autocast, environment, fmt, guarded, markdow
                         median_ms, param_dtype, parse_precisions, resolve_device, write_json, write_profile)
 from moe.config import ModelConfig  # noqa: E402
 from moe.experts import BACKENDS as LAYER_BACKENDS  # noqa: E402
-from moe.model import RECOMPUTE, build_model, param_counts  # noqa: E402
+from moe.model import RECOMPUTE, build_model, matmul_params, param_counts  # noqa: E402
 from train.metrics import flops_per_token, peak_flops  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
 from parallel.layout import LayoutTable  # noqa: E402
@@ -184,10 +185,13 @@ def run_case(build, label: str, cfg: ModelConfig, precision: str, device: torch.
 
 
 def model_facts(cfg: ModelConfig, seq_len: int) -> dict:
-    """Parameter counts (counted on the meta device, free at any size) and training FLOPs per token."""
-    total, active = param_counts(build_model(cfg, device="meta"))
-    return {"params": total, "active_params": active,
-            "flops_per_token": flops_per_token(active, cfg.n_layers, cfg.n_heads * cfg.dim_head, seq_len)}
+    """Parameter counts (counted on the meta device, free at any size) and training matmul FLOPs
+    per token (train.metrics.flops_per_token: the embedding lookup is not a matmul)."""
+    model = build_model(cfg, device="meta")
+    total, active = param_counts(model)
+    matmul = matmul_params(model)
+    return {"params": total, "active_params": active, "matmul_params": matmul,
+            "flops_per_token": flops_per_token(matmul, cfg.n_layers, cfg.n_heads * cfg.dim_head, seq_len)}
 
 
 def bench_config(name: str, cfg: ModelConfig, device: torch.device, opts: dict) -> dict:

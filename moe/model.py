@@ -257,6 +257,30 @@ def param_counts(model: Decoder) -> tuple[int, int]:
     return total, active
 
 
+def matmul_params(model: Decoder) -> int:
+    """Active parameters that are matmul operands on this rank: the N of the 6 N FLOPs per token
+    (train.metrics.flops_per_token). Each such weight does 2 FLOPs per token in forward and 4 in
+    backward (input and weight gradients). Counted: every weight of two or more dims, experts at
+    top_k / n_experts (each token runs k of them), the router gate and the LM head. Not counted:
+    lookup tables (the input embedding, learned positions: a gather, no arithmetic) and vectors
+    (norm weights, biases: elementwise). A tied embedding is multiplied as the LM head, so it
+    counts once, where this model uses it as the head."""
+    lookups = {f"{name}.weight" for name, m in model.named_modules()
+               if isinstance(m, (VocabParallelEmbedding, nn.Embedding))}
+    if model.post and not hasattr(model, "head"):  # tied: tok_emb.weight is this model's head
+        lookups.discard("tok_emb.weight")
+    layouts, dense, expert = model.layouts(), 0, 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name in lookups:
+            continue
+        if layouts[name].expert:
+            expert += p.numel()
+        else:
+            dense += p.numel()
+    cfg = model.cfg
+    return dense + (expert * cfg.top_k // cfg.n_experts if cfg.n_experts else 0)
+
+
 def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cpu", **stage) -> Decoder:
     """A Decoder with uninitialised weights on `device`, built on the meta device so no time goes
     into random init of weights about to be overwritten."""

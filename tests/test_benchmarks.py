@@ -130,6 +130,13 @@ def smoke_active_params() -> int:
     return 2 * V * d + L * per_layer + d
 
 
+def smoke_matmul_params() -> int:
+    """The same model's matmul operands (the N of 6 N FLOPs): the active count without the input
+    embedding [V, d] (a lookup) and the 2 L + 1 RMSNorm weights (elementwise)."""
+    V, d, L = 256, 64, 2
+    return smoke_active_params() - V * d - (2 * L + 1) * d
+
+
 def test_train_step_smoke_prints_table_and_json(tmp_path, capsys):
     hf = importlib.util.find_spec("transformers") is not None  # --hf whenever transformers is installed
     out_json = tmp_path / "step.json"
@@ -153,7 +160,8 @@ def test_train_step_smoke_prints_table_and_json(tmp_path, capsys):
     assert saved == json.loads(json.dumps(result))
     moe = next(r for r in saved["results"] if r["config"] == "moe-16x")
     assert moe["active_params"] == smoke_active_params()
-    assert moe["flops_per_token"] == 6 * smoke_active_params() + 12 * 2 * 64 * 32
+    assert moe["matmul_params"] == smoke_matmul_params()
+    assert moe["flops_per_token"] == 6 * smoke_matmul_params() + 12 * 2 * 64 * 32
     tokens = 2 * 32  # B x S
     for res in saved["results"]:
         for row in res["rows"]:

@@ -32,7 +32,7 @@ from .checkpoint import resolve_resume_everywhere, restore_training_state, rng_s
     training_state
 from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
-from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
+from .metrics import MetricsLogger, Throughput, format_eta, model_flops_per_token, peak_flops
 from .optim import LRSchedule, apply_lr, build_parallel_optimizer
 
 
@@ -66,8 +66,7 @@ class Trainer:
         self.last_saved_step = -1
         self.logger = MetricsLogger(self.run_dir, self.is_logger, cfg.logging.tensorboard, cfg.logging.histograms)
         _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
-        self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers,
-                                               cfg.model.n_heads * cfg.model.dim_head, cfg.data.seq_len)
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)  # matmuls only
         self.peak = peak_flops(self.device)
         self._maybe_resume()
 
