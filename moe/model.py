@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from parallel.context import ParallelContext, check_divisible
+from parallel.fp8 import Float8Recipe, check_float8_shape
 from parallel.kernels import autocast_dtype
 from parallel.layout import ParamLayout, param_layouts
-from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_to_tp, vocab_parallel_cross_entropy
+from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, copy_to_tp,
+                             vocab_parallel_cross_entropy)
 
 from .config import ModelConfig
 from .layers import Attention, DenseMLP, make_norm, rope_cos_sin, sinusoidal_table
@@ -279,6 +281,21 @@ def matmul_params(model: Decoder) -> int:
             dense += p.numel()
     cfg = model.cfg
     return dense + (expert * cfg.top_k // cfg.n_experts if cfg.n_experts else 0)
+
+
+def enable_float8(model: Decoder, recipe: Float8Recipe) -> list[str]:
+    """Run the blocks' tensor-parallel linears (attention q/k/v/o, dense and shared-expert MLPs)
+    with float8 GEMMs; the LM head, the router (float32) and the experts (grouped GEMM) keep their
+    precision. Real float8 GEMMs need every local weight's dims to be multiples of 16: checked here,
+    before any step. Returns the names of the float8 layers."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and name != "head":
+            if not recipe.emulate:
+                check_float8_shape(name, module.weight)
+            module.fp8 = recipe
+            names.append(name)
+    return names
 
 
 def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cpu", **stage) -> Decoder:

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe.model import Decoder, build_model, load_full_state_dict, param_counts
+from moe.model import Decoder, build_model, enable_float8, load_full_state_dict, param_counts
 from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, stage_chunk_fn
 from parallel.context import ParallelContext
+from parallel.fp8 import ALIGN, check_float8_device, float8_recipe
 from parallel.layout import LayoutTable
 from parallel.pipeline import PipelineExecutor
 
@@ -53,6 +54,7 @@ class Trainer:
         t = cfg.training
         self.n_micro = t.global_batch_size // (self.dp * t.micro_batch_size)
         self.device = pick_device(cfg, ctx)
+        self.fp8 = self._float8_recipe()  # checked before any work
         self.is_logger = ctx.rank == 0
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
@@ -80,6 +82,8 @@ class Trainer:
         self.chunks = build_stage_chunks(c.model, self.ctx, partition, seed=c.training.seed, device=self.device)
         if c.checkpoint.init_from:
             self._init_from_hf(self.chunks, c.checkpoint.init_from)
+        if self.fp8 is not None:
+            self._enable_float8()
         for chunk in self.chunks:
             chunk.activation_checkpointing = c.training.activation_checkpointing
             chunk.recompute = c.training.recompute
@@ -90,6 +94,25 @@ class Trainer:
             self._log(f"pipeline: {p.pp} stages x {p.vpp} virtual, layers per virtual stage "
                       f"{[len(ids) for ids in partition]}, schedule {self._schedule_kind()}")
         return self.chunks[0] if len(self.chunks) == 1 and p.pp == 1 else torch.nn.ModuleList(self.chunks)
+
+    def _float8_recipe(self):
+        """training.fp8's torchao recipe (None when off), after checking what float8 GEMMs need:
+        the device, torchao, and tokens per micro-batch (the weight gradient's inner GEMM dim)
+        a multiple of 16."""
+        t = self.cfg.training
+        if t.fp8 == "off":
+            return None
+        check_float8_device(t.fp8, self.device, t.fp8_emulate)
+        tokens = t.micro_batch_size * self.cfg.data.seq_len
+        if tokens % ALIGN and not t.fp8_emulate:
+            raise ValueError(f"training.fp8={t.fp8}: training.micro_batch_size x data.seq_len ({tokens} tokens, "
+                             f"an inner GEMM dim of the weight gradient) must be a multiple of {ALIGN}")
+        return float8_recipe(t.fp8, t.fp8_emulate)
+
+    def _enable_float8(self) -> None:
+        names = [name for chunk in self.chunks for name in enable_float8(chunk, self.fp8)]
+        self._log(f"float8 ({self.fp8.name}{', emulated' if self.fp8.emulate else ''}): {len(names)} linears "
+                  f"of the blocks; the LM head, router and experts stay in {self.cfg.training.precision}")
 
     def _schedule_kind(self) -> str:
         p = self.cfg.parallel
