@@ -176,6 +176,7 @@ def test_train_step_smoke_prints_table_and_json(tmp_path, capsys):
     (["--seq-len", "0"], r"--seq-len \(0\) must be >= 1"),
     (["--peak-tflops", "-1"], r"--peak-tflops \(-1.0\) must be a positive number"),
     (["--precision", "fp16"], "--precision 'fp16'"),
+    (["--fp8", "off,blockwise"], r"--fp8 'off,blockwise': each entry must be one of \['off', 'tensorwise', 'rowwise'\]"),
 ])
 def test_train_step_rejects_bad_options_in_one_line(argv, message):
     with pytest.raises(SystemExit, match=message) as info:
@@ -203,3 +204,25 @@ def test_train_step_mixed_precision_runs_the_trainers_optimizer(capsys):
     rows = {row["precision"]: row for row in result["results"][0]["rows"]}
     assert set(rows) == {"mixed", "fp32"} and all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["mixed"]["params"] == rows["fp32"]["params"]
+
+
+def test_train_step_fp8_rows_time_ours_with_float8_linears(monkeypatch):
+    """--fp8 adds a row of ours per recipe (float8 GEMMs emulated on CPU) next to the plain one;
+    every one of them really runs float8 linears (counted through torchao's function)."""
+    pytest.importorskip("torchao.float8")
+    from parallel import fp8 as fp8_mod
+
+    calls = []
+    real = fp8_mod.float8_linear
+
+    def counted(*args):
+        calls.append(args[-1].name)
+        return real(*args)
+
+    monkeypatch.setattr("parallel.tensor.float8_linear", counted)  # wo and w2 of every block
+    result = train_step.main(["--smoke", "--configs", "dense-1.1b", "--precision", "mixed", "--fp8",
+                              "off,tensorwise,rowwise", "--steps", "1", "--warmup", "0"])
+    rows = result["results"][0]["rows"]
+    assert [r["precision"] for r in rows] == ["mixed", "mixed+fp8 tensorwise", "mixed+fp8 rowwise"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert sorted(set(calls)) == ["rowwise", "tensorwise"]
