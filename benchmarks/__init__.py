@@ -138,9 +138,18 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """What produced the numbers: device name, torch and CUDA versions."""
+    """What produced the numbers: device name, torch and CUDA versions, and the versions of the
+    optional packages a case may use (None where not installed)."""
+    from importlib import metadata
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+    versions = {}
+    for package in ("transformers", "torchao", "triton"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, **versions}
 
 
 def profile_table(fn: Callable[[], None], device: torch.device, steps: int = 3, row_limit: int = 30) -> str:

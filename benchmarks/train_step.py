@@ -348,8 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = opts["device"]
     results = [bench_config(name, cfg, device, opts) for name, cfg in cfgs.items()]
     out = {**environment(device), **{k: v for k, v in opts.items() if k != "device"}, "results": results}
-    print(f"Training step on {out['device']} (torch {out['torch']}), median of {opts['steps']} after "
-          f"{opts['warmup']} warmup\n")
+    versions = ", ".join(f"{k} {out[k]}" for k in ("cuda", "transformers", "torchao") if out[k])
+    print(f"Training step on {out['device']} (torch {out['torch']}{', ' + versions if versions else ''}), "
+          f"median of {opts['steps']} after {opts['warmup']} warmup\n")
     print(format_report(results, opts))
     if args.json:
         write_json(args.json, out)
