@@ -42,39 +42,46 @@ def smoothed(losses: dict[int, float], window: int) -> dict[int, float]:
             for i, s in enumerate(steps)}
 
 
-def compare(a: dict[int, float], b: dict[int, float], window: int, skip: int, tolerance: float) -> dict:
+def compare(a: dict[int, float], b: dict[int, float], window: int, skip: int,
+            tolerance: float) -> dict:
     """Largest relative gap between the smoothed curves over the common steps >= skip."""
     sa, sb = smoothed(a, window), smoothed(b, window)
     common = sorted(s for s in set(sa) & set(sb) if s >= skip)
     if not common:
-        raise ValueError(f"the runs share no logged step >= {skip}: lower --skip or check the run dirs")
+        raise ValueError(f"the runs share no logged step >= {skip}: lower --skip or check the "
+                         f"run dirs")
     gaps = {s: abs(sb[s] - sa[s]) / abs(sa[s]) for s in common}
-    worst = max(gaps, key=gaps.get)
-    last = common[-1]
-    return {"steps": len(common), "first": common[0], "last": last, "max_gap": gaps[worst], "max_gap_step": worst,
-            "final_a": sa[last], "final_b": sb[last], "final_gap": gaps[last], "within": gaps[worst] <= tolerance}
+    worst, last = max(gaps, key=gaps.get), common[-1]
+    return {"steps": len(common), "first": common[0], "last": last, "max_gap": gaps[worst],
+            "max_gap_step": worst, "final_a": sa[last], "final_b": sb[last],
+            "final_gap": gaps[last], "within": gaps[worst] <= tolerance}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_a", help="the reference run_dir (e.g. bf16)")
     p.add_argument("run_b", help="the run_dir compared with it (e.g. fp8)")
-    p.add_argument("--window", type=int, default=20, help="trailing mean over this many steps (default 20)")
+    p.add_argument("--window", type=int, default=20,
+                   help="trailing mean over this many steps (default 20)")
     p.add_argument("--skip", type=int, default=20, help="compare from this step on (default 20)")
-    p.add_argument("--tolerance", type=float, default=0.01, help="largest allowed relative gap (default 0.01)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="largest allowed relative gap (default 0.01)")
     args = p.parse_args(argv)
     try:
         if args.window < 1 or not args.tolerance > 0:
-            raise ValueError(f"--window ({args.window}) must be >= 1 and --tolerance ({args.tolerance}) > 0")
-        r = compare(read_losses(args.run_a), read_losses(args.run_b), args.window, args.skip, args.tolerance)
+            raise ValueError(f"--window ({args.window}) must be >= 1 and --tolerance "
+                             f"({args.tolerance}) > 0")
+        a, b = read_losses(args.run_a), read_losses(args.run_b)
+        r = compare(a, b, args.window, args.skip, args.tolerance)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     verdict = "within" if r["within"] else "NOT within"
     print(f"{args.run_b} vs {args.run_a}: loss (trailing mean of {args.window} steps) over steps "
-          f"{r['first']}-{r['last']} ({r['steps']} logged): largest gap {100 * r['max_gap']:.2f}% at step "
-          f"{r['max_gap_step']}; final {r['final_b']:.4f} vs {r['final_a']:.4f} ({100 * r['final_gap']:.2f}%): "
-          f"{verdict} {100 * args.tolerance:g}%")
+          f"{r['first']}-{r['last']} ({r['steps']} logged): largest gap "
+          f"{100 * r['max_gap']:.2f}% at step {r['max_gap_step']}; final {r['final_b']:.4f} vs "
+          f"{r['final_a']:.4f} ({100 * r['final_gap']:.2f}%): {verdict} {100 * args.tolerance:g}%")
     return r
 
 

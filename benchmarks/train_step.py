@@ -45,7 +45,8 @@ from benchmarks import (PRECISIONS, autocast, environment, fmt, guarded, markdow
                         median_ms, param_dtype, parse_precisions, resolve_device, write_json, write_profile)
 from moe.config import ModelConfig  # noqa: E402
 from moe.experts import BACKENDS as LAYER_BACKENDS  # noqa: E402
-from moe.model import RECOMPUTE, build_model, enable_float8, matmul_params, param_counts  # noqa: E402
+from moe.model import (RECOMPUTE, build_model, enable_float8, matmul_params,  # noqa: E402
+                       param_counts)
 from train.metrics import flops_per_token, peak_flops  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
 from parallel.fp8 import RECIPES as FP8_RECIPES, check_float8_device, float8_recipe  # noqa: E402
@@ -199,11 +200,13 @@ def model_facts(cfg: ModelConfig, seq_len: int) -> dict:
     total, active = param_counts(model)
     matmul = matmul_params(model)
     return {"params": total, "active_params": active, "matmul_params": matmul,
-            "flops_per_token": flops_per_token(matmul, cfg.n_layers, cfg.n_heads * cfg.dim_head, seq_len)}
+            "flops_per_token": flops_per_token(matmul, cfg.n_layers, cfg.n_heads * cfg.dim_head,
+                                               seq_len)}
 
 
 def bench_config(name: str, cfg: ModelConfig, device: torch.device, opts: dict) -> dict:
-    """Our model at each --precision and --fp8 recipe, then (with --hf) HF's model at --hf-precision."""
+    """Our model at each --precision and --fp8 recipe, then (with --hf) HF's model at
+    --hf-precision."""
     facts = model_facts(cfg, opts["seq_len"])
     opts = {**opts, "config": name}  # names the profile files
     ck, cp = opts["activation_checkpointing"], opts["compile"]
@@ -215,7 +218,8 @@ def bench_config(name: str, cfg: ModelConfig, device: torch.device, opts: dict) 
             rows.append(run_case(ours, "ours", cfg, p, device, opts, label))
     if opts["hf"]:
         p = opts["hf_precision"]
-        hf = lambda: build_hf(cfg, p, device, ck, opts["hf_compile"], opts["hf_experts"])  # noqa: E731
+        hf_cp = opts["hf_compile"]
+        hf = lambda: build_hf(cfg, p, device, ck, hf_cp, opts["hf_experts"])  # noqa: E731
         rows.append(run_case(hf, "hf", cfg, p, device, opts))
     for row in rows:
         if "tokens_per_s" in row and opts["peak_flops"]:
@@ -243,7 +247,8 @@ def format_report(results: list[dict], opts: dict) -> str:
     flags = [f for f, on in ((f"activation checkpointing ({opts['recompute']} recompute for ours)",
                               opts["activation_checkpointing"]),
                              ("torch.compile", opts["compile"]),
-                             ("torch.compile (HF only)", opts["hf_compile"] and not opts["compile"])) if on]
+                             ("torch.compile (HF only)",
+                              opts["hf_compile"] and not opts["compile"])) if on]
     title = (f"### Training step, B={opts['batch_size']} S={opts['seq_len']}, {peak}"
              + (f", {' + '.join(flags)}" if flags else ""))
     return "\n".join([title, "", *facts, "", markdown_table(headers, table), *([""] + notes if notes else [])])
@@ -275,10 +280,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recompute", default="full", choices=RECOMPUTE,
                    help="ours, with --activation-checkpointing: full blocks or selective (keep GEMM/attention outputs)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (both models)")
-    p.add_argument("--fp8", help=f"ours: comma list of off and {list(FP8_RECIPES)}, each timed at every --precision "
-                   "(training.fp8: float8 linears through torchao; default off)")
+    p.add_argument("--fp8", help=f"ours: comma list of off and {list(FP8_RECIPES)}, each timed at "
+                   "every --precision (training.fp8: float8 linears through torchao; default off)")
     p.add_argument("--hf", action="store_true", help="also time HF transformers' model with the same shapes")
-    p.add_argument("--hf-compile", action="store_true", help="torch.compile HF's blocks even when ours runs eager")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="torch.compile HF's blocks even when ours runs eager")
     p.add_argument("--hf-precision", help=f"HF model: one of {list(PRECISIONS)} (default bf16; smoke fp32)")
     p.add_argument("--hf-experts", help="HF experts_implementation for Mixtral, e.g. eager (default: HF's own)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: train.metrics.peak_flops of the GPU)")
@@ -316,7 +322,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, ModelConfig], dict]:
     if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
         raise ValueError(f"--peak-tflops ({args.peak_tflops}) must be a positive number, e.g. 989 for an H100")
     opts["peak_flops"] = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(opts["device"])
-    for name in opts["fp8"]:  # a missing GPU feature or torchao is one line here, not an error per row
+    for name in opts["fp8"]:  # a missing GPU feature or torchao: one line here, not one per row
         if name != "off":
             try:
                 check_float8_device(name, opts["device"], emulate=opts["device"].type != "cuda")
@@ -349,8 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = [bench_config(name, cfg, device, opts) for name, cfg in cfgs.items()]
     out = {**environment(device), **{k: v for k, v in opts.items() if k != "device"}, "results": results}
     versions = ", ".join(f"{k} {out[k]}" for k in ("cuda", "transformers", "torchao") if out[k])
-    print(f"Training step on {out['device']} (torch {out['torch']}{', ' + versions if versions else ''}), "
-          f"median of {opts['steps']} after {opts['warmup']} warmup\n")
+    versions = f"torch {out['torch']}" + (f", {versions}" if versions else "")
+    print(f"Training step on {out['device']} ({versions}), median of {opts['steps']} after "
+          f"{opts['warmup']} warmup\n")
     print(format_report(results, opts))
     if args.json:
         write_json(args.json, out)

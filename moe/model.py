@@ -23,8 +23,8 @@ from parallel.context import ParallelContext, check_divisible
 from parallel.fp8 import Float8Recipe, check_float8_shape
 from parallel.kernels import autocast_dtype
 from parallel.layout import ParamLayout, param_layouts
-from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, copy_to_tp,
-                             vocab_parallel_cross_entropy)
+from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                             copy_to_tp, vocab_parallel_cross_entropy)
 
 from .config import ModelConfig
 from .layers import Attention, DenseMLP, make_norm, rope_cos_sin, sinusoidal_table

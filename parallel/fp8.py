@@ -68,11 +68,12 @@ def float8_recipe(name: str, emulate: bool = False) -> Float8Recipe:
         raise ValueError(f"training.fp8 ({name!r}) must be off, {' or '.join(RECIPES)}")
     found = _torchao()
     if isinstance(found, str):
-        raise ImportError(f"training.fp8={name} needs torchao's float8 training, which does not import "
-                          f"here ({found}): pip install torchao, or set training.fp8=off")
+        raise ImportError(f"training.fp8={name} needs torchao's float8 training, which does not "
+                          f"import here ({found}): pip install torchao, or set training.fp8=off")
     config_cls, matmul, tensor = found
     config = dataclasses.replace(config_cls.from_recipe_name(name), emulate=emulate)
-    gemms = (config.gemm_config_output, config.gemm_config_grad_input, config.gemm_config_grad_weight)
+    gemms = (config.gemm_config_output, config.gemm_config_grad_input,
+             config.gemm_config_grad_weight)
     mm_config = tensor.LinearMMConfig(*(tensor.ScaledMMConfig(emulate, g.use_fast_accum, False,
                                                               config.pad_inner_dim) for g in gemms))
     return Float8Recipe(name, emulate, config, mm_config, matmul)
@@ -85,20 +86,21 @@ def check_float8_device(name: str, device: torch.device, emulate: bool) -> None:
     fix = ("set training.fp8=off, or training.fp8_emulate=true to check float8 numerics slowly "
            "without float8 hardware")
     if device.type != "cuda":
-        raise ValueError(f"training.fp8={name} needs a CUDA GPU with compute capability >= 8.9 (Ada, "
-                         f"Hopper or newer); this run is on {device.type}: {fix}")
-    capability = torch.cuda.get_device_capability(device)
-    if tuple(capability) < MIN_CAPABILITY:
-        raise ValueError(f"training.fp8={name} needs compute capability >= 8.9 (Ada, Hopper or newer); "
-                         f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: {fix}")
+        raise ValueError(f"training.fp8={name} needs a CUDA GPU with compute capability >= 8.9 "
+                         f"(Ada, Hopper or newer); this run is on {device.type}: {fix}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_CAPABILITY:
+        raise ValueError(f"training.fp8={name} needs compute capability >= 8.9 (Ada, Hopper or "
+                         f"newer); {torch.cuda.get_device_name(device)} has {major}.{minor}: {fix}")
 
 
 def check_float8_shape(where: str, weight: torch.Tensor) -> None:
     """A float8 layer's local weight [out, in] must have both dims multiples of 16."""
     if weight.dim() != 2 or any(n % ALIGN for n in weight.shape):
-        raise ValueError(f"training.fp8: {where} has a local weight of shape {tuple(weight.shape)}; float8 "
-                         f"GEMMs need both dims multiples of {ALIGN}: change the model sizes (or the tp size), "
-                         f"or set training.fp8=off")
+        shape = tuple(weight.shape)
+        raise ValueError(f"training.fp8: {where} has a local weight of shape {shape}; float8 GEMMs "
+                         f"need both dims multiples of {ALIGN}: change the model sizes (or the tp "
+                         f"size), or set training.fp8=off")
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -137,6 +139,7 @@ def float8_fused_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torc
             return torch.cat([p.detach() for p in parts]).t()
         return packed
 
-    with torch.autocast(x.device.type, enabled=False), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    with torch.autocast(x.device.type, enabled=False), hooks:
         y = recipe.matmul.apply(x.to(dtype), w_t, recipe.mm_config, recipe.config)
     return y if bias is None else y + bias.to(y.dtype)

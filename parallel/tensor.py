@@ -335,7 +335,8 @@ def fused_column_linear(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> 
     if any(b is None for b in biases) and any(b is not None for b in biases):
         raise ValueError("fused_column_linear: either every layer has a bias or none does")
     if any(layer.fp8 is not layers[0].fp8 for layer in layers):
-        raise ValueError("fused_column_linear: layers sharing one GEMM must share one float8 recipe (or none)")
+        raise ValueError("fused_column_linear: layers sharing one GEMM must share one float8 "
+                         "recipe (or none)")
     if layers[0].fp8 is not None:
         bias = torch.cat(biases) if biases[0] is not None else None
         return float8_fused_linear(x, [layer.weight for layer in layers], bias, layers[0].fp8)
@@ -380,7 +381,7 @@ class RowParallelLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, None, self.fp8)  # [B, S, out], partial sum over this rank's in/tp columns
+        y = linear(x, self.weight, None, self.fp8)  # [B, S, out], partial sum over in/tp columns
         if self.sequence_parallel:
             y = reduce_scatter_to_sp(y, self.group, SEQUENCE_DIM)  # -> [B, S/tp, out]
         else:

@@ -176,7 +176,8 @@ def test_train_step_smoke_prints_table_and_json(tmp_path, capsys):
     (["--seq-len", "0"], r"--seq-len \(0\) must be >= 1"),
     (["--peak-tflops", "-1"], r"--peak-tflops \(-1.0\) must be a positive number"),
     (["--precision", "fp16"], "--precision 'fp16'"),
-    (["--fp8", "off,blockwise"], r"--fp8 'off,blockwise': each entry must be one of \['off', 'tensorwise', 'rowwise'\]"),
+    (["--fp8", "off,blockwise"],
+     r"--fp8 'off,blockwise': each entry must be one of \['off', 'tensorwise', 'rowwise'\]"),
 ])
 def test_train_step_rejects_bad_options_in_one_line(argv, message):
     with pytest.raises(SystemExit, match=message) as info:

@@ -23,14 +23,16 @@ from moe.config import get_preset  # noqa: E402
 from moe.model import build_model, enable_float8  # noqa: E402
 from parallel import fp8 as fp8_mod  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
-from parallel.fp8 import check_float8_device, float8_fused_linear, float8_linear, float8_recipe  # noqa: E402
+from parallel.fp8 import (check_float8_device, float8_fused_linear, float8_linear,  # noqa: E402
+                          float8_recipe)
 from train.config import load_config  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 from tests.test_trainer import tokens  # noqa: E402,F401  - the 50k-token byte file fixture
 
 SHRINK = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=256,
               vocab_pad_multiple=8, max_seq_len=64)
-MODELS = {"dense": ("tiny", {}), "dense_bias": ("tiny", dict(bias=True)), "gpt_gelu_bias": ("gpt2-small", {}),
+MODELS = {"dense": ("tiny", {}), "dense_bias": ("tiny", dict(bias=True)),
+          "gpt_gelu_bias": ("gpt2-small", {}),
           "moe": ("tiny-moe", dict(n_experts=4, top_k=2, expert_ffn_dim=32))}
 # Float8 (e4m3: 3 mantissa bits) rounds each operand by up to 2^-4 relative; over this model's
 # step that gives losses within ~1e-4 and gradients within 6-18% (norm of the difference over the
@@ -59,7 +61,8 @@ def bf16_step(key: str, recipe=None) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("key", list(MODELS))
-@pytest.mark.parametrize("name, emulate", [("tensorwise", False), ("rowwise", False), ("rowwise", True)])
+@pytest.mark.parametrize("name, emulate",
+                         [("tensorwise", False), ("rowwise", False), ("rowwise", True)])
 def test_float8_step_matches_bf16_within_float8_rounding(key, name, emulate):
     loss_ref, grads_ref = bf16_step(key)
     loss, grads = bf16_step(key, float8_recipe(name, emulate))
@@ -128,7 +131,8 @@ def test_float8_reaches_the_blocks_linears_only():
     """Attention q/k/v/o and the MLPs' (and shared expert's) linears get the recipe; the LM head,
     the router and the experts keep theirs; every forward GEMM of those layers goes through
     torchao's float8 function (q/k/v and gate/up as one fused call each)."""
-    cfg = get_preset("tiny-moe", **SHRINK, n_experts=4, top_k=2, expert_ffn_dim=32, shared_expert_ffn_dim=64)
+    cfg = get_preset("tiny-moe", **SHRINK, n_experts=4, top_k=2, expert_ffn_dim=32,
+                     shared_expert_ffn_dim=64)
     model = build_model(cfg, seed=0)
     recipe = float8_recipe("rowwise")
     calls = []
@@ -155,26 +159,31 @@ def test_float8_reaches_the_blocks_linears_only():
 
 # ---------------------------------------------------------------- configuration and errors
 def _cfg(tmp_path: Path, tokens: str, *overrides: str):
-    base = ["model.preset=tiny", "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
-            "model.ffn_dim=128", f"data.paths=[{tokens}]", "data.seq_len=32", "training.device=cpu",
-            "training.global_batch_size=4", "training.micro_batch_size=2", "training.max_steps=3",
-            "training.eval_interval=0", "logging.tensorboard=false", "checkpoint.interval=0",
-            "optimizer.lr=1e-3", "schedule.warmup_steps=0", f"run_dir={tmp_path / 'run'}"]
+    base = ["model.preset=tiny", "model.n_layers=2", "model.d_model=64", "model.n_heads=4",
+            "model.n_kv_heads=2", "model.ffn_dim=128", f"data.paths=[{tokens}]", "data.seq_len=32",
+            "training.device=cpu", "training.global_batch_size=4", "training.micro_batch_size=2",
+            "training.max_steps=3", "training.eval_interval=0", "logging.tensorboard=false",
+            "checkpoint.interval=0", "optimizer.lr=1e-3", "schedule.warmup_steps=0",
+            f"run_dir={tmp_path / 'run'}"]
     return load_config(None, base + list(overrides))
 
 
-@pytest.mark.parametrize("value, want", [("off", "off"), ("false", "off"), ("tensorwise", "tensorwise"),
-                                         ("rowwise", "rowwise")])
+NO_TORCHAO = "ModuleNotFoundError: No module named 'torchao'"
+
+
+@pytest.mark.parametrize("value, want", [("off", "off"), ("false", "off"),
+                                         ("tensorwise", "tensorwise"), ("rowwise", "rowwise")])
 def test_fp8_config_values(value, want):
     assert load_config(None, [f"training.fp8={value}"]).training.fp8 == want
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["training.fp8=blockwise"], r"^training\.fp8 \('blockwise'\) must be off, tensorwise or rowwise$"),
+    (["training.fp8=blockwise"],
+     r"^training\.fp8 \('blockwise'\) must be off, tensorwise or rowwise$"),
     (["training.fp8=true"], r"^training\.fp8 \(True\) must be off, tensorwise or rowwise$"),
     (["training.fp8=rowwise", "training.precision=fp32"],
-     r"^training\.fp8=rowwise needs training\.precision=bf16 \(got fp32\).*set training\.precision=bf16 or "
-     r"training\.fp8=off$"),
+     r"^training\.fp8=rowwise needs training\.precision=bf16 \(got fp32\).*set "
+     r"training\.precision=bf16 or training\.fp8=off$"),
 ])
 def test_fp8_config_errors_are_one_line(overrides, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -183,48 +192,52 @@ def test_fp8_config_errors_are_one_line(overrides, message):
 
 
 def test_fp8_needs_a_float8_gpu_unless_emulated(monkeypatch):
-    with pytest.raises(ValueError, match=r"^training\.fp8=rowwise needs a CUDA GPU with compute capability "
-                                         r">= 8\.9.*this run is on cpu: set training\.fp8=off, or "
-                                         r"training\.fp8_emulate=true") as err:
+    cpu = (r"^training\.fp8=rowwise needs a CUDA GPU with compute capability >= 8\.9.*this run is "
+           r"on cpu: set training\.fp8=off, or training\.fp8_emulate=true")
+    with pytest.raises(ValueError, match=cpu) as err:
         check_float8_device("rowwise", torch.device("cpu"), emulate=False)
     assert "\n" not in str(err.value)
     check_float8_device("rowwise", torch.device("cpu"), emulate=True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
-    with pytest.raises(ValueError, match=r"needs compute capability >= 8\.9 .*NVIDIA A100-SXM4-80GB has 8\.0: set "
-                                         r"training\.fp8=off"):
+    a100 = (r"needs compute capability >= 8\.9 .*NVIDIA A100-SXM4-80GB has 8\.0: set "
+            r"training\.fp8=off")
+    with pytest.raises(ValueError, match=a100):
         check_float8_device("tensorwise", torch.device("cuda", 0), emulate=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_float8_device("tensorwise", torch.device("cuda", 0), emulate=False)  # H100 / H200
 
 
 def test_fp8_without_torchao_names_the_fix(monkeypatch):
-    monkeypatch.setattr(fp8_mod, "_torchao", lambda: "ModuleNotFoundError: No module named 'torchao'")
-    with pytest.raises(ImportError, match=r"^training\.fp8=tensorwise needs torchao's float8 training, which "
-                                          r"does not import here \(ModuleNotFoundError: .*\): pip install "
-                                          r"torchao, or set training\.fp8=off$"):
+    monkeypatch.setattr(fp8_mod, "_torchao", lambda: NO_TORCHAO)
+    message = (r"^training\.fp8=tensorwise needs torchao's float8 training, which does not import "
+               r"here \(ModuleNotFoundError: .*\): pip install torchao, or set training\.fp8=off$")
+    with pytest.raises(ImportError, match=message):
         float8_recipe("tensorwise")
 
 
 def test_float8_layers_need_16_aligned_weights():
     cfg = get_preset("tiny", **{**SHRINK, "ffn_dim": 120})
-    with pytest.raises(ValueError, match=r"^training\.fp8: layers\.0\.mlp\.w1 has a local weight of shape "
-                                         r"\(120, 64\); float8 GEMMs need both dims multiples of 16"):
+    message = (r"^training\.fp8: layers\.0\.mlp\.w1 has a local weight of shape \(120, 64\); "
+               r"float8 GEMMs need both dims multiples of 16")
+    with pytest.raises(ValueError, match=message):
         enable_float8(build_model(cfg, device="meta"), float8_recipe("rowwise"))
-    enable_float8(build_model(cfg, device="meta"), float8_recipe("rowwise", emulate=True))  # emulation: any size
+    emulated = float8_recipe("rowwise", emulate=True)
+    enable_float8(build_model(cfg, device="meta"), emulated)  # emulation: any size
 
 
 @pytest.mark.parametrize("emulate, torchao, error, message", [
-    (False, True, ValueError, r"^training\.fp8=rowwise needs a CUDA GPU with compute capability >= 8\.9"),
+    (False, True, ValueError, r"^training\.fp8=rowwise needs a CUDA GPU with compute capability"),
     (True, False, ImportError, r"^training\.fp8=rowwise needs torchao's float8 training"),
 ])
-def test_trainer_refuses_fp8_before_any_work(tmp_path, tokens, monkeypatch, emulate, torchao, error, message):
+def test_trainer_refuses_fp8_before_any_work(tmp_path, tokens, monkeypatch, emulate, torchao, error,
+                                             message):
     def no_work(*args, **kwargs):
         raise AssertionError("the trainer built a model before checking training.fp8")
 
     monkeypatch.setattr("train.trainer.build_stage_chunks", no_work)
     if not torchao:
-        monkeypatch.setattr(fp8_mod, "_torchao", lambda: "ModuleNotFoundError: No module named 'torchao'")
+        monkeypatch.setattr(fp8_mod, "_torchao", lambda: NO_TORCHAO)
     cfg = _cfg(tmp_path, tokens, "training.fp8=rowwise", "training.precision=bf16",
                f"training.fp8_emulate={str(emulate).lower()}")
     with pytest.raises(error, match=message) as err:
@@ -234,11 +247,12 @@ def test_trainer_refuses_fp8_before_any_work(tmp_path, tokens, monkeypatch, emul
 
 
 def test_trainer_checks_tokens_per_micro_batch(tmp_path, tokens, monkeypatch):
-    monkeypatch.setattr("train.trainer.check_float8_device", lambda *args: None)  # as if on a float8 GPU
-    cfg = _cfg(tmp_path, tokens, "training.fp8=rowwise", "training.precision=bf16", "data.seq_len=30",
-               "training.micro_batch_size=1", "training.global_batch_size=2")
-    with pytest.raises(ValueError, match=r"^training\.fp8=rowwise: training\.micro_batch_size x data\.seq_len "
-                                         r"\(30 tokens, .*\) must be a multiple of 16$"):
+    monkeypatch.setattr("train.trainer.check_float8_device", lambda *args: None)  # a float8 GPU
+    cfg = _cfg(tmp_path, tokens, "training.fp8=rowwise", "training.precision=bf16",
+               "data.seq_len=30", "training.micro_batch_size=1", "training.global_batch_size=2")
+    message = (r"^training\.fp8=rowwise: training\.micro_batch_size x data\.seq_len \(30 tokens, "
+               r".*\) must be a multiple of 16$")
+    with pytest.raises(ValueError, match=message):
         Trainer(cfg, ParallelContext.single(), log=lambda msg: None)
 
 
@@ -253,7 +267,8 @@ def test_trainer_trains_with_emulated_fp8_like_bf16(tmp_path, tokens):
         trainer = Trainer(cfg, ParallelContext.single(), log=logs.append)
         runs[fp8] = [trainer.train_step()["loss"] for _ in range(3)]
         if fp8 != "off":
-            assert all(m.fp8 is trainer.fp8 for n, m in trainer.model.named_modules() if n.endswith(".wq"))
+            wq = [m for n, m in trainer.model.named_modules() if n.endswith(".wq")]
+            assert wq and all(m.fp8 is trainer.fp8 for m in wq)
     assert any("float8 (rowwise, emulated): 14 linears" in line for line in logs), logs
     for got, want in zip(runs["rowwise"], runs["off"]):
         assert got == pytest.approx(want, rel=LOSS_RTOL)

@@ -164,11 +164,12 @@ def test_triton_cross_entropy_matches_torch_path(dtype):
     assert (logits.grad[0, :7] == 0).all() and (logits.grad[..., 5000:] == 0).all()
 
 
-# ---------------------------------------------------------------- training.fp8: torchao's float8 GEMMs
+# ---------------------------------------------------------------- training.fp8: float8 GEMMs
 def _float8_gpu() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("torchao") is not None and torch.cuda.get_device_capability() >= (8, 9)
+    has_torchao = importlib.util.find_spec("torchao") is not None
+    return has_torchao and torch.cuda.get_device_capability() >= (8, 9)
 
 
 needs_float8 = pytest.mark.skipif(not torch.cuda.is_available() or not _float8_gpu(),
@@ -202,7 +203,8 @@ def test_float8_gemms_on_cuda_match_emulation(name):
 
 @needs_float8
 def test_fp8_training_steps_on_cuda_follow_bf16(tmp_path):
-    """The trainer with training.fp8=rowwise on the GPU: five steps within float8 rounding of bf16."""
+    """The trainer with training.fp8=rowwise on the GPU: five steps within float8 rounding of
+    bf16."""
     from train.config import load_config
     from train.data import write_token_file
     from train.trainer import Trainer
@@ -212,8 +214,9 @@ def test_fp8_training_steps_on_cuda_follow_bf16(tmp_path):
     for fp8 in ("off", "rowwise"):
         cfg = load_config("configs/tiny.yaml", [
             f"data.paths=[{tmp_path / 'tok'}]", f"run_dir={tmp_path / fp8}", "model.ffn_dim=352",
-            "model.expert_ffn_dim=128", "training.max_steps=5", "training.precision=bf16", f"training.fp8={fp8}",
-            "training.device=cuda", "training.eval_interval=0", "checkpoint.interval=0"])
+            "model.expert_ffn_dim=128", "training.max_steps=5", "training.precision=bf16",
+            f"training.fp8={fp8}", "training.device=cuda", "training.eval_interval=0",
+            "checkpoint.interval=0"])
         trainer = Trainer(cfg, ParallelContext.single("cuda"), log=lambda m: None)
         losses[fp8] = [trainer.train_step()["loss"] for _ in range(5)]
     assert losses["rowwise"] == pytest.approx(losses["off"], rel=1e-2)
@@ -224,8 +227,10 @@ def test_fp8_training_steps_on_cuda_follow_bf16(tmp_path):
 def test_train_step_benchmark_fp8_rows_run_on_cuda():
     from benchmarks import train_step
 
-    result = train_step.main(["--configs", "dense-1.1b,moe-16x", "--batch-size", "1", "--seq-len", "256", "--steps",
-                              "2", "--warmup", "1", "--fp8", "off,tensorwise,rowwise", "--device", "cuda"])
+    result = train_step.main(["--configs", "dense-1.1b,moe-16x", "--batch-size", "1", "--seq-len",
+                              "256", "--steps", "2", "--warmup", "1", "--fp8",
+                              "off,tensorwise,rowwise", "--device", "cuda"])
+    want = ["mixed", "mixed+fp8 tensorwise", "mixed+fp8 rowwise"]
     for res in result["results"]:
-        assert [r["precision"] for r in res["rows"]] == ["mixed", "mixed+fp8 tensorwise", "mixed+fp8 rowwise"]
+        assert [r["precision"] for r in res["rows"]] == want
         assert all("error" not in r for r in res["rows"]), res["rows"]

@@ -154,14 +154,15 @@ def validate(c: TrainConfig) -> None:
 
 
 def _check_fp8(t: TrainingConfig) -> None:
-    """training.fp8: off (a YAML false too), tensorwise or rowwise; float8 GEMMs take bf16 operands."""
+    """training.fp8: off (a YAML false too), tensorwise or rowwise; float8 GEMMs take bf16
+    operands."""
     if t.fp8 is False:
         t.fp8 = "off"
     _check(t.fp8 in ("off", "tensorwise", "rowwise"),
            f"training.fp8 ({t.fp8!r}) must be off, tensorwise or rowwise")
     _check(t.fp8 == "off" or t.precision == "bf16",
-           f"training.fp8={t.fp8} needs training.precision=bf16 (got {t.precision}): float8 GEMMs take "
-           f"bf16 operands; set training.precision=bf16 or training.fp8=off")
+           f"training.fp8={t.fp8} needs training.precision=bf16 (got {t.precision}): float8 GEMMs "
+           f"take bf16 operands; set training.precision=bf16 or training.fp8=off")
 
 
 def check_world(c: TrainConfig, world_size: int) -> int:

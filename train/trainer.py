@@ -105,14 +105,16 @@ class Trainer:
         check_float8_device(t.fp8, self.device, t.fp8_emulate)
         tokens = t.micro_batch_size * self.cfg.data.seq_len
         if tokens % ALIGN and not t.fp8_emulate:
-            raise ValueError(f"training.fp8={t.fp8}: training.micro_batch_size x data.seq_len ({tokens} tokens, "
-                             f"an inner GEMM dim of the weight gradient) must be a multiple of {ALIGN}")
+            raise ValueError(f"training.fp8={t.fp8}: training.micro_batch_size x data.seq_len "
+                             f"({tokens} tokens, an inner dim of the weight-gradient GEMM) must "
+                             f"be a multiple of {ALIGN}")
         return float8_recipe(t.fp8, t.fp8_emulate)
 
     def _enable_float8(self) -> None:
         names = [name for chunk in self.chunks for name in enable_float8(chunk, self.fp8)]
-        self._log(f"float8 ({self.fp8.name}{', emulated' if self.fp8.emulate else ''}): {len(names)} linears "
-                  f"of the blocks; the LM head, router and experts stay in {self.cfg.training.precision}")
+        emulated = ", emulated" if self.fp8.emulate else ""
+        self._log(f"float8 ({self.fp8.name}{emulated}): {len(names)} linears of the blocks; the LM "
+                  f"head, router and experts stay in {self.cfg.training.precision}")
 
     def _schedule_kind(self) -> str:
         p = self.cfg.parallel

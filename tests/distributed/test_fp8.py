@@ -4,7 +4,8 @@ micro-batching, clipping) with the blocks' linears in float8, against the single
 
 Oracles: the single-process float8 run of the same recipe, and the single-process bf16 run.
 - dp 2: every rank scales exactly the micro-batches the single process scales, so it matches the
-  single-process float8 run as closely as bf16 layouts match bf16 (tests/distributed/test_equivalence.py).
+  single-process float8 run as closely as bf16 layouts match bf16
+  (tests/distributed/test_equivalence.py).
 - tp 2 (and tp 2 with sequence parallelism): each rank scales its own shards (parallel/fp8.py), so
   the float8 rounding differs from one process by float8 rounding, not more: losses, step-0
   gradients and the weight updates stay as close to the single-process float8 run as that run is
@@ -23,7 +24,8 @@ pytest.importorskip("torchao.float8", reason="training.fp8 needs torchao (pip in
 from moe.model import build_model, enable_float8  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
 from parallel.fp8 import float8_recipe  # noqa: E402
-from tests.distributed.equiv_workers import global_tokens, max_rel_error, model_config, train  # noqa: E402
+from tests.distributed.equiv_workers import (global_tokens, max_rel_error,  # noqa: E402
+                                             model_config, train)
 from tests.distributed.harness import run_distributed  # noqa: E402
 
 # (name, model, recipe, tp, sequence parallel): world 2, dp = 2 / tp
@@ -38,7 +40,8 @@ LAYOUTS = [
 # loss 9e-8, gradients 7e-10, updates 0; tp 2 (with or without sequence parallelism) vs one process
 # in float8: loss <= 7e-5, gradients <= 0.11, updates <= 0.2; any of them vs bf16: loss <= 2.3e-4,
 # gradients <= 0.11, updates <= 0.2 (relative, per tensor; updates = final - initial weights).
-TOL = {"same_scales": dict(loss=1e-6, grad=1e-5, param=1e-5), "per_shard": dict(loss=1e-3, grad=0.2, param=0.4)}
+TOL = {"same_scales": dict(loss=1e-6, grad=1e-5, param=1e-5),
+       "per_shard": dict(loss=1e-3, grad=0.2, param=0.4)}
 
 
 def run(model_key: str, ctx: ParallelContext, recipe: str | None) -> dict:
@@ -74,7 +77,8 @@ def world2():
 
 def _errors(got: dict, ref: dict) -> dict:
     loss = ((got["losses"][:, 0] - ref["losses"][:, 0]).abs() / ref["losses"][:, 0]).max().item()
-    grad, grad_at = max_rel_error(_no_key_bias(got["first_grads"]), _no_key_bias(ref["first_grads"]))
+    grad, grad_at = max_rel_error(_no_key_bias(got["first_grads"]),
+                                  _no_key_bias(ref["first_grads"]))
     param, param_at = max_rel_error(got["final"], ref["final"], ref["init"])
     return {"loss": loss, "grad": grad, "param": param, "where": (grad_at, param_at)}
 
@@ -95,12 +99,14 @@ def test_float8_layout_matches_single_process(world2, layout):
         vs_fp8, vs_bf16 = _errors(got, fp8_ref), _errors(got, bf16_ref)
         print(f"{name} rank {rank}: vs one-process float8 {vs_fp8}, vs bf16 {vs_bf16}")
         for key in ("loss", "grad", "param"):
-            assert vs_fp8[key] <= tol[key], f"{name} rank {rank}: {key} off the float8 run by {vs_fp8}"
-            assert vs_bf16[key] <= TOL["per_shard"][key], f"{name} rank {rank}: {key} off bf16 by {vs_bf16}"
+            where = f"{name} rank {rank}: {key}"
+            assert vs_fp8[key] <= tol[key], f"{where} off the float8 run by {vs_fp8}"
+            assert vs_bf16[key] <= TOL["per_shard"][key], f"{where} off bf16 by {vs_bf16}"
 
 
 def test_single_process_float8_reference_rounds_but_stays_close_to_bf16():
-    """The oracle is not trivial: float8 changes the numbers (it is not a no-op), within float8 rounding."""
+    """The oracle is not trivial: float8 changes the numbers (it is not a no-op), within float8
+    rounding."""
     for model_key in ("dense", "moe"):
         err = _errors(reference(model_key, "rowwise"), reference(model_key, None))
         assert 1e-3 < err["grad"] <= TOL["per_shard"]["grad"], err
