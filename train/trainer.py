@@ -111,6 +111,7 @@ class Trainer:
         return float8_recipe(t.fp8, t.fp8_emulate)
 
     def _enable_float8(self) -> None:
+        """Give the blocks' linears of every chunk the float8 recipe (before compile) and say so."""
         names = [name for chunk in self.chunks for name in enable_float8(chunk, self.fp8)]
         emulated = ", emulated" if self.fp8.emulate else ""
         self._log(f"float8 ({self.fp8.name}{emulated}): {len(names)} linears of the blocks; the LM "
