@@ -127,6 +127,26 @@ def test_fused_float8_gemm_keeps_no_weight_copy_for_backward():
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in ws)
 
 
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_float8_under_activation_checkpointing_gives_the_same_gradients(recompute):
+    """Recomputing a block in backward repeats its float8 casts exactly (the fused GEMM's
+    saved-tensor hook nests inside the checkpoint's): the same loss and gradients as without."""
+    results = []
+    for checkpointing in (False, True):
+        preset, extra = MODELS["dense"]
+        model = build_model(get_preset(preset, **SHRINK, **extra), seed=0).to(torch.bfloat16)
+        enable_float8(model, float8_recipe("rowwise"))
+        model.activation_checkpointing, model.recompute = checkpointing, recompute
+        tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens[:, :-1], tokens[:, 1:])
+        out.loss.backward()
+        results.append((out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert loss_ckpt == loss
+    assert all(torch.equal(grads_ckpt[n], grads[n]) for n in grads)
+
+
 def test_float8_reaches_the_blocks_linears_only():
     """Attention q/k/v/o and the MLPs' (and shared expert's) linears get the recipe; the LM head,
     the router and the experts keep theirs; every forward GEMM of those layers goes through
