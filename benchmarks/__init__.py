@@ -2,6 +2,7 @@
 
     python -m benchmarks.moe_layer  [--smoke]   MoE layer forward + backward per expert backend
     python -m benchmarks.train_step [--smoke]   full training step of our model (and HF's, --hf)
+    python -m benchmarks.loss_curves A B        two runs' loss curves compared (float8 vs bf16)
 
 This module holds what both scripts share: device and precision handling, the timer (median of N
 timed iterations after warmup, CUDA events on a GPU) and the markdown table printer. Figures are
