@@ -3,6 +3,7 @@
     python -m benchmarks.moe_layer  [--smoke]   MoE layer forward + backward per expert backend
     python -m benchmarks.train_step [--smoke]   full training step of our model (and HF's, --hf)
     python -m benchmarks.balance_prepass [--smoke]  the global_batch balance loss's pre-pass cost
+    python -m benchmarks.loss_curves A B        two runs' loss curves compared (float8 vs bf16)
 
 This module holds what both scripts share: device and precision handling, the timer (median of N
 timed iterations after warmup, CUDA events on a GPU) and the markdown table printer. Figures are
@@ -139,9 +140,18 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """What produced the numbers: device name, torch and CUDA versions."""
+    """What produced the numbers: device name, torch and CUDA versions, and the versions of the
+    optional packages a case may use (None where not installed)."""
+    from importlib import metadata
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+    versions = {}
+    for package in ("transformers", "torchao", "triton"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, **versions}
 
 
 def profile_table(fn: Callable[[], None], device: torch.device, steps: int = 3, row_limit: int = 30) -> str:

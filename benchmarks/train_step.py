@@ -3,19 +3,24 @@
     python -m benchmarks.train_step --hf                     # both configs, ours (mixed) vs HF (bf16), cuda
     python -m benchmarks.train_step --configs moe-16x --activation-checkpointing --compile
     python -m benchmarks.train_step --smoke --hf             # CPU, tiny configs, fp32, 2 steps
+    python -m benchmarks.train_step --hf --hf-compile --fp8 off,tensorwise,rowwise   # ours bf16 and
+                                                             # float8 vs HF compiled, one call
 
 A step is what train/trainer.py does for one micro-batch: forward (autocast bf16 for "mixed" and
 "amp"), the LM loss (MoE aux/z losses injected in backward), backward, global-norm clipping at 1.0,
 fused AdamW (lr 3e-4, wd 0.1), zero_grad. "mixed" (our default) is the trainer's bf16 layout: bf16
 parameters, float32 gradient buffers and main weights in parallel.optimizer.ParallelOptimizer, the
-bf16 model written once per step; with "amp" the fp32 params are the master weights.
+bf16 model written once per step; with "amp" the fp32 params are the master weights. --fp8 adds
+rows of ours with the blocks' linears in float8 (training.fp8: torchao, a GPU of compute capability
+>= 8.9; emulated float8 GEMMs on CPU), labelled e.g. "mixed+fp8 rowwise".
 HF rows run LlamaForCausalLM / MixtralForCausalLM built from the same shapes (random init, sdpa
 attention, output_router_logits=True so Mixtral also trains with its aux loss), through the same
 clipping and fused AdamW, with bf16 params by default (--hf-precision).
 
 Columns:
   tok/s       B*S / median step time (median of --steps after --warmup untimed steps)
-  MFU (%)     flops_per_token * tok/s / peak, flops_per_token = 6 N_active + 12 L d S (PaLM; from
+  MFU (%)     flops_per_token * tok/s / peak, flops_per_token = 6 N + 12 L d S, N the active matmul
+              parameters (no embedding lookup; PaLM, matmuls only; from
               train.metrics), peak = --peak-tflops (default: train.metrics.peak_flops, 989 for H100)
   peak mem    torch.cuda.max_memory_allocated during the steps (params, grads, AdamW state,
               activations; the model build is excluded), GiB ('-' on CPU)
@@ -40,9 +45,11 @@ from benchmarks import (PRECISIONS, autocast, environment, fmt, guarded, markdow
                         median_ms, param_dtype, parse_precisions, resolve_device, write_json, write_profile)
 from moe.config import ModelConfig  # noqa: E402
 from moe.experts import BACKENDS as LAYER_BACKENDS  # noqa: E402
-from moe.model import RECOMPUTE, build_model, param_counts  # noqa: E402
+from moe.model import (RECOMPUTE, build_model, enable_float8, matmul_params,  # noqa: E402
+                       param_counts)
 from train.metrics import flops_per_token, peak_flops  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
+from parallel.fp8 import RECIPES as FP8_RECIPES, check_float8_device, float8_recipe  # noqa: E402
 from parallel.layout import LayoutTable  # noqa: E402
 from train.optim import build_optimizer, build_parallel_optimizer, clip_grad_norm_  # noqa: E402
 
@@ -64,11 +71,13 @@ LR, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 0.1, 1.0
 
 # ---------------------------------------------------------------- models
 def build_ours(cfg: ModelConfig, precision: str, device: torch.device, ckpt: bool, compile_: bool,
-               recompute: str = "full"):
-    """Our Decoder as the trainer builds it: init, optional activation checkpointing (full or
-    selective recompute), per-block compile."""
+               recompute: str = "full", fp8: str = "off"):
+    """Our Decoder as the trainer builds it: init, float8 linears (fp8 a recipe name, emulated off
+    CUDA), optional activation checkpointing (full or selective recompute), per-block compile."""
     dtype = torch.float32 if precision == "mixed" else param_dtype(precision)  # "mixed": the optimizer casts
     model = build_model(cfg, device=device).to(dtype).train()
+    if fp8 != "off":
+        enable_float8(model, float8_recipe(fp8, emulate=device.type != "cuda"))
     model.activation_checkpointing, model.recompute = ckpt, recompute
     if compile_:
         for key in list(model.layers):
@@ -174,32 +183,43 @@ def measure(build, tokens: torch.Tensor, precision: str, device: torch.device, o
     return result
 
 
-def run_case(build, label: str, cfg: ModelConfig, precision: str, device: torch.device, opts: dict) -> dict:
+def run_case(build, label: str, cfg: ModelConfig, precision: str, device: torch.device, opts: dict,
+             precision_label: str | None = None) -> dict:
     """`measure` one model on random tokens [B, S+1]. OOM and other failures become an 'error'
     entry (under `label`) rather than ending the run; warnings raised meanwhile are kept."""
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (opts["batch_size"], opts["seq_len"] + 1), generator=gen).to(device)
     result = guarded(lambda: measure(build, tokens, precision, device, opts), device)
-    return {"impl": label, "precision": precision, **result}
+    return {"impl": label, "precision": precision_label or precision, **result}
 
 
 def model_facts(cfg: ModelConfig, seq_len: int) -> dict:
-    """Parameter counts (counted on the meta device, free at any size) and training FLOPs per token."""
-    total, active = param_counts(build_model(cfg, device="meta"))
-    return {"params": total, "active_params": active,
-            "flops_per_token": flops_per_token(active, cfg.n_layers, cfg.n_heads * cfg.dim_head, seq_len)}
+    """Parameter counts (counted on the meta device, free at any size) and training matmul FLOPs
+    per token (train.metrics.flops_per_token: the embedding lookup is not a matmul)."""
+    model = build_model(cfg, device="meta")
+    total, active = param_counts(model)
+    matmul = matmul_params(model)
+    return {"params": total, "active_params": active, "matmul_params": matmul,
+            "flops_per_token": flops_per_token(matmul, cfg.n_layers, cfg.n_heads * cfg.dim_head,
+                                               seq_len)}
 
 
 def bench_config(name: str, cfg: ModelConfig, device: torch.device, opts: dict) -> dict:
-    """Our model at each --precision, then (with --hf) HF's model at --hf-precision."""
+    """Our model at each --precision and --fp8 recipe, then (with --hf) HF's model at
+    --hf-precision."""
     facts = model_facts(cfg, opts["seq_len"])
     opts = {**opts, "config": name}  # names the profile files
     ck, cp = opts["activation_checkpointing"], opts["compile"]
-    rows = [run_case(lambda: build_ours(cfg, p, device, ck, cp, opts["recompute"]), "ours", cfg, p, device, opts)
-            for p in opts["precisions"]]
+    rows = []
+    for f in opts["fp8"]:
+        for p in opts["precisions"]:
+            ours = lambda: build_ours(cfg, p, device, ck, cp, opts["recompute"], f)  # noqa: E731
+            label = p if f == "off" else f"{p}+fp8 {f}"
+            rows.append(run_case(ours, "ours", cfg, p, device, opts, label))
     if opts["hf"]:
         p = opts["hf_precision"]
-        hf = lambda: build_hf(cfg, p, device, ck, cp, opts["hf_experts"])  # noqa: E731
+        hf_cp = opts["hf_compile"]
+        hf = lambda: build_hf(cfg, p, device, ck, hf_cp, opts["hf_experts"])  # noqa: E731
         rows.append(run_case(hf, "hf", cfg, p, device, opts))
     for row in rows:
         if "tokens_per_s" in row and opts["peak_flops"]:
@@ -226,7 +246,9 @@ def format_report(results: list[dict], opts: dict) -> str:
     peak = f"{opts['peak_flops'] / 1e12:.0f} TFLOP/s peak" if opts["peak_flops"] else "no known peak: MFU '-'"
     flags = [f for f, on in ((f"activation checkpointing ({opts['recompute']} recompute for ours)",
                               opts["activation_checkpointing"]),
-                             ("torch.compile", opts["compile"])) if on]
+                             ("torch.compile", opts["compile"]),
+                             ("torch.compile (HF only)",
+                              opts["hf_compile"] and not opts["compile"])) if on]
     title = (f"### Training step, B={opts['batch_size']} S={opts['seq_len']}, {peak}"
              + (f", {' + '.join(flags)}" if flags else ""))
     return "\n".join([title, "", *facts, "", markdown_table(headers, table), *([""] + notes if notes else [])])
@@ -258,7 +280,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recompute", default="full", choices=RECOMPUTE,
                    help="ours, with --activation-checkpointing: full blocks or selective (keep GEMM/attention outputs)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (both models)")
+    p.add_argument("--fp8", help=f"ours: comma list of off and {list(FP8_RECIPES)}, each timed at "
+                   "every --precision (training.fp8: float8 linears through torchao; default off)")
     p.add_argument("--hf", action="store_true", help="also time HF transformers' model with the same shapes")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="torch.compile HF's blocks even when ours runs eager")
     p.add_argument("--hf-precision", help=f"HF model: one of {list(PRECISIONS)} (default bf16; smoke fp32)")
     p.add_argument("--hf-experts", help="HF experts_implementation for Mixtral, e.g. eager (default: HF's own)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: train.metrics.peak_flops of the GPU)")
@@ -282,6 +308,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, ModelConfig], dict]:
                 steps=pick(args.steps, 10, 2), warmup=pick(args.warmup, 3, 1),
                 precisions=parse_precisions(pick(args.precision, "mixed", "fp32")),
                 hf_precision=pick(args.hf_precision, "bf16", "fp32"), hf=args.hf, hf_experts=args.hf_experts,
+                hf_compile=args.compile or args.hf_compile, fp8=parse_fp8(args.fp8 or "off"),
                 activation_checkpointing=args.activation_checkpointing, recompute=args.recompute,
                 compile=args.compile, profile=args.profile,
                 device=resolve_device(args.device or ("cpu" if smoke else None)))
@@ -295,9 +322,24 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, ModelConfig], dict]:
     if args.peak_tflops is not None and not (args.peak_tflops > 0 and math.isfinite(args.peak_tflops)):
         raise ValueError(f"--peak-tflops ({args.peak_tflops}) must be a positive number, e.g. 989 for an H100")
     opts["peak_flops"] = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(opts["device"])
+    for name in opts["fp8"]:  # a missing GPU feature or torchao: one line here, not one per row
+        if name != "off":
+            try:
+                check_float8_device(name, opts["device"], emulate=opts["device"].type != "cuda")
+                float8_recipe(name)
+            except (ValueError, ImportError) as e:
+                raise ValueError(f"--fp8 {name}: {e}") from None
     cfgs = {n: ModelConfig(**{**table[n], "max_seq_len": max(opts["seq_len"], table[n]["max_seq_len"]),
                               "expert_backend": args.expert_backend}) for n in names}
     return cfgs, opts
+
+
+def parse_fp8(text: str) -> list[str]:
+    """--fp8: comma list of off and the float8 recipes, e.g. "off,rowwise"."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in ("off", *FP8_RECIPES) for n in names):
+        raise ValueError(f"--fp8 {text!r}: each entry must be one of {['off', *FP8_RECIPES]}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -312,7 +354,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = opts["device"]
     results = [bench_config(name, cfg, device, opts) for name, cfg in cfgs.items()]
     out = {**environment(device), **{k: v for k, v in opts.items() if k != "device"}, "results": results}
-    print(f"Training step on {out['device']} (torch {out['torch']}), median of {opts['steps']} after "
+    versions = ", ".join(f"{k} {out[k]}" for k in ("cuda", "transformers", "torchao") if out[k])
+    versions = f"torch {out['torch']}" + (f", {versions}" if versions else "")
+    print(f"Training step on {out['device']} ({versions}), median of {opts['steps']} after "
           f"{opts['warmup']} warmup\n")
     print(format_report(results, opts))
     if args.json:

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from parallel.context import ParallelContext, check_divisible
+from parallel.fp8 import Float8Recipe, check_float8_shape
 from parallel.kernels import autocast_dtype
 from parallel.layout import ParamLayout, param_layouts
-from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_to_tp, vocab_parallel_cross_entropy
+from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                             copy_to_tp, vocab_parallel_cross_entropy)
 
 from .config import ModelConfig
 from .layers import Attention, DenseMLP, make_norm, rope_cos_sin, sinusoidal_table
@@ -287,6 +289,45 @@ def param_counts(model: Decoder) -> tuple[int, int]:
             expert += p.numel()
     active = total - expert + (expert * cfg.top_k // cfg.n_experts if cfg.n_experts else 0)
     return total, active
+
+
+def matmul_params(model: Decoder) -> int:
+    """Active parameters that are matmul operands on this rank: the N of the 6 N FLOPs per token
+    (train.metrics.flops_per_token). Each such weight does 2 FLOPs per token in forward and 4 in
+    backward (input and weight gradients). Counted: every weight of two or more dims, experts at
+    top_k / n_experts (each token runs k of them), the router gate and the LM head. Not counted:
+    lookup tables (the input embedding, learned positions: a gather, no arithmetic) and vectors
+    (norm weights, biases: elementwise). A tied embedding is multiplied as the LM head, so it
+    counts once, where this model uses it as the head."""
+    lookups = {f"{name}.weight" for name, m in model.named_modules()
+               if isinstance(m, (VocabParallelEmbedding, nn.Embedding))}
+    if model.post and not hasattr(model, "head"):  # tied: tok_emb.weight is this model's head
+        lookups.discard("tok_emb.weight")
+    layouts, dense, expert = model.layouts(), 0, 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name in lookups:
+            continue
+        if layouts[name].expert:
+            expert += p.numel()
+        else:
+            dense += p.numel()
+    cfg = model.cfg
+    return dense + (expert * cfg.top_k // cfg.n_experts if cfg.n_experts else 0)
+
+
+def enable_float8(model: Decoder, recipe: Float8Recipe) -> list[str]:
+    """Run the blocks' tensor-parallel linears (attention q/k/v/o, dense and shared-expert MLPs)
+    with float8 GEMMs; the LM head, the router (float32) and the experts (grouped GEMM) keep their
+    precision. Real float8 GEMMs need every local weight's dims to be multiples of 16: checked here,
+    before any step. Returns the names of the float8 layers."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and name != "head":
+            if not recipe.emulate:
+                check_float8_shape(name, module.weight)
+            module.fp8 = recipe
+            names.append(name)
+    return names
 
 
 def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cpu", **stage) -> Decoder:

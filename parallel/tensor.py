@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.context import ParallelContext, check_divisible
+from parallel.fp8 import Float8Recipe, float8_fused_linear, float8_linear
 from parallel.kernels import autocast_dtype, ce_shard_grad, ce_shard_stats
 from parallel.layout import Split
 
@@ -249,6 +250,14 @@ def _param(shape: tuple) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           fp8: Float8Recipe | None) -> torch.Tensor:
+    """F.linear, or its float8 version (parallel/fp8.py) when the layer has a float8 recipe."""
+    if fp8 is None:
+        return F.linear(x, weight, bias)
+    return float8_linear(x, weight, bias, fp8)
+
+
 # ----------------------------------------------------------------------------- layers
 
 class ColumnParallelLinear(nn.Module):
@@ -268,6 +277,7 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features, self.init_std = in_features, out_features, init_std
         self.group, self.tp, self.tp_rank = ctx.tp_group, ctx.tp, ctx.tp_rank
         self.sequence_parallel, self.gather_output = ctx.sequence_parallel, gather_output
+        self.fp8: Float8Recipe | None = None  # float8 GEMMs when set (moe.model.enable_float8)
         self.weight = _param((out_features // ctx.tp, in_features))
         self.bias = _param((out_features // ctx.tp,)) if bias else None
         self.reset_parameters()
@@ -284,7 +294,7 @@ class ColumnParallelLinear(nn.Module):
         read the same input share one gather / one backward all-reduce)."""
         if not in_region:
             x = enter_tp_region(x, self.group, self.sequence_parallel)
-        y = F.linear(x, self.weight, self.bias)  # [.., out/tp]
+        y = linear(x, self.weight, self.bias, self.fp8)  # [.., out/tp]
         return gather_from_tp(y, self.group, -1) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -317,12 +327,19 @@ def fused_column_linear(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> 
     """Several ColumnParallelLinear layers that read the same input (q/k/v, gate/up) as one GEMM;
     the outputs come back side by side, [.., sum of local outs], in `layers` order. Under autocast
     the operands are cast to its dtype first (a no-op for a bf16 model). `x` must already be in the
-    tp region (enter_tp_region); the layers may not gather their output."""
+    tp region (enter_tp_region); the layers may not gather their output. Layers with a float8
+    recipe run the GEMM in float8 (parallel/fp8.py)."""
     if any(layer.gather_output for layer in layers):
         raise ValueError("fused_column_linear: layers with gather_output=True cannot share one GEMM")
     biases = [layer.bias for layer in layers]
     if any(b is None for b in biases) and any(b is not None for b in biases):
         raise ValueError("fused_column_linear: either every layer has a bias or none does")
+    if any(layer.fp8 is not layers[0].fp8 for layer in layers):
+        raise ValueError("fused_column_linear: layers sharing one GEMM must share one float8 "
+                         "recipe (or none)")
+    if layers[0].fp8 is not None:
+        bias = torch.cat(biases) if biases[0] is not None else None
+        return float8_fused_linear(x, [layer.weight for layer in layers], bias, layers[0].fp8)
     dtype = autocast_dtype(x.device.type) or x.dtype
     weights = [layer.weight.to(dtype) for layer in layers]
     bias = torch.cat([b.to(dtype) for b in biases]) if biases[0] is not None else None
@@ -351,6 +368,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features, self.init_std = in_features, out_features, init_std
         self.group, self.tp, self.tp_rank = ctx.tp_group, ctx.tp, ctx.tp_rank
         self.sequence_parallel = ctx.sequence_parallel
+        self.fp8: Float8Recipe | None = None  # float8 GEMMs when set (moe.model.enable_float8)
         self.weight = _param((out_features, in_features // ctx.tp))
         self.bias = _param((out_features,)) if bias else None
         self.reset_parameters()
@@ -363,7 +381,7 @@ class RowParallelLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # [B, S, out], partial sum over this rank's in/tp columns
+        y = linear(x, self.weight, None, self.fp8)  # [B, S, out], partial sum over in/tp columns
         if self.sequence_parallel:
             y = reduce_scatter_to_sp(y, self.group, SEQUENCE_DIM)  # -> [B, S/tp, out]
         else:

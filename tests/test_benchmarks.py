@@ -130,6 +130,13 @@ def smoke_active_params() -> int:
     return 2 * V * d + L * per_layer + d
 
 
+def smoke_matmul_params() -> int:
+    """The same model's matmul operands (the N of 6 N FLOPs): the active count without the input
+    embedding [V, d] (a lookup) and the 2 L + 1 RMSNorm weights (elementwise)."""
+    V, d, L = 256, 64, 2
+    return smoke_active_params() - V * d - (2 * L + 1) * d
+
+
 def test_train_step_smoke_prints_table_and_json(tmp_path, capsys):
     hf = importlib.util.find_spec("transformers") is not None  # --hf whenever transformers is installed
     out_json = tmp_path / "step.json"
@@ -153,7 +160,8 @@ def test_train_step_smoke_prints_table_and_json(tmp_path, capsys):
     assert saved == json.loads(json.dumps(result))
     moe = next(r for r in saved["results"] if r["config"] == "moe-16x")
     assert moe["active_params"] == smoke_active_params()
-    assert moe["flops_per_token"] == 6 * smoke_active_params() + 12 * 2 * 64 * 32
+    assert moe["matmul_params"] == smoke_matmul_params()
+    assert moe["flops_per_token"] == 6 * smoke_matmul_params() + 12 * 2 * 64 * 32
     tokens = 2 * 32  # B x S
     for res in saved["results"]:
         for row in res["rows"]:
@@ -168,6 +176,8 @@ def test_train_step_smoke_prints_table_and_json(tmp_path, capsys):
     (["--seq-len", "0"], r"--seq-len \(0\) must be >= 1"),
     (["--peak-tflops", "-1"], r"--peak-tflops \(-1.0\) must be a positive number"),
     (["--precision", "fp16"], "--precision 'fp16'"),
+    (["--fp8", "off,blockwise"],
+     r"--fp8 'off,blockwise': each entry must be one of \['off', 'tensorwise', 'rowwise'\]"),
 ])
 def test_train_step_rejects_bad_options_in_one_line(argv, message):
     with pytest.raises(SystemExit, match=message) as info:
@@ -195,3 +205,25 @@ def test_train_step_mixed_precision_runs_the_trainers_optimizer(capsys):
     rows = {row["precision"]: row for row in result["results"][0]["rows"]}
     assert set(rows) == {"mixed", "fp32"} and all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["mixed"]["params"] == rows["fp32"]["params"]
+
+
+def test_train_step_fp8_rows_time_ours_with_float8_linears(monkeypatch):
+    """--fp8 adds a row of ours per recipe (float8 GEMMs emulated on CPU) next to the plain one;
+    every one of them really runs float8 linears (counted through torchao's function)."""
+    pytest.importorskip("torchao.float8")
+    from parallel import fp8 as fp8_mod
+
+    calls = []
+    real = fp8_mod.float8_linear
+
+    def counted(*args):
+        calls.append(args[-1].name)
+        return real(*args)
+
+    monkeypatch.setattr("parallel.tensor.float8_linear", counted)  # wo and w2 of every block
+    result = train_step.main(["--smoke", "--configs", "dense-1.1b", "--precision", "mixed", "--fp8",
+                              "off,tensorwise,rowwise", "--steps", "1", "--warmup", "0"])
+    rows = result["results"][0]["rows"]
+    assert [r["precision"] for r in rows] == ["mixed", "mixed+fp8 tensorwise", "mixed+fp8 rowwise"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert sorted(set(calls)) == ["rowwise", "tensorwise"]

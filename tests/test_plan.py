@@ -2,7 +2,8 @@
 
 References are computed here independently of the planner: parameter counts from the layer shapes
 written out by hand, activation bytes from Korthikanti et al.'s formula with the numbers plugged in,
-FLOPs from 6 N tokens + 12 L d S tokens, the 1F1B bubble as (p - 1) / (m + p - 1).
+FLOPs from 6 N tokens + 12 L d S tokens (N the active matmul parameters), the 1F1B bubble as
+(p - 1) / (m + p - 1).
 """
 
 import math
@@ -101,7 +102,10 @@ def test_moe16x_memory(moe16x):
 def test_moe16x_flops_and_bubble(moe16x):
     cfg, plan = moe16x
     tokens = 512 * 8192
-    want = 6 * plan.active_params * tokens + 12 * 32 * 4096 * 8192 * tokens
+    m = cfg.model  # matmuls only: the embedding lookup [V, d] and the 2 L + 1 norms do not count
+    assert not m.tie_embeddings and not m.bias and m.norm == "rmsnorm"
+    matmul = plan.active_params - m.padded_vocab_size * m.d_model - (2 * m.n_layers + 1) * m.d_model
+    want = 6 * matmul * tokens + 12 * 32 * 4096 * 8192 * tokens
     assert plan.tokens_per_step == tokens
     assert plan.flops_per_step == pytest.approx(want, rel=1e-12)
     assert plan.flops_per_gpu == pytest.approx(want / 32, rel=1e-12)
@@ -151,7 +155,8 @@ def test_dense_tiny_on_one_gpu():
     s, b, h, V = 64, 4, 128, 320  # byte vocab 257 padded to a multiple of 64
     want = 4 * s * b * h * 34 * 2 + s * b * V * 4   # fp32 activations: twice the 16-bit formula; fp32 logits
     assert mem.activations == pytest.approx(want, abs=1)
-    assert plan.flops_per_step == pytest.approx((6 * total + 12 * 4 * 128 * 64) * 8 * 64)
+    matmul = total - V * h - (2 * 4 + 1) * h  # no embedding lookup [V, h], no RMSNorm vectors
+    assert plan.flops_per_step == pytest.approx((6 * matmul + 12 * 4 * 128 * 64) * 8 * 64)
 
 
 def test_tied_embeddings_are_replicated_on_the_last_stage():

@@ -72,6 +72,8 @@ class TrainingConfig:
     max_steps: int = 1000             # optimizer steps
     seed: int = 1234                  # model init and data order
     precision: str = "bf16"           # bf16 (bf16 compute, float32 master weights) | fp32
+    fp8: str | bool = "off"           # off | tensorwise | rowwise: float8 GEMMs in the blocks' linears through torchao (pip install torchao), needs precision bf16 and a GPU of compute capability >= 8.9; the LM head, router and experts stay bf16 (YAML reads a bare off as false: same)
+    fp8_emulate: bool = False         # with fp8: float32 GEMMs on the float8-rounded operands, on any device (checks float8 numerics without float8 hardware; slow)
     global_batch_size: int = 32       # sequences per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 8         # sequences per forward/backward on one rank
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
@@ -135,6 +137,7 @@ def validate(c: TrainConfig) -> None:
     _check(t.on_bad_steps in ("stop", "rollback"),
            f"training.on_bad_steps ({t.on_bad_steps!r}) must be stop or rollback")
     _check(t.max_bad_steps >= 0, f"training.max_bad_steps ({t.max_bad_steps}) must be >= 0")
+    _check_fp8(t)
     _check(t.recompute in RECOMPUTE, f"training.recompute ({t.recompute!r}) must be one of {list(RECOMPUTE)}")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"training.global_batch_size ({t.global_batch_size}) must be a multiple of training.micro_batch_size "
@@ -157,6 +160,18 @@ def validate(c: TrainConfig) -> None:
            "checkpoint.upcycle needs checkpoint.init_from: the dense checkpoint (ours or HF) to "
            "upcycle")
     _check(c.logging.interval >= 1, f"logging.interval ({c.logging.interval}) must be >= 1")
+
+
+def _check_fp8(t: TrainingConfig) -> None:
+    """training.fp8: off (a YAML false too), tensorwise or rowwise; float8 GEMMs take bf16
+    operands."""
+    if t.fp8 is False:
+        t.fp8 = "off"
+    _check(t.fp8 in ("off", "tensorwise", "rowwise"),
+           f"training.fp8 ({t.fp8!r}) must be off, tensorwise or rowwise")
+    _check(t.fp8 == "off" or t.precision == "bf16",
+           f"training.fp8={t.fp8} needs training.precision=bf16 (got {t.precision}): float8 GEMMs "
+           f"take bf16 operands; set training.precision=bf16 or training.fp8=off")
 
 
 def check_world(c: TrainConfig, world_size: int) -> int:

@@ -29,10 +29,27 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def flops_per_token(active_params: int, n_layers: int, d_attn: int, seq_len: int) -> float:
-    """Training FLOPs per token, forward + backward (PaLM appendix B): 6 N_active + 12 L d S, the
-    second term being attention scores and values (d = heads x head dim)."""
-    return 6.0 * active_params + 12.0 * n_layers * d_attn * seq_len
+def flops_per_token(matmul_params: int, n_layers: int, d_attn: int, seq_len: int) -> float:
+    """Training FLOPs per token that run as matrix multiplies, forward + backward (PaLM appendix B,
+    matmuls only): 6 N + 12 L d S.
+
+    6 N: N = the active matmul parameters (moe.model.matmul_params), each doing 2 FLOPs per token
+    in forward and 4 in backward (input and weight gradients). The input-embedding lookup is a
+    gather and norms, biases, activations and softmax are elementwise: none is counted. A tied
+    embedding counts once, as the LM head; experts count top_k / n_experts of their weights.
+    12 L d S: attention scores q k^T and the weighted sum of values, 2 d S FLOPs each per token and
+    layer in forward (d = heads x head dim, S the sequence), x 3 with backward; causal masking is
+    not discounted (PaLM, torchtitan). MFU = this x tokens/s / the device's dense bf16 peak."""
+    return 6.0 * matmul_params + 12.0 * n_layers * d_attn * seq_len
+
+
+def model_flops_per_token(cfg, seq_len: int) -> float:
+    """flops_per_token of the whole model of ModelConfig `cfg` at sequence length `seq_len`,
+    the same for every layout (its matmul parameters are counted on the meta device, free)."""
+    from moe.model import build_model, matmul_params
+
+    n = matmul_params(build_model(cfg, device="meta"))
+    return flops_per_token(n, cfg.n_layers, cfg.n_heads * cfg.dim_head, seq_len)
 
 
 def expert_load(tokens_per_expert: torch.Tensor) -> tuple[float, float]:

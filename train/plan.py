@@ -34,7 +34,7 @@ from parallel.partition import (activation_microbatches_in_flight, bubble_fracti
                                 chunks_of_rank, format_partition)
 
 from .config import TrainConfig, check_world
-from .metrics import flops_per_token
+from .metrics import model_flops_per_token
 
 GIB = 2 ** 30
 _OPTIM_BYTES = 8  # AdamW: two float32 moments per parameter
@@ -287,7 +287,7 @@ def plan_layout(cfg: TrainConfig, nodes: int = 1, gpus_per_node: int = 1, gpu_me
     replica = sum(s.full_params for s in stages) - total
     tokens = cfg.training.global_batch_size * layout.seq_len
     m = cfg.model
-    step = flops_per_token(active, m.n_layers, m.n_heads * m.dim_head, layout.seq_len) * tokens
+    step = model_flops_per_token(m, layout.seq_len) * tokens
     bubble = 0.0 if layout.pp == 1 else bubble_fraction(layout.schedule, layout.pp, layout.vpp,
                                                        layout.n_micro)
     fold = cfg.parallel.fold_experts
@@ -484,7 +484,7 @@ def _format_compute(plan: Plan) -> str:
     bubble = (f"{plan.bubble:.1%} ({lay.schedule}, pp {lay.pp}, vpp {lay.vpp}, {lay.n_micro} micro-batches)"
               if lay.pp > 1 else "none (pp 1)")
     return "\n".join([
-        f"FLOPs per step: {plan.flops_per_step:.4g} (6 N_active tokens + 12 L d S tokens, N_active "
-        f"{_count(plan.active_params)}); per GPU {plan.flops_per_gpu:.4g}",
+        f"FLOPs per step: {plan.flops_per_step:.4g} (matmuls only: 6 N tokens + 12 L d S tokens, N "
+        f"the active matmul parameters); per GPU {plan.flops_per_gpu:.4g}",
         f"Pipeline bubble: {bubble}",
     ])

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe.model import Decoder, build_model, load_full_state_dict, param_counts
+from moe.model import Decoder, build_model, enable_float8, load_full_state_dict, param_counts
 from moe.stages import (build_stage_chunks, expert_bias_table, merge_stage_stats, plan_stages,
                         pool_loads_over_layers, reduce_loads_over_dp, routing_count_fn, stage_chunk_fn,
                         update_expert_biases)
 from parallel.context import ParallelContext
+from parallel.fp8 import ALIGN, check_float8_device, float8_recipe
 from parallel.layout import LayoutTable
 from parallel.pipeline import PipelineExecutor
 
@@ -36,7 +37,7 @@ from .checkpoint import (choose_checkpoint, restore_training_state, rng_state, s
 from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
 from .init_from import initial_state
-from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
+from .metrics import MetricsLogger, Throughput, format_eta, model_flops_per_token, peak_flops
 from .optim import LRSchedule, apply_lr, build_parallel_optimizer
 from .rundir import RunStart, start_run
 
@@ -60,6 +61,7 @@ class Trainer:
         t = cfg.training
         self.n_micro = t.global_batch_size // (self.dp * t.micro_batch_size)
         self.device = pick_device(cfg, ctx)
+        self.fp8 = self._float8_recipe()  # checked before any work
         self.is_logger = ctx.rank == 0
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
@@ -76,8 +78,7 @@ class Trainer:
         self.rolled_back_to = -1
         self.logger = self._open_logger(self.run_start.purge_step)
         _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
-        self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers,
-                                               cfg.model.n_heads * cfg.model.dim_head, cfg.data.seq_len)
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)  # matmuls only
         self.peak = peak_flops(self.device)
         self._maybe_resume()
 
@@ -91,6 +92,8 @@ class Trainer:
         self.chunks = build_stage_chunks(c.model, self.ctx, partition, seed=c.training.seed, device=self.device)
         if c.checkpoint.init_from:
             self._init_from(self.chunks, c.checkpoint.init_from)
+        if self.fp8 is not None:
+            self._enable_float8()
         for chunk in self.chunks:
             chunk.activation_checkpointing = c.training.activation_checkpointing
             chunk.recompute = c.training.recompute
@@ -101,6 +104,28 @@ class Trainer:
             self._log(f"pipeline: {p.pp} stages x {p.vpp} virtual, layers per virtual stage "
                       f"{[len(ids) for ids in partition]}, schedule {self._schedule_kind()}")
         return self.chunks[0] if len(self.chunks) == 1 and p.pp == 1 else torch.nn.ModuleList(self.chunks)
+
+    def _float8_recipe(self):
+        """training.fp8's torchao recipe (None when off), after checking what float8 GEMMs need:
+        the device, torchao, and tokens per micro-batch (the weight gradient's inner GEMM dim)
+        a multiple of 16."""
+        t = self.cfg.training
+        if t.fp8 == "off":
+            return None
+        check_float8_device(t.fp8, self.device, t.fp8_emulate)
+        tokens = t.micro_batch_size * self.cfg.data.seq_len
+        if tokens % ALIGN and not t.fp8_emulate:
+            raise ValueError(f"training.fp8={t.fp8}: training.micro_batch_size x data.seq_len "
+                             f"({tokens} tokens, an inner dim of the weight-gradient GEMM) must "
+                             f"be a multiple of {ALIGN}")
+        return float8_recipe(t.fp8, t.fp8_emulate)
+
+    def _enable_float8(self) -> None:
+        """Give the blocks' linears of every chunk the float8 recipe (before compile) and say so."""
+        names = [name for chunk in self.chunks for name in enable_float8(chunk, self.fp8)]
+        emulated = ", emulated" if self.fp8.emulate else ""
+        self._log(f"float8 ({self.fp8.name}{emulated}): {len(names)} linears of the blocks; the LM "
+                  f"head, router and experts stay in {self.cfg.training.precision}")
 
     def _schedule_kind(self) -> str:
         p = self.cfg.parallel
