@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from parallel.context import ParallelContext
 from parallel.partition import check_partition, partition_layers
+from parallel.rng import ParallelRNG
 
 from .config import ModelConfig
 from .model import Decoder, DecoderOutput, build_model
@@ -108,11 +109,11 @@ def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[l
         raise ValueError(f"partition has {len(partition)} virtual stages but parallel.pp * parallel.vpp is "
                          f"{n_stages}: build it with plan_stages(cfg, pp, vpp, seq_len)")
     check_partition(partition, cfg.n_layers)
-    chunks = []
+    chunks, rng = [], ParallelRNG(seed, ctx)  # one dropout tracker for all of this rank's chunks
     for c in range(ctx.vpp):
         v = c * ctx.pp + ctx.pp_rank
         chunks.append(build_model(cfg, ctx, seed=seed, device=device, layer_ids=partition[v],
-                                  pre=v == 0, post=v == n_stages - 1))
+                                  pre=v == 0, post=v == n_stages - 1, rng=rng))
     return chunks
 
 

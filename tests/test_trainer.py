@@ -155,6 +155,19 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tokens):
         assert torch.equal(value, final_b[name]), name
 
 
+def test_resume_with_dropout_draws_the_uninterrupted_runs_masks(tmp_path, tokens):
+    """Dropout masks are a function of (seed, coordinates, step, call): a run resumed at step 2
+    draws exactly the masks of the uninterrupted run and reproduces its losses bit for bit."""
+    common = ["model.dropout=0.2", "training.max_steps=4", "schedule.decay_steps=4", "checkpoint.interval=2"]
+    make_trainer(make_cfg(tmp_path, tokens, *common, run="a")).train()
+    make_trainer(make_cfg(tmp_path, tokens, *common, "training.max_steps=2", run="b")).train()
+    make_trainer(make_cfg(tmp_path, tokens, *common, "checkpoint.resume=auto", run="b")).train()
+    no_dropout = make_trainer(make_cfg(tmp_path, tokens, "training.max_steps=1", run="c"))
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert [b[s] for s in (3, 4)] == [a[s] for s in (3, 4)]
+    assert a[1] != no_dropout.train()["loss"]  # dropout was live
+
+
 def test_resume_auto_without_checkpoints_starts_from_scratch(tmp_path, tokens):
     t = make_trainer(make_cfg(tmp_path, tokens, "checkpoint.resume=auto"))
     assert t.step == 0

@@ -180,6 +180,8 @@ class Trainer:
         means over micro-batches, summed over pipeline stages (not yet averaged over dp)."""
         batch = self.train_data.next_batch().to(self.device, non_blocking=True)
         micro = batch.split(self.cfg.training.micro_batch_size)
+        for chunk in self.chunks:  # dropout masks are a function of (seed, coordinates, step, call)
+            chunk.rng.start_step(self.step)
         with self._autocast():
             self._count_step_loads([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
             result = self.executor.step([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
