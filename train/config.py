@@ -98,6 +98,7 @@ class LoggingConfig:
     interval: int = 10                # steps between console lines
     tensorboard: bool = True          # write <run_dir>/tb/
     histograms: bool = True           # per-layer tokens-per-expert histograms in TensorBoard
+    expert_load_images: bool = True   # every logging.interval steps, a picture of all MoE layers x experts (share of routed tokens over those steps) in TensorBoard
 
 
 @dataclass

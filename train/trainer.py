@@ -67,7 +67,9 @@ class Trainer:
         self.bad_steps = 0
         self.stop_requested = False
         self.last_saved_step = -1
-        self.logger = MetricsLogger(self.run_dir, self.is_logger, cfg.logging.tensorboard, cfg.logging.histograms)
+        self.logger = MetricsLogger(self.run_dir, self.is_logger, cfg.logging.tensorboard, cfg.logging.histograms,
+                                    image_interval=cfg.logging.interval if cfg.logging.expert_load_images else 0,
+                                    top_k=cfg.model.top_k if cfg.model.n_experts else None)
         _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
         self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers,
                                                cfg.model.n_heads * cfg.model.dim_head, cfg.data.seq_len)
@@ -225,7 +227,21 @@ class Trainer:
         lm, aux, z, dropped = sums[:4].unbind(0)
         return {"lm": lm, "aux": aux, "z": z, "dropped": dropped,
                 "loads": {i: loads[i].long() for i in moe_layers},
-                "aux_layers": {i: sums[4 + i] for i in moe_layers}}
+                "aux_layers": {i: sums[4 + i] for i in moe_layers},
+                "dropped_layers": self._dropped_per_layer(merged["dropped_layers"], moe_layers)}
+
+    def _dropped_per_layer(self, dropped: torch.Tensor, moe_layers: list[int]) -> dict[int, float]:
+        """Capacity mode only: each MoE layer's dropped share of routed slots, mean over the step's
+        micro-batches and the data-parallel ranks (each micro-batch routes the same number of slots).
+        dropped [n_layers]: this rank's sums over micro-batches (zero for layers it lacks)."""
+        if self.cfg.model.capacity_factor is None or not moe_layers:
+            return {}
+        if self.ctx.pp > 1:
+            dist.all_reduce(dropped, group=self.ctx.pp_group)
+        if self.dp > 1:
+            dist.all_reduce(dropped, group=self.ctx.dp_group)
+        per_layer = (dropped / (self.n_micro * self.dp)).tolist()
+        return {i: per_layer[i] for i in moe_layers}
 
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
@@ -247,6 +263,7 @@ class Trainer:
         self.step += 1
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm,
                 "dropped_fraction": dropped, "loads": loads, "expert_bias": self._expert_biases(),
+                "dropped_layers": stats["dropped_layers"],
                 **{f"moe/layer{i}/aux_loss": v for i, v in zip(per_layer, aux_layers)}}
 
     def _expert_biases(self) -> dict[int, torch.Tensor]:
@@ -370,9 +387,9 @@ class Trainer:
         c = self.cfg
         tok_s, _ = meter.rate()
         mfu = tok_s * self.flops_per_token / (self.peak * self.ctx.world_size) if self.peak else None
-        scalars = {k: v for k, v in s.items() if k not in ("loads", "expert_bias")}
+        scalars = {k: v for k, v in s.items() if k not in ("loads", "expert_bias", "dropped_layers")}
         scalars.update(tokens_per_s=tok_s, mfu=mfu, memory_gb=memory_gb(self.device))
-        self.logger.log(self.step, scalars, s["loads"])
+        self.logger.log(self.step, scalars, s["loads"], dropped=s["dropped_layers"])
         biases = {f"moe/layer{i}/expert_bias": b for i, b in s["expert_bias"].items()}
         self.logger.log_histograms(self.step, biases)
         if self.step % c.logging.interval == 0 or self.step == c.training.max_steps:
