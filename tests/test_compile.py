@@ -5,27 +5,18 @@ forward/backward graphs are the real ones, only inductor's code generation (a C+
 about a minute per block on a 2-core CPU) is left to torch's own tests."""
 import functools
 
-import numpy as np
 import pytest
 import torch
 
 from parallel.context import ParallelContext
 from train.checkpoint import list_checkpoints
 from train.config import load_config
-from train.data import write_token_file
 from train.trainer import Trainer
+from tests.test_trainer import tokens  # noqa: F401 - the 50k-token random byte file fixture
 
 pytestmark = pytest.mark.slow
 SHRINK = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"]
 MODELS = {"dense": ["model.preset=tiny"], "moe": ["model.preset=tiny-moe", "model.n_experts=4", "model.expert_ffn_dim=32"]}
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory) -> str:
-    prefix = str(tmp_path_factory.mktemp("data") / "rand")
-    rng = np.random.default_rng(0)
-    write_token_file(prefix, [rng.integers(0, 256, 1000) for _ in range(20)], vocab_size=257)
-    return prefix
 
 
 def _trainer(tmp_path, tokens, model: str, run: str, *extra: str) -> Trainer:
