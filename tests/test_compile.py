@@ -16,7 +16,8 @@ from tests.test_trainer import tokens  # noqa: F401 - the 50k-token random byte 
 
 pytestmark = pytest.mark.slow
 SHRINK = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"]
-MODELS = {"dense": ["model.preset=tiny"], "moe": ["model.preset=tiny-moe", "model.n_experts=4", "model.expert_ffn_dim=32"]}
+MODELS = {"dense": ["model.preset=tiny"], "moe": ["model.preset=tiny-moe", "model.n_experts=4", "model.expert_ffn_dim=32"],
+          "dense_dropout": ["model.preset=tiny", "model.dropout=0.1"]}  # a graph break at every dropout site
 
 
 def _trainer(tmp_path, tokens, model: str, run: str, *extra: str) -> Trainer:
@@ -27,7 +28,7 @@ def _trainer(tmp_path, tokens, model: str, run: str, *extra: str) -> Trainer:
     return Trainer(cfg, ParallelContext.single(), log=lambda msg: None)
 
 
-@pytest.mark.parametrize("model", ["dense", "moe"])
+@pytest.mark.parametrize("model", list(MODELS))
 def test_compiled_blocks_train_like_eager_and_resume_eagerly(tmp_path, tokens, model, monkeypatch):
     eager = _trainer(tmp_path, tokens, model, "eager")
     want = [eager.train_step() for _ in range(2)]
