@@ -56,9 +56,9 @@ def trainer_worker(rank: int, world: int, root: str) -> dict:
         ctx = ParallelContext.for_testing(rank, world, tp=p.tp, pp=p.pp, ep=p.ep, vpp=p.vpp)
         trainer = Trainer(cfg, ctx, log=lambda msg: None)
         trainer.train()
-        stepped = {id(q) for group in trainer.optimizer.param_groups for q in group["params"]}
-        out[case] = dict(coords=tuple(ctx.coords), n_params=len(list(trainer.model.parameters())),
-                         n_stepped=len(stepped), zero=trainer.zero is not None)
+        stepped = sum(trainer.layout.updates(q) for q, _ in trainer.layout)
+        out[case] = dict(coords=tuple(ctx.coords), n_params=len(trainer.layout), n_stepped=stepped,
+                         zero=trainer.optimizer.zero1)
     return out
 
 
