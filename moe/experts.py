@@ -108,7 +108,7 @@ class Experts(nn.Module):
         return torch.cat(outs).to(x.dtype)
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        compiling = torch.compiler.is_compiling()  # grouped_mm's compile-time (fake) kernel takes bf16 only
+        compiling = torch.compiler.is_compiling()  # grouped_mm's compile-time kernel: bf16 only
         if x.dtype != torch.bfloat16 and (x.is_cuda or compiling):
             if not compiling and not getattr(self, "_warned", False):
                 warnings.warn("grouped_mm on CUDA needs bf16 activations; float32 falls back to the padded backend")

@@ -157,8 +157,8 @@ class Dropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         if key is None:
-            raise ValueError(f"dropout at {site} needs a DropoutKey (ParallelRNG.next_key()): run blocks "
-                             f"through Decoder.forward, or set model.dropout=0")
+            raise ValueError(f"dropout at {site} needs a DropoutKey (ParallelRNG.next_key()): run "
+                             f"blocks through Decoder.forward, or set model.dropout=0")
         return key.dropout(x, self.p, self.stream, site)
 
     def extra_repr(self) -> str:
@@ -210,8 +210,8 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if p > 0.0:  # this rank's heads: masks independent of every other rank's (tp_local stream)
             if key is None:
-                raise ValueError(f"attention dropout at {self.site} needs a DropoutKey: run blocks through "
-                                 f"Decoder.forward, or set model.dropout=0")
+                raise ValueError(f"attention dropout at {self.site} needs a DropoutKey: run blocks "
+                                 f"through Decoder.forward, or set model.dropout=0")
             with key.fork(TP_LOCAL, self.site, x.device):
                 y = self._sdpa(q, k, v, p)
         else:
@@ -222,7 +222,8 @@ class Attention(nn.Module):
         """Causal (or banded) SDPA of q [B, H, S, Dh] over k, v [B, K, S, Dh] -> [B, H, S, Dh]."""
         gqa = self.kv_local != self.h_local
         if self.window is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
+                                                  enable_gqa=gqa)
         mask = banded_causal_mask(q.shape[2], self.window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
 

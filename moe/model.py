@@ -79,7 +79,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope, aux_grad_scale: float, global_counts: torch.Tensor | None = None,
                 key: DropoutKey | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        """`key`: this forward's dropout seeds (Decoder.forward draws it; None when not training)."""
+        """`key`: this forward's dropout seeds (from Decoder.forward; None when not training)."""
         a_site, m_site = f"{self.site}.attn_out", f"{self.site}.mlp_out"
         if self.pre:
             a = self.attn_out_norm(self.attn(self.attn_norm(x), rope, key))
@@ -127,7 +127,8 @@ class Decoder(nn.Module):
     rank share one, and by default it is seeded with `seed`."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None, layer_ids: Iterable[int] | None = None,
-                 pre: bool = True, post: bool = True, *, seed: int = 0, rng: ParallelRNG | None = None):
+                 pre: bool = True, post: bool = True, *, seed: int = 0,
+                 rng: ParallelRNG | None = None):
         super().__init__()
         ctx = ctx or ParallelContext.single()
         validate_layout(cfg, ctx)
@@ -346,6 +347,6 @@ def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, seed: int 
     if device.type == "meta":
         with device:
             return Decoder(cfg, ctx, seed=seed, **stage)
-    model = build_empty(cfg, ctx, device, seed=seed, **stage)  # no throw-away random init inside the layers
+    model = build_empty(cfg, ctx, device, seed=seed, **stage)  # no throw-away init in the layers
     model.init_weights(seed)
     return model

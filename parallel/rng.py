@@ -52,7 +52,7 @@ def _splitmix64(x: int) -> int:
 
 
 def mix(*values: int) -> int:
-    """A 63-bit seed from integers: equal inputs give equal seeds on every process (unlike hash())."""
+    """A 63-bit seed from integers, equal on every process for equal inputs (unlike hash())."""
     h = 0
     for v in values:
         h = _splitmix64(h ^ (int(v) & _MASK64))
@@ -105,7 +105,8 @@ def default_generator(device: torch.device) -> torch.Generator:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.default_generators[index]
     if device.type != "cpu":
-        raise ValueError(f"dropout randomness on device type {device.type!r} is not supported: use cpu or cuda")
+        raise ValueError(f"dropout randomness on device type {device.type!r} is not supported: "
+                         f"use cpu or cuda")
     return torch.default_generator
 
 
@@ -135,4 +136,5 @@ class ParallelRNG:
         return DropoutKey(mix(self.bases[REPLICATED], call), mix(self.bases[TP_LOCAL], call))
 
     def __repr__(self) -> str:
-        return f"ParallelRNG(seed={self.seed}, coords={self.coords}, step={self.step}, calls={self.calls})"
+        return (f"ParallelRNG(seed={self.seed}, coords={self.coords}, step={self.step}, "
+                f"calls={self.calls})")

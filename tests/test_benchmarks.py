@@ -113,9 +113,11 @@ def test_moe_layer_timer_covers_forward_and_backward(monkeypatch, clock):
     monkeypatch.setattr(MoELayer, "forward", _costly(MoELayer.forward, clock, 0.02, 0.03))
     monkeypatch.setattr(NaiveMoE, "forward", _costly(NaiveMoE.forward, clock, 0.004, 0.006))
     monkeypatch.setattr(DenseChain, "forward", _costly(DenseChain.forward, clock, 0.001, 0.002))
-    run = moe_layer.main(["--smoke", "--backends", "grouped_mm", "--iters", "3", "--warmup", "1"])["runs"][0]
+    argv = ["--smoke", "--backends", "grouped_mm", "--iters", "3", "--warmup", "1"]
+    run = moe_layer.main(argv)["runs"][0]
     cases = run["cases"]
-    assert [cases[c]["ms"] for c in ("grouped_mm", "naive loop", "dense limit")] == pytest.approx([50.0, 10.0, 3.0])
+    ms = [cases[c]["ms"] for c in ("grouped_mm", "naive loop", "dense limit")]
+    assert ms == pytest.approx([50.0, 10.0, 3.0])
     assert cases["grouped_mm"]["tflops"] == pytest.approx(run["expert_flops"] / 0.05 / 1e12)
 
 
@@ -124,10 +126,12 @@ def test_train_step_timer_covers_forward_backward_and_clip(monkeypatch, clock):
     step exactly 65 ms, and tok/s the step's B x S tokens over it."""
     monkeypatch.setattr(Decoder, "forward", _costly(Decoder.forward, clock, 0.02, 0.03))
     clip = train_step.clip_grad_norm_
-    monkeypatch.setattr(train_step, "clip_grad_norm_", lambda *a, **k: (clock.advance(0.015), clip(*a, **k))[1])
+    costly_clip = lambda *a, **k: (clock.advance(0.015), clip(*a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(train_step, "clip_grad_norm_", costly_clip)
     result = train_step.main(["--smoke", "--configs", "moe-16x", "--steps", "3", "--warmup", "1"])
     (row,) = result["results"][0]["rows"]
-    assert row["ms"] == pytest.approx(65.0) and row["tokens_per_s"] == pytest.approx(2 * 32 / 0.065), row
+    assert row["ms"] == pytest.approx(65.0), row
+    assert row["tokens_per_s"] == pytest.approx(2 * 32 / 0.065), row
 
 
 def test_moe_layer_amp_and_bf16_tables_on_cpu(capsys):

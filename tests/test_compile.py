@@ -15,16 +15,20 @@ from train.trainer import Trainer
 from tests.test_trainer import tokens  # noqa: F401 - the 50k-token random byte file fixture
 
 pytestmark = pytest.mark.slow
-SHRINK = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128"]
-MODELS = {"dense": ["model.preset=tiny"], "moe": ["model.preset=tiny-moe", "model.n_experts=4", "model.expert_ffn_dim=32"],
-          "dense_dropout": ["model.preset=tiny", "model.dropout=0.1"]}  # a graph break at every dropout site
+SHRINK = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+          "model.ffn_dim=128"]
+MODELS = {"dense": ["model.preset=tiny"],
+          "moe": ["model.preset=tiny-moe", "model.n_experts=4", "model.expert_ffn_dim=32"],
+          "dense_dropout": ["model.preset=tiny", "model.dropout=0.1"]}  # graph break per dropout
 
 
 def _trainer(tmp_path, tokens, model: str, run: str, *extra: str) -> Trainer:
     cfg = load_config(None, [*MODELS[model], *SHRINK, f"data.paths=[{tokens}]", "data.seq_len=32",
-                             "training.precision=fp32", "training.device=cpu", "training.global_batch_size=4",
-                             "training.micro_batch_size=2", "training.max_steps=2", "training.eval_interval=0",
-                             "logging.tensorboard=false", "checkpoint.interval=0", f"run_dir={tmp_path / run}", *extra])
+                             "training.precision=fp32", "training.device=cpu",
+                             "training.global_batch_size=4", "training.micro_batch_size=2",
+                             "training.max_steps=2", "training.eval_interval=0",
+                             "logging.tensorboard=false", "checkpoint.interval=0",
+                             f"run_dir={tmp_path / run}", *extra])
     return Trainer(cfg, ParallelContext.single(), log=lambda msg: None)
 
 
@@ -35,11 +39,12 @@ def test_compiled_blocks_train_like_eager_and_resume_eagerly(tmp_path, tokens, m
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
     compiled = _trainer(tmp_path, tokens, model, "compiled", "training.compile=true")
-    assert all(type(block).__name__ == "OptimizedModule" for block in compiled.model.layers.values())
+    blocks = compiled.model.layers.values()
+    assert all(type(block).__name__ == "OptimizedModule" for block in blocks)
     got = compiled.train()
     for key in ("loss", "grad_norm"):
         assert got[key] == pytest.approx(want[-1][key], rel=1e-6), key
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo really captured graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo captured graphs
     (ckpt,) = list_checkpoints(tmp_path / "compiled" / "checkpoints")
     resumed = _trainer(tmp_path, tokens, model, "resumed", f"checkpoint.resume={ckpt}")
     assert resumed.step == 2

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.expert_load import DESCRIPTIONS, image_summary, load_image, load_stats, map_geometry, png_bytes, \
-    scalar_summary
+from train.expert_load import (DESCRIPTIONS, image_summary, load_image, load_stats, map_geometry,
+                               png_bytes, scalar_summary)
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -21,7 +21,8 @@ def decode_png(data: bytes) -> np.ndarray:
     while pos < len(data):
         (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
         body = data[pos + 8:pos + 8 + length]
-        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + body)
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body)
         header = body if kind == b"IHDR" else header
         idat += body if kind == b"IDAT" else b""
         pos += 12 + length
@@ -30,7 +31,8 @@ def decode_png(data: bytes) -> np.ndarray:
     raw, stride = zlib.decompress(idat), 3 * w
     out, prev = np.zeros((h, stride), np.int64), np.zeros(stride, np.int64)
     for y in range(h):
-        kind, row = raw[y * (stride + 1)], np.frombuffer(raw, np.uint8, stride, y * (stride + 1) + 1).astype(np.int64)
+        start = y * (stride + 1)
+        kind, row = raw[start], np.frombuffer(raw, np.uint8, stride, start + 1).astype(np.int64)
         if kind == 0:  # no filter: the row as it is
             out[y], prev = row, row
             continue
@@ -61,8 +63,8 @@ def test_load_stats_match_numpy():
     counts = torch.tensor([0, 10, 30, 80])
     c = counts.numpy().astype(float)
     stats = load_stats(counts)
-    assert stats == pytest.approx({"load_max": c.max() / c.mean(), "load_min": 0.0, "load_cv": c.std() / c.mean(),
-                                   "experts_under_half": 0.5})
+    assert stats == pytest.approx({"load_max": c.max() / c.mean(), "load_min": 0.0,
+                                   "load_cv": c.std() / c.mean(), "experts_under_half": 0.5})
     assert load_stats(torch.full((8,), 5)) == {"load_max": 1.0, "load_min": 1.0, "load_cv": 0.0,
                                                "experts_under_half": 0.0}
     assert set(DESCRIPTIONS) == set(stats) | {"dropped_fraction"}
@@ -77,12 +79,13 @@ def test_picture_colours_follow_the_share_of_each_layer():
              5: torch.arange(1, E + 1) * 1000}
     img = decode_png(png_bytes(load_image(loads, step=7, top_k=2)))
     colors = cell_colors(img, [1, 3, 5], E)
-    assert (colors[0] >= 235).all() and (colors[0].max(-1) - colors[0].min(-1) <= 8).all()  # white, fair share
+    white = (colors[0] >= 235).all() and (colors[0].max(-1) - colors[0].min(-1) <= 8).all()
+    assert white  # the fair share
     assert (colors[1, [0, 7]] == 0).all()                                     # no tokens: black
-    hot, cold = colors[1, 1], colors[1, 4]                                     # 400 = 4x, 25 = 1/4 of 100
+    hot, cold = colors[1, 1], colors[1, 4]  # 400 = 4x, 25 = 1/4 of the mean 100
     assert hot[0] - hot[2] > 100 and cold[2] - cold[0] > 100
     redness = colors[2, :, 0] - colors[2, :, 2]
-    assert (np.diff(redness) > 0).all(), redness  # 1..8 x 1000: shares 1/36..8/36 rise along the row
+    assert (np.diff(redness) > 0).all(), redness  # 1..8 x 1000: shares 1/36..8/36 along the row
     assert redness[0] < 0 < redness[-1]  # 2/9 of the fair share is blue, 16/9 red
 
 
@@ -111,7 +114,8 @@ def test_summaries_read_back_by_tensorboard(tmp_path):
     rgb = load_image({0: torch.tensor([1, 2, 3, 4])}, step=3)
     writer = SummaryWriter(str(tmp_path))
     writer._get_file_writer().add_summary(image_summary("moe/expert_load", rgb), 3)
-    writer._get_file_writer().add_summary(scalar_summary("moe/layer0/load_cv", 0.5, DESCRIPTIONS["load_cv"]), 3)
+    described = scalar_summary("moe/layer0/load_cv", 0.5, DESCRIPTIONS["load_cv"])
+    writer._get_file_writer().add_summary(described, 3)
     writer._get_file_writer().add_summary(scalar_summary("moe/layer0/load_cv", 0.25), 4)
     writer.close()
     ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})

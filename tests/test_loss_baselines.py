@@ -3,8 +3,9 @@
 tests/assets/loss_baselines.json (regenerate: python tools/loss_baselines.py --write --force).
 
 Tolerances, from measurement (tools/loss_baselines.py):
-* steps 1-10, relative 1e-4. Here the runs are still exact up to float rounding: two intra-op threads
-  instead of one, or 4 accumulated micro-batches instead of one batch, move them by <= 1.2e-7.
+* steps 1-10, relative 1e-4. Here the runs are still exact up to float rounding: two intra-op
+  threads instead of one, or 4 accumulated micro-batches instead of one batch, move them by
+  <= 1.2e-7.
   Any change to the forward, backward, data order or optimizer shows from step 1 or 2 on.
 * steps 11-30, relative 1e-2. Later, rounding differences start to flip near-tied top-2 routing
   choices, and the MoE run's losses drift by up to 1.1e-3 between one and two threads (the dense
@@ -30,9 +31,9 @@ EARLY_STEPS, EARLY_RTOL, LATE_RTOL = 10, 1e-4, 1e-2
 def stored() -> dict:
     baselines = json.loads(BASELINE_FILE.read_text())
     if corpus_fingerprint() != baselines["corpus_sha256"]:
-        pytest.skip(f"this Python's standard library (the embedded corpus) is not the one the baselines were "
-                    f"recorded on (Python {baselines['python']}): regenerate them with "
-                    f"python tools/loss_baselines.py --write --force")
+        pytest.skip(f"this Python's standard library (the embedded corpus) is not the one the "
+                    f"baselines were recorded on (Python {baselines['python']}): regenerate them "
+                    f"with python tools/loss_baselines.py --write --force")
     return baselines
 
 
@@ -42,7 +43,8 @@ def test_short_run_reproduces_the_stored_losses(preset, stored, tmp_path):
     for key in ("loss", "lm_loss"):
         for step, (g, w) in enumerate(zip(got[key], want[key]), start=1):
             tol = EARLY_RTOL if step <= EARLY_STEPS else LATE_RTOL
-            assert abs(g - w) <= tol * abs(w), f"{preset} step {step} {key}: {g:.6f}, baseline {w:.6f} (rtol {tol})"
+            where = f"{preset} step {step} {key}: {g:.6f}, baseline {w:.6f} (rtol {tol})"
+            assert abs(g - w) <= tol * abs(w), where
     assert len(got["loss"]) == len(want["loss"]) == 30
     first, last = want["loss"][0], sum(want["loss"][-5:]) / 5
-    assert last < 0.65 * first, f"{preset}: the baseline run did not learn ({first:.3f} -> {last:.3f})"
+    assert last < 0.65 * first, f"{preset}: the run did not learn ({first:.3f} -> {last:.3f})"

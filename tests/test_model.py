@@ -193,8 +193,9 @@ def test_decoder_built_directly_initialises_itself():
         plain, built = Decoder(cfg, seed=seed), build_model(cfg, seed=seed)
         for (name, a), (_, b) in zip(plain.named_parameters(), built.named_parameters()):
             assert torch.equal(a, b), name
-    assert {"layers.1.mlp.experts.w_in", "layers.1.mlp.router.weight", "layers.1.mlp.shared.w1.weight"} <= \
-        {n for n, _ in plain.named_parameters()}
+    names = {n for n, _ in plain.named_parameters()}
+    assert {"layers.1.mlp.experts.w_in", "layers.1.mlp.router.weight",
+            "layers.1.mlp.shared.w1.weight"} <= names
     tokens = _tokens(cfg)
     assert torch.isfinite(Decoder(cfg)(tokens[:, :-1], tokens[:, 1:]).loss)
     with torch.device("meta"):

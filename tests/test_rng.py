@@ -103,7 +103,8 @@ def test_dropout_is_live_in_training_and_off_in_eval():
 def test_block_without_a_key_refuses_to_drop_silently():
     model = build_model(get_preset("tiny", n_layers=1, dropout=0.1), seed=0).train()
     x = torch.randn(1, 4, model.cfg.d_model)
-    with pytest.raises(ValueError, match=r"attention dropout at layers\.0\.attn\.probs needs a DropoutKey"):
+    attention = r"attention dropout at layers\.0\.attn\.probs needs a DropoutKey"
+    with pytest.raises(ValueError, match=attention):
         model.layers["0"](x, model._rope(x), 1.0)
     with pytest.raises(ValueError, match=r"^dropout at layers\.0\.mlp_out needs a DropoutKey"):
         model.layers["0"].drop(x, None, "layers.0.mlp_out")

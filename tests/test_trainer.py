@@ -158,7 +158,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tokens):
 def test_resume_with_dropout_draws_the_uninterrupted_runs_masks(tmp_path, tokens):
     """Dropout masks are a function of (seed, coordinates, step, call): a run resumed at step 2
     draws exactly the masks of the uninterrupted run and reproduces its losses bit for bit."""
-    common = ["model.dropout=0.2", "training.max_steps=4", "schedule.decay_steps=4", "checkpoint.interval=2"]
+    common = ["model.dropout=0.2", "training.max_steps=4", "schedule.decay_steps=4",
+              "checkpoint.interval=2"]
     make_trainer(make_cfg(tmp_path, tokens, *common, run="a")).train()
     make_trainer(make_cfg(tmp_path, tokens, *common, "training.max_steps=2", run="b")).train()
     make_trainer(make_cfg(tmp_path, tokens, *common, "checkpoint.resume=auto", run="b")).train()
@@ -308,56 +309,79 @@ def test_metrics_jsonl_and_tensorboard(tmp_path, tokens):
 def _route_recorder(trainer: Trainer) -> tuple[dict, dict]:
     """Forward hooks on every MoE layer: each call's routed expert ids and dropped fraction."""
     routed, dropped = {}, {}
+
+    def record(layer: int):
+        def on_router(m, args, out):
+            routed.setdefault(layer, []).append(out.experts.detach().clone())  # [T, k]
+
+        def on_layer(m, args, out):
+            dropped.setdefault(layer, []).append(float(out[1].dropped_fraction))
+        return on_router, on_layer
+
     for key, block in trainer.model.layers.items():
-        layer = int(key)
-        block.mlp.router.register_forward_hook(
-            lambda m, args, out, layer=layer: routed.setdefault(layer, []).append(out.experts.detach().clone()))
-        block.mlp.register_forward_hook(
-            lambda m, args, out, layer=layer: dropped.setdefault(layer, []).append(float(out[1].dropped_fraction)))
+        on_router, on_layer = record(int(key))
+        block.mlp.router.register_forward_hook(on_router)
+        block.mlp.register_forward_hook(on_layer)
     return routed, dropped
 
 
 def test_expert_load_figures_and_pictures_match_the_routers_choices(tmp_path, tokens):
     """Every logged load figure is checked against the experts the routers really chose (forward
     hooks, counted here with bincount): the tokens-per-expert histograms, load_max / load_min /
-    load_cv / experts_under_half per layer and step, the per-layer dropped fraction in capacity mode,
-    the descriptions TensorBoard shows, and one picture per logging window (2 steps) whose every
-    cell has the colour of that expert's share of its layer's tokens over the window."""
+    load_cv / experts_under_half per layer and step, the per-layer dropped fraction in capacity
+    mode, the descriptions TensorBoard shows, and one picture per logging window (2 steps) whose
+    every cell has the colour of that expert's share of its layer's tokens over the window."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.test_expert_load import cell_colors, decode_png
-    from train.expert_load import DESCRIPTIONS, ratio_colors
+    from train.expert_load import DESCRIPTIONS
 
     t = make_trainer(make_cfg(tmp_path, tokens, "logging.tensorboard=true", "logging.interval=2",
                               "model.capacity_factor=1.0", "model.n_experts=8"))
     routed, dropped = _route_recorder(t)
     t.train()
     n_micro, steps, E = t.n_micro, 4, 8
-    counts = {layer: np.stack([np.bincount(torch.cat(calls[s * n_micro:(s + 1) * n_micro]).flatten().numpy(),
-                                           minlength=E) for s in range(steps)]) for layer, calls in routed.items()}
+    def per_step(calls: list[torch.Tensor]) -> np.ndarray:  # [steps, E] routed slots per expert
+        chosen = [torch.cat(calls[s * n_micro:(s + 1) * n_micro]).flatten().numpy()
+                  for s in range(steps)]
+        return np.stack([np.bincount(c, minlength=E) for c in chosen])
+
+    counts = {layer: per_step(calls) for layer, calls in routed.items()}
     records = [r for r in read_jsonl(tmp_path / "run") if "split" not in r]
-    ea = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    sizes = {"scalars": 0, "histograms": 0, "images": 0}  # keep every event
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance=sizes)
     ea.Reload()
     for layer, c in counts.items():
         mean = c.mean(axis=1)
-        want = {"load_max": c.max(axis=1) / mean, "load_min": c.min(axis=1) / mean, "load_cv": c.std(axis=1) / mean,
+        want = {"load_max": c.max(axis=1) / mean, "load_min": c.min(axis=1) / mean,
+                "load_cv": c.std(axis=1) / mean,
                 "experts_under_half": (c < mean[:, None] / 2).mean(axis=1),
                 "dropped_fraction": np.array(dropped[layer]).reshape(steps, n_micro).mean(axis=1)}
         for name, values in want.items():
             tag = f"moe/layer{layer}/{name}"
-            assert [r[tag] for r in records] == pytest.approx(values.tolist(), rel=1e-6, abs=1e-9), tag
+            expected = pytest.approx(values.tolist(), rel=1e-6, abs=1e-9)
+            assert [r[tag] for r in records] == expected, tag
             assert ea.SummaryMetadata(tag).summary_description == DESCRIPTIONS[name]
-        hists = [np.asarray(h.histogram_value.bucket) for h in ea.Histograms(f"moe/layer{layer}/tokens_per_expert")]
+        events = ea.Histograms(f"moe/layer{layer}/tokens_per_expert")
+        hists = [np.asarray(h.histogram_value.bucket) for h in events]
         assert np.array_equal(np.stack(hists), c)
-    assert any(r["moe/layer0/dropped_fraction"] > 0 for r in records)  # capacity 1.0 dropped some slots
-    images = ea.Images("moe/expert_load")
-    assert [im.step for im in images] == [2, 4]
+    assert any(r["moe/layer0/dropped_fraction"] > 0 for r in records)  # capacity 1.0 dropped slots
+    _check_pictures(ea.Images("moe/expert_load"), counts, window=2)
+
+
+def _check_pictures(images: list, counts: dict[int, np.ndarray], window: int) -> None:
+    """One picture per window of steps; each cell the colour of the expert's share of its layer's
+    routed slots summed over the window (counts: layer -> [steps, E])."""
+    from tests.test_expert_load import cell_colors, decode_png
+    from train.expert_load import ratio_colors
+
+    n_steps, E = next(iter(counts.values())).shape
+    assert [im.step for im in images] == list(range(window, n_steps + 1, window))
     layers = sorted(counts)
     for im in images:
-        window = np.stack([counts[layer][im.step - 2:im.step].sum(axis=0) for layer in layers])  # [L, E]
+        summed = np.stack([counts[layer][im.step - window:im.step].sum(axis=0) for layer in layers])
         img = decode_png(im.encoded_image_string)
         assert img.shape == (im.height, im.width, 3)
-        expected = ratio_colors(window * E / window.sum(axis=1, keepdims=True))
+        expected = ratio_colors(summed * E / summed.sum(axis=1, keepdims=True))  # [L, E, 3]
         assert np.array_equal(cell_colors(img, layers, E), expected)
 
 

@@ -32,9 +32,10 @@ def _free_port() -> int:
 def train(work: Path, steps: int) -> Path:
     """configs/tiny.yaml for `steps` steps, a picture every steps/3; returns the TensorBoard dir."""
     run = work / "tiny"
-    cmd = [sys.executable, str(REPO / "launchers" / "pretrain.py"), str(REPO / "configs" / "tiny.yaml"),
-           f"run_dir={run}", f"training.max_steps={steps}", f"logging.interval={max(steps // 3, 1)}",
-           "training.eval_interval=0", "checkpoint.interval=0", f"data.cache_dir={work / 'data_cache'}"]
+    cmd = [sys.executable, str(REPO / "launchers" / "pretrain.py"),
+           str(REPO / "configs" / "tiny.yaml"), f"run_dir={run}", f"training.max_steps={steps}",
+           f"logging.interval={max(steps // 3, 1)}", "training.eval_interval=0",
+           "checkpoint.interval=0", f"data.cache_dir={work / 'data_cache'}"]
     subprocess.run(cmd, cwd=work, check=True)
     return run / "tb"
 
@@ -42,14 +43,15 @@ def train(work: Path, steps: int) -> Path:
 def screenshot(logdir: Path, out: Path, chromium: str) -> None:
     """Serve `logdir` with TensorBoard on a free port and save the time-series page to `out`."""
     port = _free_port()
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port)], **quiet)
     try:
         url = f"http://localhost:{port}/?darkMode=false#timeseries"
         _wait_for(url, timeout=60)
         subprocess.run([chromium, "--headless", "--no-sandbox", "--force-device-scale-factor=1.5",
-                        "--window-size=1100,900", "--virtual-time-budget=20000", f"--screenshot={out}", url],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
+                        "--window-size=1100,900", "--virtual-time-budget=20000",
+                        f"--screenshot={out}", url], check=True, timeout=180, **quiet)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -63,13 +65,15 @@ def _wait_for(url: str, timeout: float) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise SystemExit(f"error: TensorBoard did not answer at {url} within {timeout:.0f} s") from None
+                raise SystemExit(f"error: TensorBoard did not answer at {url} within "
+                                 f"{timeout:.0f} s") from None
             time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "docs" / "tensorboard_expert_load.png"), help="PNG to write")
+    parser.add_argument("--out", default=str(REPO / "docs" / "tensorboard_expert_load.png"),
+                        help="PNG to write")
     parser.add_argument("--steps", type=int, default=150, help="training steps of the tiny MoE run")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = parser.parse_args(argv)
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {out} exists: pass --force to overwrite it")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        raise SystemExit("error: no chromium on PATH: install it (Debian: apt-get install chromium)")
+        raise SystemExit("error: no chromium on PATH: install it "
+                         "(Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory(prefix="tb_screenshot_") as work:
         screenshot(train(Path(work), args.steps), out, chromium)
     print(f"wrote {out}")

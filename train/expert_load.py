@@ -23,13 +23,17 @@ import numpy as np
 import torch
 
 DESCRIPTIONS = {
-    "load_max": "Busiest expert's routed tokens / the fair share (mean over experts). 1 = balanced; "
-                "E / top_k = every token's top-k experts are the same.",
-    "load_min": "Least used expert's routed tokens / the fair share. 1 = balanced, 0 = an expert got no tokens.",
-    "load_cv": "Coefficient of variation of tokens per expert: std / mean over experts. 0 = balanced.",
-    "experts_under_half": "Fraction of experts that received less than half their fair share of tokens.",
+    "load_max": "Busiest expert's routed tokens / the fair share (mean over experts). "
+                "1 = balanced; E / top_k = every token's top-k experts are the same.",
+    "load_min": "Least used expert's routed tokens / the fair share. "
+                "1 = balanced, 0 = an expert got no tokens.",
+    "load_cv": "Coefficient of variation of tokens per expert: std / mean over experts. "
+               "0 = balanced.",
+    "experts_under_half": "Fraction of experts that received less than half their fair share "
+                          "of tokens.",
     "dropped_fraction": "Share of this layer's routed slots dropped by the capacity limit "
-                        "(model.capacity_factor), mean over the step's micro-batches and data-parallel ranks.",
+                        "(model.capacity_factor), mean over the step's micro-batches and "
+                        "data-parallel ranks.",
 }
 
 
@@ -46,33 +50,58 @@ def load_stats(counts: torch.Tensor) -> dict[str, float]:
 # A 5x7 bitmap font: each glyph is 7 rows of 5 pixels ('#' on)
 # ---------------------------------------------------------------------------------------------
 _GLYPHS = {
-    "a": ".....|.....|.###.|....#|.####|#...#|.####", "b": "#....|#....|#.##.|##..#|#...#|#...#|####.",
-    "c": ".....|.....|.###.|#....|#....|#...#|.###.", "d": "....#|....#|.##.#|#..##|#...#|#...#|.####",
-    "e": ".....|.....|.###.|#...#|#####|#....|.###.", "f": "..##.|.#..#|.#...|###..|.#...|.#...|.#...",
-    "g": ".....|.####|#...#|#...#|.####|....#|.###.", "h": "#....|#....|#.##.|##..#|#...#|#...#|#...#",
-    "i": "..#..|.....|.##..|..#..|..#..|..#..|.###.", "j": "...#.|.....|..##.|...#.|...#.|#..#.|.##..",
-    "k": "#....|#....|#..#.|#.#..|##...|#.#..|#..#.", "l": ".##..|..#..|..#..|..#..|..#..|..#..|.###.",
-    "m": ".....|.....|##.#.|#.#.#|#.#.#|#...#|#...#", "n": ".....|.....|#.##.|##..#|#...#|#...#|#...#",
-    "o": ".....|.....|.###.|#...#|#...#|#...#|.###.", "p": ".....|.....|####.|#...#|####.|#....|#....",
-    "q": ".....|.....|.##.#|#..##|.####|....#|....#", "r": ".....|.....|#.##.|##..#|#....|#....|#....",
-    "s": ".....|.....|.###.|#....|.###.|....#|####.", "t": ".#...|.#...|###..|.#...|.#...|.#..#|..##.",
-    "u": ".....|.....|#...#|#...#|#...#|#..##|.##.#", "v": ".....|.....|#...#|#...#|#...#|.#.#.|..#..",
-    "w": ".....|.....|#...#|#...#|#.#.#|#.#.#|.#.#.", "x": ".....|.....|#...#|.#.#.|..#..|.#.#.|#...#",
-    "y": ".....|.....|#...#|#...#|.####|....#|.###.", "z": ".....|.....|#####|...#.|..#..|.#...|#####",
-    "0": ".###.|#...#|#..##|#.#.#|##..#|#...#|.###.", "1": "..#..|.##..|..#..|..#..|..#..|..#..|.###.",
-    "2": ".###.|#...#|....#|...#.|..#..|.#...|#####", "3": "#####|...#.|..#..|...#.|....#|#...#|.###.",
-    "4": "...#.|..##.|.#.#.|#..#.|#####|...#.|...#.", "5": "#####|#....|####.|....#|....#|#...#|.###.",
-    "6": "..##.|.#...|#....|####.|#...#|#...#|.###.", "7": "#####|....#|...#.|..#..|.#...|.#...|.#...",
-    "8": ".###.|#...#|#...#|.###.|#...#|#...#|.###.", "9": ".###.|#...#|#...#|.####|....#|...#.|.##..",
-    " ": ".....|.....|.....|.....|.....|.....|.....", ".": ".....|.....|.....|.....|.....|.##..|.##..",
-    ",": ".....|.....|.....|.....|.##..|..#..|.#...", ":": ".....|.##..|.##..|.....|.##..|.##..|.....",
-    "/": ".....|....#|...#.|..#..|.#...|#....|.....", "%": "##...|##..#|...#.|..#..|.#...|#..##|...##",
-    "(": "...#.|..#..|.#...|.#...|.#...|..#..|...#.", ")": ".#...|..#..|...#.|...#.|...#.|..#..|.#...",
-    "-": ".....|.....|.....|#####|.....|.....|.....", "+": ".....|..#..|..#..|#####|..#..|..#..|.....",
-    "=": ".....|.....|#####|.....|#####|.....|.....", "<": "...#.|..#..|.#...|#....|.#...|..#..|...#.",
+    "a": ".....|.....|.###.|....#|.####|#...#|.####",
+    "b": "#....|#....|#.##.|##..#|#...#|#...#|####.",
+    "c": ".....|.....|.###.|#....|#....|#...#|.###.",
+    "d": "....#|....#|.##.#|#..##|#...#|#...#|.####",
+    "e": ".....|.....|.###.|#...#|#####|#....|.###.",
+    "f": "..##.|.#..#|.#...|###..|.#...|.#...|.#...",
+    "g": ".....|.####|#...#|#...#|.####|....#|.###.",
+    "h": "#....|#....|#.##.|##..#|#...#|#...#|#...#",
+    "i": "..#..|.....|.##..|..#..|..#..|..#..|.###.",
+    "j": "...#.|.....|..##.|...#.|...#.|#..#.|.##..",
+    "k": "#....|#....|#..#.|#.#..|##...|#.#..|#..#.",
+    "l": ".##..|..#..|..#..|..#..|..#..|..#..|.###.",
+    "m": ".....|.....|##.#.|#.#.#|#.#.#|#...#|#...#",
+    "n": ".....|.....|#.##.|##..#|#...#|#...#|#...#",
+    "o": ".....|.....|.###.|#...#|#...#|#...#|.###.",
+    "p": ".....|.....|####.|#...#|####.|#....|#....",
+    "q": ".....|.....|.##.#|#..##|.####|....#|....#",
+    "r": ".....|.....|#.##.|##..#|#....|#....|#....",
+    "s": ".....|.....|.###.|#....|.###.|....#|####.",
+    "t": ".#...|.#...|###..|.#...|.#...|.#..#|..##.",
+    "u": ".....|.....|#...#|#...#|#...#|#..##|.##.#",
+    "v": ".....|.....|#...#|#...#|#...#|.#.#.|..#..",
+    "w": ".....|.....|#...#|#...#|#.#.#|#.#.#|.#.#.",
+    "x": ".....|.....|#...#|.#.#.|..#..|.#.#.|#...#",
+    "y": ".....|.....|#...#|#...#|.####|....#|.###.",
+    "z": ".....|.....|#####|...#.|..#..|.#...|#####",
+    "0": ".###.|#...#|#..##|#.#.#|##..#|#...#|.###.",
+    "1": "..#..|.##..|..#..|..#..|..#..|..#..|.###.",
+    "2": ".###.|#...#|....#|...#.|..#..|.#...|#####",
+    "3": "#####|...#.|..#..|...#.|....#|#...#|.###.",
+    "4": "...#.|..##.|.#.#.|#..#.|#####|...#.|...#.",
+    "5": "#####|#....|####.|....#|....#|#...#|.###.",
+    "6": "..##.|.#...|#....|####.|#...#|#...#|.###.",
+    "7": "#####|....#|...#.|..#..|.#...|.#...|.#...",
+    "8": ".###.|#...#|#...#|.###.|#...#|#...#|.###.",
+    "9": ".###.|#...#|#...#|.####|....#|...#.|.##..",
+    " ": ".....|.....|.....|.....|.....|.....|.....",
+    ".": ".....|.....|.....|.....|.....|.##..|.##..",
+    ",": ".....|.....|.....|.....|.##..|..#..|.#...",
+    ":": ".....|.##..|.##..|.....|.##..|.##..|.....",
+    "/": ".....|....#|...#.|..#..|.#...|#....|.....",
+    "%": "##...|##..#|...#.|..#..|.#...|#..##|...##",
+    "(": "...#.|..#..|.#...|.#...|.#...|..#..|...#.",
+    ")": ".#...|..#..|...#.|...#.|...#.|..#..|.#...",
+    "-": ".....|.....|.....|#####|.....|.....|.....",
+    "+": ".....|..#..|..#..|#####|..#..|..#..|.....",
+    "=": ".....|.....|#####|.....|#####|.....|.....",
+    "<": "...#.|..#..|.#...|#....|.#...|..#..|...#.",
     ">": ".#...|..#..|...#.|....#|...#.|..#..|.#...",
 }
-_FONT = {ch: np.array([[c == "#" for c in row] for row in rows.split("|")]) for ch, rows in _GLYPHS.items()}
+_FONT = {ch: np.array([[c == "#" for c in row] for row in rows.split("|")])
+         for ch, rows in _GLYPHS.items()}
 GLYPH_W, GLYPH_H = 5, 7
 
 
@@ -94,7 +123,8 @@ def draw_text(img: np.ndarray, x: int, y: int, text: str, scale: int = 2, color=
 # ---------------------------------------------------------------------------------------------
 # log2(share / fair share) -> RGB, a diverging blue-white-red scale (ColorBrewer RdBu anchors)
 _ANCHORS = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
-_COLORS = np.array([[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]], float)
+_COLORS = np.array([[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130],
+                    [178, 24, 43]], dtype=float)
 LIMIT = 4.0  # the scale's ends: 1/4 and 4x the fair share
 NO_TOKENS = (0, 0, 0)
 
@@ -140,11 +170,13 @@ def load_image(loads: dict[int, torch.Tensor], step: int, top_k: int | None = No
     layers = sorted(loads)
     counts = np.stack([loads[i].double().cpu().numpy() for i in layers])  # [L, E]
     n_layers, n_experts = counts.shape
-    ratio = counts * n_experts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-9)  # share / fair share
+    totals = np.maximum(counts.sum(axis=1, keepdims=True), 1e-9)  # [L, 1]
+    ratio = counts * n_experts / totals  # [L, E]: share / fair share
     top, left, ch, cw = map_geometry(layers, n_experts)
     map_w, map_h = n_experts * cw, n_layers * ch
     title = _title(step, n_experts, top_k)
-    width = max(left + map_w + 8 + 5 * _CHAR, text_width(max(title, SUBTITLE, key=len), SCALE), 460) + MARGIN
+    text_w = text_width(max(title, SUBTITLE, key=len), SCALE)
+    width = max(left + map_w + 8 + 5 * _CHAR, text_w, 460) + MARGIN
     img = np.full((top + map_h + 2 * _LINE + 72, width, 3), 255, dtype=np.uint8)
     draw_text(img, MARGIN, MARGIN, title, SCALE)
     draw_text(img, MARGIN, MARGIN + _LINE, SUBTITLE, SCALE, (80, 80, 80))
@@ -202,7 +234,8 @@ def _draw_colour_bar(img: np.ndarray, y: int, width: int = 320, height: int = 14
         x = x0 + int(round((np.log2(ratio) / np.log2(LIMIT) + 1) / 2 * (width - 1)))
         thick = 3 if ratio == 1.0 else 1
         img[y - 4:y + height + 4, max(x - thick // 2, 0):x + thick // 2 + 1] = 0
-        text_x = min(max(x - text_width(label, SCALE) // 2, 0), x0 + width - text_width(label, SCALE))
+        label_w = text_width(label, SCALE)
+        text_x = min(max(x - label_w // 2, 0), x0 + width - label_w)
         draw_text(img, text_x, y + height + 6, label, SCALE)
     sx = x0 + width + 24
     if sx + height + 8 + text_width("no tokens", SCALE) < img.shape[1]:
@@ -219,11 +252,12 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
 
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit, colour type 2 (RGB), no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-            + chunk(b"IEND", b""))
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit, colour type 2 (RGB), progressive
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+    return b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b"")
 
 
 def image_summary(tag: str, rgb: np.ndarray):

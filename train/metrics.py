@@ -40,12 +40,12 @@ def flops_per_token(active_params: int, n_layers: int, d_attn: int, seq_len: int
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, histograms: bool = True,
-                 image_interval: int = 0, top_k: int | None = None):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True,
+                 histograms: bool = True, image_interval: int = 0, top_k: int | None = None):
         self.enabled = enabled
         self.histograms = histograms
         self.image_interval, self.top_k = image_interval, top_k  # 0 = no expert-load pictures
-        self._window: dict[int, torch.Tensor] = {}  # tokens per expert summed since the last picture
+        self._window: dict[int, torch.Tensor] = {}  # tokens per expert since the last picture
         self._described: set[str] = set()  # tags whose description TensorBoard already has
         self.writer = None
         self.jsonl = None
@@ -88,7 +88,7 @@ class MetricsLogger:
     def _add_scalar(self, tag: str, value: float, step: int) -> None:
         """add_scalar, except that a tag with a description (DESCRIPTIONS, by its last part) gets it
         with its first value, so TensorBoard shows what the number means."""
-        description = DESCRIPTIONS.get(tag.rsplit("/", 1)[-1]) if tag not in self._described else None
+        description = None if tag in self._described else DESCRIPTIONS.get(tag.rsplit("/", 1)[-1])
         if description is None:
             self.writer.add_scalar(tag, value, step)
             return
@@ -96,7 +96,7 @@ class MetricsLogger:
         self._described.add(tag)
 
     def _expert_picture(self, step: int, loads: dict[int, torch.Tensor]) -> None:
-        """Sum the tokens per expert over the window; at its end write one layers x experts image."""
+        """Sum the tokens per expert over the window; at its end, one layers x experts image."""
         if not self.image_interval or not loads:
             return
         for layer, counts in loads.items():

@@ -67,9 +67,10 @@ class Trainer:
         self.bad_steps = 0
         self.stop_requested = False
         self.last_saved_step = -1
+        images = cfg.logging.interval if cfg.logging.expert_load_images else 0  # load pictures
+        top_k = cfg.model.top_k if cfg.model.n_experts else None
         self.logger = MetricsLogger(self.run_dir, self.is_logger, cfg.logging.tensorboard, cfg.logging.histograms,
-                                    image_interval=cfg.logging.interval if cfg.logging.expert_load_images else 0,
-                                    top_k=cfg.model.top_k if cfg.model.n_experts else None)
+                                    image_interval=images, top_k=top_k)
         _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
         self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers,
                                                cfg.model.n_heads * cfg.model.dim_head, cfg.data.seq_len)
@@ -232,7 +233,7 @@ class Trainer:
 
     def _dropped_per_layer(self, dropped: torch.Tensor, moe_layers: list[int]) -> dict[int, float]:
         """Capacity mode only: each MoE layer's dropped share of routed slots, mean over the step's
-        micro-batches and the data-parallel ranks (each micro-batch routes the same number of slots).
+        micro-batches and the data-parallel ranks (every micro-batch routes as many slots).
         dropped [n_layers]: this rank's sums over micro-batches (zero for layers it lacks)."""
         if self.cfg.model.capacity_factor is None or not moe_layers:
             return {}

@@ -28,8 +28,8 @@ from tests.distributed.harness import run_distributed
 
 pytestmark = pytest.mark.slow
 P, B, S, STEP = 0.25, 2, 8, 5
-CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16,
-           dropout=P)
+CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+           max_seq_len=16, dropout=P)
 INDEPENDENT = 0.9  # agreement of two independent masks: 0.625 expected, sd ~0.02 on 512 elements
 LAYOUTS_4 = {
     "tp2_dp2": dict(tp=2),
@@ -43,7 +43,8 @@ def _same_heads(chunk) -> None:
     """Give every attention head (on every rank) the same q/k/v weights."""
     gen = torch.Generator().manual_seed(7)
     cfg = chunk.cfg
-    blocks = {w: torch.randn(cfg.dim_head, cfg.d_model, generator=gen) * 0.3 for w in ("wq", "wk", "wv")}
+    blocks = {w: torch.randn(cfg.dim_head, cfg.d_model, generator=gen) * 0.3
+              for w in ("wq", "wk", "wv")}
     with torch.no_grad():
         for block in chunk.layers.values():
             for name, value in blocks.items():
@@ -73,7 +74,8 @@ def _record(ctx: ParallelContext) -> dict:
 
     hooks = [m.register_forward_hook(on_dropout) for m in chunk.modules() if isinstance(m, Dropout)]
     first = chunk.layers[min(chunk.layers, key=int)]
-    hooks.append(first.attn.wo.register_forward_pre_hook(lambda m, args: heads.append(args[0].detach())))
+    on_heads = lambda m, args: heads.append(args[0].detach())  # noqa: E731 - wo's input
+    hooks.append(first.attn.wo.register_forward_pre_hook(on_heads))
     last = chunk.layers[max(chunk.layers, key=int)]
     hooks.append(last.register_forward_hook(lambda m, args, out: hidden.append(out[0].detach())))
     x = _inputs(chunk, ctx)
@@ -83,12 +85,13 @@ def _record(ctx: ParallelContext) -> dict:
     for hook in hooks:
         hook.remove()
     split = lambda t: t.view(B, S, -1, cfg.dim_head)  # noqa: E731 - [B, S, local heads, Dh]
-    return dict(coords=tuple(ctx.coords), masks=masks, heads=split(heads[0]), heads_eval=split(heads[1]),
-                hidden=hidden[0])
+    return dict(coords=tuple(ctx.coords), masks=masks, heads=split(heads[0]),
+                heads_eval=split(heads[1]), hidden=hidden[0])
 
 
 def dropout_worker(rank: int, world: int, layouts: dict) -> dict:
-    return {name: _record(ParallelContext.for_testing(rank, world, **kw)) for name, kw in layouts.items()}
+    return {name: _record(ParallelContext.for_testing(rank, world, **kw))
+            for name, kw in layouts.items()}
 
 
 def _coords(results: list[dict]) -> list[dict]:
@@ -124,17 +127,18 @@ def _check_residual(per_rank: list[dict], sp: bool) -> float:
             agree = _agreement(a["masks"][site], b["masks"][site])
             where = f"{site} on ranks {a['coords'].rank} and {b['coords'].rank}"
             if same_tp_group and not sp:
-                assert agree == 1.0, f"{where}: tp replicas dropped different elements ({agree:.3f})"
+                assert agree == 1.0, f"{where}: tp replicas dropped other elements ({agree:.3f})"
             else:
                 assert agree < INDEPENDENT, f"{where}: masks not independent ({agree:.3f} agree)"
         if same_tp_group and not sp:
-            assert torch.equal(a["hidden"], b["hidden"]), f"ranks {a['coords'].rank}, {b['coords'].rank}"
+            pair = f"ranks {a['coords'].rank}, {b['coords'].rank}"
+            assert torch.equal(a["hidden"], b["hidden"]), pair
     for r in per_rank:
         for mask in r["masks"].values():
             kept, total = kept + int(mask.sum()), total + mask.numel()
     rate = kept / total
     sd = (P * (1 - P) / total) ** 0.5
-    assert abs(rate - (1 - P)) < 5 * sd, f"keep rate {rate:.4f} over {total} elements, expected {1 - P}"
+    assert abs(rate - (1 - P)) < 5 * sd, f"keep rate {rate:.4f} over {total} elements, not {1 - P}"
     return rate
 
 
@@ -142,11 +146,11 @@ def test_single_process_reference_draws_independent_masks():
     """The reference the layouts are held to: one process, heads pairwise different, keep 1 - p."""
     (ref,) = _coords([_record(ParallelContext.single())])
     assert _check_heads([ref]) == CFG["n_heads"]
-    assert sorted(ref["masks"]) == ["embedding", "layers.0.attn_out", "layers.0.mlp_out", "layers.1.attn_out",
-                                    "layers.1.mlp_out"]
+    assert sorted(ref["masks"]) == ["embedding", "layers.0.attn_out", "layers.0.mlp_out",
+                                    "layers.1.attn_out", "layers.1.mlp_out"]
     _check_residual([ref], sp=False)
     pairs = list(itertools.combinations(ref["masks"].values(), 2))
-    assert all(_agreement(a, b) < INDEPENDENT for a, b in pairs)  # sites are independent of each other
+    assert all(_agreement(a, b) < INDEPENDENT for a, b in pairs)  # sites are mutually independent
 
 
 def test_dropout_masks_under_layouts_world4():

@@ -28,11 +28,12 @@ from train.data import write_token_file
 from train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
-MODEL = ["model.preset=tiny-moe", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
-         "model.expert_ffn_dim=32", "model.n_experts=4", "model.capacity_factor=1.0"]
+MODEL = ["model.preset=tiny-moe", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.ffn_dim=128", "model.expert_ffn_dim=32", "model.n_experts=4",
+         "model.capacity_factor=1.0"]
 CASES = {
-    "pp2_dp2_zero1_tied": ["model.n_layers=2", "model.tie_embeddings=true", "parallel.pp=2", "parallel.zero1=true",
-                           "parallel.stage_layers=[0,2]"],
+    "pp2_dp2_zero1_tied": ["model.n_layers=2", "model.tie_embeddings=true", "parallel.pp=2",
+                           "parallel.zero1=true", "parallel.stage_layers=[0,2]"],
     "pp2_vpp2_dp2": ["model.n_layers=4", "parallel.pp=2", "parallel.vpp=2"],
 }
 PARALLEL_KEYS = ("parallel.pp", "parallel.vpp", "parallel.zero1", "parallel.stage_layers")
@@ -41,10 +42,12 @@ STEPS = 3
 
 def _config(root: str, case: str, run: str, single: bool):
     extra = [o for o in CASES[case] if not (single and o.startswith(PARALLEL_KEYS))]
-    return load_config(None, [*MODEL, *extra, f"data.paths=[{root}/rand]", "data.seq_len=32", "training.precision=fp32",
-                              "training.device=cpu", "training.global_batch_size=8", "training.micro_batch_size=2",
-                              f"training.max_steps={STEPS}", "training.eval_interval=0", "schedule.warmup_steps=1",
-                              "optimizer.lr=3e-3", "logging.tensorboard=false", "checkpoint.interval=0",
+    return load_config(None, [*MODEL, *extra, f"data.paths=[{root}/rand]", "data.seq_len=32",
+                              "training.precision=fp32", "training.device=cpu",
+                              "training.global_batch_size=8", "training.micro_batch_size=2",
+                              f"training.max_steps={STEPS}", "training.eval_interval=0",
+                              "schedule.warmup_steps=1", "optimizer.lr=3e-3",
+                              "logging.tensorboard=false", "checkpoint.interval=0",
                               f"run_dir={root}/{case}/{run}"])
 
 
@@ -70,13 +73,15 @@ def _records(run_dir: Path) -> list[dict]:
 def _compare(case: str, root: Path) -> float:
     got, want = _records(root / case / "layout"), _records(root / case / "single")
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
-    keys = [k for k in want[0] if k in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "dropped_fraction")
-            or k.startswith("moe/")]
+    scalars = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "dropped_fraction")
+    keys = [k for k in want[0] if k in scalars or k.startswith("moe/")]
     assert any(k.endswith("/dropped_fraction") for k in keys) and len(keys) > 10, keys
     for k in keys:
-        assert [r[k] for r in got] == pytest.approx([r[k] for r in want], rel=1e-5, abs=1e-7), f"{case}: {k}"
+        expected = pytest.approx([r[k] for r in want], rel=1e-5, abs=1e-7)
+        assert [r[k] for r in got] == expected, f"{case}: {k}"
     assert len({r["loss"] for r in want}) == STEPS
-    (layout_ckpt,), (single_ckpt,) = (list_checkpoints(root / case / run / "checkpoints") for run in ("layout", "single"))
+    (layout_ckpt,), (single_ckpt,) = (list_checkpoints(root / case / run / "checkpoints")
+                                      for run in ("layout", "single"))
     layout_w, single_w = load_full_model_state(layout_ckpt), load_full_model_state(single_ckpt)
     assert sorted(layout_w) == sorted(single_w)
     err = max((layout_w[n] - w).abs().max().item() for n, w in single_w.items())
@@ -86,7 +91,8 @@ def _compare(case: str, root: Path) -> float:
 
 def test_trainer_pipeline_layouts_match_one_process(tmp_path):
     rng = np.random.default_rng(3)
-    write_token_file(tmp_path / "rand", [rng.integers(0, 256, 1000) for _ in range(50)], vocab_size=257)
+    docs = [rng.integers(0, 256, 1000) for _ in range(50)]
+    write_token_file(tmp_path / "rand", docs, vocab_size=257)
     per_rank = run_distributed(trainer_worker, 4, str(tmp_path), timeout=300)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -98,7 +104,8 @@ def test_trainer_pipeline_layouts_match_one_process(tmp_path):
         torch.set_num_threads(before)
     report = {case: _compare(case, tmp_path) for case in CASES}
     print({case: f"{err:.1e}" for case, err in report.items()})
-    zero = [r["pp2_dp2_zero1_tied"] for r in per_rank]  # ranks 0, 1: the embedding alone; 2, 3: the rest
-    assert [(r["n_params"], r["n_stepped"]) for r in zero[:2]] == [(1, 1), (1, 1)], zero  # exempt: both step it
-    assert all(r["zero"] and 1 < r["n_stepped"] < r["n_params"] for r in zero[2:]), zero  # owners step their share
+    zero = [r["pp2_dp2_zero1_tied"] for r in per_rank]  # ranks 0, 1: the embedding; 2, 3: the rest
+    # the embedding is exempt (both dp ranks step it); owners step their share of the rest
+    assert [(r["n_params"], r["n_stepped"]) for r in zero[:2]] == [(1, 1), (1, 1)], zero
+    assert all(r["zero"] and 1 < r["n_stepped"] < r["n_params"] for r in zero[2:]), zero
     assert [r["pp2_vpp2_dp2"]["n_params"] > 0 for r in per_rank] == [True] * 4
