@@ -137,6 +137,7 @@ class Decoder(nn.Module):
         self.activation_checkpointing = False
         self.recompute = "full"  # with activation_checkpointing: "full" or "selective" (see RECOMPUTE)
         ids = range(cfg.n_layers) if layer_ids is None else list(layer_ids)
+        self.rng_chunk = zlib.crc32(repr((pre, post, list(ids))).encode())  # its dropout key stream
         self.layers = nn.ModuleDict({str(i): Block(cfg, ctx, i) for i in ids})
         if pre:
             self.tok_emb = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.d_model, ctx)
@@ -173,7 +174,8 @@ class Decoder(nn.Module):
         routed slots over the whole step (model.aux_loss_scope=global_batch). `routing_only`: only
         what the routing statistics need - the last stage stops after its last MoE block, no head,
         no loss."""
-        drop_key = self.rng.next_key() if self.training and self.cfg.dropout > 0 else None
+        dropout = self.training and self.cfg.dropout > 0
+        drop_key = self.rng.next_key(self.rng_chunk) if dropout else None
         h = self.embed(x, drop_key) if self.pre else x
         if self.pre:  # the residual stream: float32 (fp32 training, model.fp32_residual) or bf16
             compute_dtype = autocast_dtype(h.device.type)

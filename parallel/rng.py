@@ -21,11 +21,13 @@ independent, as they are in one process, so every layout trains with the same di
 Where Megatron swaps generator states in and out (and must save and restore them around
 activation recompute), every mask here is drawn from a generator seeded afresh by
 
-    seed(stream, key, site) = mix(stream base, key, crc32(site)),   key = mix(step, call)
+    seed(stream, key, site) = mix(stream base, key, crc32(site)),   key = mix(step, chunk, call)
 
-`key` is taken once per Decoder forward (`ParallelRNG.next_key`) and passed *into* the blocks, so
-a recomputed block draws exactly the masks of its first forward, a resumed run draws those of the
-uninterrupted one, and nothing global is kept between calls. SDPA's fused attention dropout
+`key` is taken once per forward of a model chunk (`ParallelRNG.next_key`; `call` counts that
+chunk's forwards in the step) and passed *into* the blocks, so a recomputed block draws exactly
+the masks of its first forward, a resumed run draws those of the uninterrupted one, a second pass
+over the step's micro-batches (the global_batch routing count) draws those of the first once the
+step is restarted, and nothing global is kept between calls. SDPA's fused attention dropout
 draws from the device's default generator, so `DropoutKey.fork` reseeds that generator for the
 one call and restores its state afterwards.
 """
@@ -115,8 +117,9 @@ class ParallelRNG:
 
     One instance is shared by the chunks of a rank and passed to them explicitly. The trainer calls
     `start_step(step)` before each optimizer step; each training forward of a chunk then takes
-    `next_key()`, so the masks of step s, call c are a function of (seed, coordinates, s, c, site)
-    alone: reproducible after a resume and independent of everything else the run has drawn.
+    `next_key(chunk)`, so the masks of step s, the c-th forward of a chunk are a function of
+    (seed, coordinates, s, chunk, c, site) alone: reproducible after a resume, the same in any
+    schedule's order of chunk calls, and independent of everything else the run has drawn.
     """
 
     def __init__(self, seed: int, ctx):
@@ -124,15 +127,16 @@ class ParallelRNG:
         self.coords = {"pp": ctx.pp_rank, "dp": ctx.dp_rank, "tp": ctx.tp_rank}
         self.bases = {REPLICATED: mix(self.seed, 1, ctx.pp_rank, ctx.dp_rank),
                       TP_LOCAL: mix(self.seed, 2, ctx.pp_rank, ctx.dp_rank, ctx.tp_rank)}
-        self.step, self.calls = 0, 0
+        self.step, self.calls = 0, {}  # calls: chunk id -> forwards of that chunk in this step
 
     def start_step(self, step: int) -> None:
-        self.step, self.calls = int(step), 0
+        self.step, self.calls = int(step), {}
 
-    def next_key(self) -> DropoutKey:
-        """The key for the next forward pass (one per chunk forward; recomputes reuse it)."""
-        call = mix(self.step, self.calls)
-        self.calls += 1
+    def next_key(self, chunk: int = 0) -> DropoutKey:
+        """The key for the next forward of `chunk` (the model chunk's id); recomputes reuse it."""
+        n = self.calls.get(chunk, 0)
+        self.calls[chunk] = n + 1
+        call = mix(self.step, chunk, n)
         return DropoutKey(mix(self.bases[REPLICATED], call), mix(self.bases[TP_LOCAL], call))
 
     def __repr__(self) -> str:

@@ -169,6 +169,19 @@ def test_resume_with_dropout_draws_the_uninterrupted_runs_masks(tmp_path, tokens
     assert a[1] != no_dropout.train()["loss"]  # dropout was live
 
 
+def test_global_batch_routing_count_draws_the_training_passes_dropout(tmp_path, tokens):
+    """model.aux_loss_scope=global_batch counts the step's routing in a no-grad pre-pass. With
+    dropout on, the training pass must draw the pre-pass's masks, or the counted loads (the f of
+    the balance loss) are not the step's: they equal the training pass's own, step after step."""
+    t = make_trainer(make_cfg(tmp_path, tokens, "model.dropout=0.2",
+                              "model.aux_loss_scope=global_batch"))
+    for _ in range(2):
+        s = t.train_step()
+        assert sorted(t.step_loads) == sorted(s["loads"]) == [0, 1]
+        for layer, counted in t.step_loads.items():
+            assert torch.equal(counted.long(), s["loads"][layer]), layer
+
+
 def test_resume_auto_without_checkpoints_starts_from_scratch(tmp_path, tokens):
     t = make_trainer(make_cfg(tmp_path, tokens, "checkpoint.resume=auto"))
     assert t.step == 0

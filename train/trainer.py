@@ -183,13 +183,19 @@ class Trainer:
         means over micro-batches, summed over pipeline stages (not yet averaged over dp)."""
         batch = self.train_data.next_batch().to(self.device, non_blocking=True)
         micro = batch.split(self.cfg.training.micro_batch_size)
-        for chunk in self.chunks:  # dropout masks are a function of (seed, coordinates, step, call)
-            chunk.rng.start_step(self.step)
+        self._start_dropout_step()
         with self._autocast():
             self._count_step_loads([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
+            self._start_dropout_step()  # the training pass redraws the counting pass's masks
             result = self.executor.step([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
         self.optimizer.finish()
         return self._step_stats(result)
+
+    def _start_dropout_step(self) -> None:
+        """Dropout masks are a function of (seed, coordinates, step, chunk, forward call): start
+        counting this step's forward calls (parallel/rng.py)."""
+        for chunk in self.chunks:
+            chunk.rng.start_step(self.step)
 
     def _count_step_loads(self, inputs, targets) -> None:
         """The global_batch balance loss needs the step's routed slots per expert F before the first
