@@ -82,8 +82,8 @@ class ModelConfig:
     expert_ffn_dim: int | None = None     # expert MLP width; None = ffn_dim
     shared_expert_ffn_dim: int = 0        # width of an always-on shared expert added to the routed output; 0 = none
     capacity_factor: float | None = None  # None = dropless; else each expert keeps ceil(cf*T*k/E) slots, drops the rest
-    aux_loss_coef: float = 0.01           # Switch/GShard load-balancing loss weight
-    z_loss_coef: float = 1e-3             # router z-loss weight (ST-MoE)
+    aux_loss_coef: float = 0.01           # Switch/GShard load-balancing loss weight, applied in every MoE layer; the layers' losses are summed (each equals the coefficient at perfect balance)
+    z_loss_coef: float = 1e-3             # router z-loss weight (ST-MoE), per MoE layer, summed over layers like aux_loss_coef
     expert_backend: str = "grouped_mm"    # grouped_mm | padded | loop (fp32 reference) | megablocks (optional)
     forced_routing_imbalance: float | None = None  # None = learned routing; 1 = every expert its fair share (benchmarks); F > 1 = busiest expert at F x its share (worst-case sizing)
     shared_expert_gate: bool = False      # scale the shared expert's output per token by sigmoid(x . w_gate) (HF Qwen2-MoE shared_expert_gate); needs shared_expert_ffn_dim > 0

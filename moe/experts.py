@@ -108,8 +108,9 @@ class Experts(nn.Module):
         return torch.cat(outs).to(x.dtype)
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype != torch.bfloat16:
-            if not getattr(self, "_warned", False):
+        compiling = torch.compiler.is_compiling()  # grouped_mm's compile-time kernel: bf16 only
+        if x.dtype != torch.bfloat16 and (x.is_cuda or compiling):
+            if not compiling and not getattr(self, "_warned", False):
                 warnings.warn("grouped_mm on CUDA needs bf16 activations; float32 falls back to the padded backend")
                 self._warned = True
             return self.forward_padded(x, counts, None)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from parallel.context import ParallelContext
 from parallel.layout import Split
+from parallel.rng import REPLICATED, TP_LOCAL, DropoutKey
 from parallel.tensor import ColumnParallelLinear, ParallelRMSNorm, RowParallelLinear, \
     enter_tp_region, fused_column_linear
 
@@ -139,6 +140,31 @@ def sinusoidal_table(seq_len: int, dim: int) -> torch.Tensor:
     return table
 
 
+# ---------------------------------------------------------------- dropout
+class Dropout(nn.Module):
+    """Inverted dropout whose mask comes from the layout-aware streams of parallel/rng.py.
+
+    `sharded`: each tp rank holds different elements of the activation (sequence parallelism), so
+    its masks must differ from the other tp ranks'; otherwise every tp rank holds the whole
+    activation and must drop the same elements, or the replicas would drift apart.
+    """
+
+    def __init__(self, p: float, sharded: bool):
+        super().__init__()
+        self.p, self.stream = p, TP_LOCAL if sharded else REPLICATED
+
+    def forward(self, x: torch.Tensor, key: DropoutKey | None, site: str) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if key is None:
+            raise ValueError(f"dropout at {site} needs a DropoutKey (ParallelRNG.next_key()): run "
+                             f"blocks through Decoder.forward, or set model.dropout=0")
+        return key.dropout(x, self.p, self.stream, site)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, stream={self.stream}"
+
+
 # ---------------------------------------------------------------- attention
 def banded_causal_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
     """Boolean [S, S], True where query i may attend key j: i - window < j <= i."""
@@ -158,6 +184,7 @@ class Attention(nn.Module):
         self.kv_local = cfg.kv_heads // ctx.tp
         self.dh = cfg.dim_head
         self.window = cfg.local_window if cfg.is_local_layer(layer_idx) else None
+        self.site = f"layers.{layer_idx}.attn.probs"
         self.interleaved = cfg.rope_interleaved
         self.dropout = cfg.dropout
         qkv_bias = cfg.use_qkv_bias
@@ -169,7 +196,8 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = make_qk_norms(cfg, ctx)
         self.clip = cfg.qkv_clip
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                key: DropoutKey | None = None) -> torch.Tensor:
         x = enter_tp_region(x, self.wq.group, self.wq.sequence_parallel)  # one gather for q, k and v
         B, S = x.shape[:2]  # under sequence parallelism S is now the full sequence
         qkv = fused_column_linear(x, [self.wq, self.wk, self.wv])  # one GEMM: [B, S, (H + 2K) Dh]
@@ -180,13 +208,24 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Dh], [B, K, S, Dh]
         v = v.view(B, S, self.kv_local, self.dh).transpose(1, 2)
         p = self.dropout if self.training else 0.0
+        if p > 0.0:  # this rank's heads: masks independent of every other rank's (tp_local stream)
+            if key is None:
+                raise ValueError(f"attention dropout at {self.site} needs a DropoutKey: run blocks "
+                                 f"through Decoder.forward, or set model.dropout=0")
+            with key.fork(TP_LOCAL, self.site, x.device):
+                y = self._sdpa(q, k, v, p)
+        else:
+            y = self._sdpa(q, k, v, p)
+        return self.wo(y.transpose(1, 2).reshape(B, S, self.h_local * self.dh))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+        """Causal (or banded) SDPA of q [B, H, S, Dh] over k, v [B, K, S, Dh] -> [B, H, S, Dh]."""
         gqa = self.kv_local != self.h_local
         if self.window is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
-        else:
-            mask = banded_causal_mask(S, self.window, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, S, self.h_local * self.dh))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
+                                                  enable_gqa=gqa)
+        mask = banded_causal_mask(q.shape[2], self.window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
 
     def _norm_and_clip(self, q, k, v, B: int, S: int):
         """q, k as [B, S, heads, Dh] after the q/k norms (over the whole projection before the head

@@ -23,11 +23,12 @@ from parallel.context import ParallelContext, check_divisible
 from parallel.fp8 import Float8Recipe, check_float8_shape
 from parallel.kernels import autocast_dtype
 from parallel.layout import ParamLayout, param_layouts
+from parallel.rng import DropoutKey, ParallelRNG
 from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                              copy_to_tp, vocab_parallel_cross_entropy)
 
 from .config import ModelConfig
-from .layers import Attention, DenseMLP, make_norm, rope_cos_sin, sinusoidal_table
+from .layers import Attention, DenseMLP, Dropout, make_norm, rope_cos_sin, sinusoidal_table
 from .moe_layer import MoELayer, MoEStats
 
 
@@ -75,23 +76,34 @@ class Block(nn.Module):
             self.attn_out_norm = self.mlp_out_norm = nn.Identity()
         self.attn = Attention(cfg, ctx, idx)
         self.mlp = MoELayer(cfg, ctx) if cfg.is_moe_layer(idx) else DenseMLP(cfg, ctx)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, sharded=ctx.sequence_parallel and ctx.tp > 1)
+        self.site = f"layers.{idx}"
 
     def forward(self, x, rope, aux_grad_scale: float, global_counts: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, MoEStats | None]:
+                key: DropoutKey | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """`key`: this forward's dropout seeds (from Decoder.forward; None when not training)."""
+        a_site, m_site = f"{self.site}.attn_out", f"{self.site}.mlp_out"
         if self.pre:
-            x = x + self.drop(self.attn_out_norm(self.attn(self.attn_norm(x), rope)))
+            a = self.attn_out_norm(self.attn(self.attn_norm(x), rope, key))
+            x = x + self.drop(a, key, a_site)
             m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale, global_counts)
-            return x + self.drop(self.mlp_out_norm(m)), stats
+            return x + self.drop(self.mlp_out_norm(m), key, m_site), stats
         dtype = x.dtype  # LayerNorm runs in float32 under autocast: keep the stream's dtype
-        x = self.attn_norm(x + self.drop(self.attn(x, rope))).to(dtype)
+        x = self.attn_norm(x + self.drop(self.attn(x, rope, key), key, a_site)).to(dtype)
         m, stats = self._mlp(x, aux_grad_scale, global_counts)
-        return self.mlp_norm(x + self.drop(m)).to(dtype), stats
+        return self.mlp_norm(x + self.drop(m, key, m_site)).to(dtype), stats
 
     def _mlp(self, x, aux_grad_scale, global_counts=None):
         if isinstance(self.mlp, MoELayer):
             return self.mlp(x, aux_grad_scale, global_counts)
         return self.mlp(x), None
+
+
+def _is_placeholder(model: nn.Module) -> bool:
+    """True when the parameters hold no data yet (meta device, or fake tensors of a simulation)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(p.is_meta or is_fake(p) for p in model.parameters())
 
 
 def validate_layout(cfg: ModelConfig, ctx: ParallelContext) -> None:
@@ -111,15 +123,23 @@ def validate_layout(cfg: ModelConfig, ctx: ParallelContext) -> None:
 
 
 class Decoder(nn.Module):
+    """Built on a real device, a Decoder initialises itself (init_weights(seed), the same weights
+    as build_model(cfg, ctx, seed)); built on the meta device it is left for build_empty /
+    build_model to materialise. `rng` draws the dropout masks (parallel/rng.py); chunks of one
+    rank share one, and by default it is seeded with `seed`."""
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None, layer_ids: Iterable[int] | None = None,
-                 pre: bool = True, post: bool = True):
+                 pre: bool = True, post: bool = True, *, seed: int = 0,
+                 rng: ParallelRNG | None = None):
         super().__init__()
         ctx = ctx or ParallelContext.single()
         validate_layout(cfg, ctx)
         self.cfg, self.ctx, self.pre, self.post = cfg, ctx, pre, post
+        self.rng = rng if rng is not None else ParallelRNG(seed, ctx)
         self.activation_checkpointing = False
         self.recompute = "full"  # with activation_checkpointing: "full" or "selective" (see RECOMPUTE)
         ids = range(cfg.n_layers) if layer_ids is None else list(layer_ids)
+        self.rng_chunk = zlib.crc32(repr((pre, post, list(ids))).encode())  # its dropout key stream
         self.layers = nn.ModuleDict({str(i): Block(cfg, ctx, i) for i in ids})
         if pre:
             self.tok_emb = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.d_model, ctx)
@@ -127,11 +147,13 @@ class Decoder(nn.Module):
                 self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
             elif cfg.positions == "sinusoidal":
                 self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
-            self.emb_drop = nn.Dropout(cfg.dropout)
+            self.emb_drop = Dropout(cfg.dropout, sharded=ctx.sequence_parallel and ctx.tp > 1)
         if post:
             self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
             if not (cfg.tie_embeddings and pre):
                 self.head = ColumnParallelLinear(cfg.d_model, cfg.padded_vocab_size, False, ctx)
+        if not _is_placeholder(self):
+            self.init_weights(seed)
 
     def tied_params(self) -> dict[str, str | None]:
         """A tied embedding split over pipeline stages (parallel/layout.py): the last stage's head
@@ -154,7 +176,9 @@ class Decoder(nn.Module):
         routed slots over the whole step (model.aux_loss_scope=global_batch). `routing_only`: only
         what the routing statistics need - the last stage stops after its last MoE block, no head,
         no loss."""
-        h = self.embed(x) if self.pre else x
+        dropout = self.training and self.cfg.dropout > 0
+        drop_key = self.rng.next_key(self.rng_chunk) if dropout else None
+        h = self.embed(x, drop_key) if self.pre else x
         if self.pre:  # the residual stream: float32 (fp32 training, model.fp32_residual) or bf16
             compute_dtype = autocast_dtype(h.device.type)
             h = h.float() if self.cfg.fp32_residual or compute_dtype is None else h.to(compute_dtype)
@@ -164,10 +188,11 @@ class Decoder(nn.Module):
             counts = (global_loads or {}).get(int(key))
             if self.activation_checkpointing and self.training:
                 extra = {"context_fn": selective_recompute_context} if self.recompute == "selective" else {}
-                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, use_reentrant=False,
+                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, drop_key,
+                                      use_reentrant=False,
                                       **extra)
             else:
-                h, stats = block(h, rope, aux_grad_scale, counts)
+                h, stats = block(h, rope, aux_grad_scale, counts, drop_key)
             if stats is not None:
                 out.moe[int(key)] = stats
         if out.moe:
@@ -192,7 +217,7 @@ class Decoder(nn.Module):
             blocks = blocks[:moe[-1] + 1] if moe else []
         return blocks
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, key: DropoutKey | None = None) -> torch.Tensor:
         if tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         h = self.tok_emb(tokens)  # [B, S(/tp under sequence parallelism), D]
@@ -200,7 +225,7 @@ class Decoder(nn.Module):
             start = self.ctx.tp_rank * h.shape[1] if self.ctx.sequence_parallel and self.ctx.tp > 1 else 0
             pos = torch.arange(start, start + h.shape[1], device=h.device)
             h = h + (self.pos_emb(pos) if self.cfg.positions == "learned" else self.pos_table[pos].to(h.dtype))
-        return self.emb_drop(h)
+        return self.emb_drop(h, key, "embedding")
 
     def _rope(self, h: torch.Tensor):
         seq = h.shape[1] * (self.ctx.tp if self.ctx.sequence_parallel and self.ctx.tp > 1 else 1)
@@ -364,7 +389,7 @@ def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, seed: int 
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "meta":
         with device:
-            return Decoder(cfg, ctx, **stage)
-    model = build_empty(cfg, ctx, device, **stage)  # no throw-away random init inside the layers
+            return Decoder(cfg, ctx, seed=seed, **stage)
+    model = build_empty(cfg, ctx, device, seed=seed, **stage)  # no throw-away init in the layers
     model.init_weights(seed)
     return model

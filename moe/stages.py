@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from parallel.context import ParallelContext
 from parallel.partition import check_partition, partition_layers
+from parallel.rng import ParallelRNG
 
 from .config import ModelConfig
 from .model import Decoder, DecoderOutput, build_model
@@ -108,11 +109,11 @@ def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[l
         raise ValueError(f"partition has {len(partition)} virtual stages but parallel.pp * parallel.vpp is "
                          f"{n_stages}: build it with plan_stages(cfg, pp, vpp, seq_len)")
     check_partition(partition, cfg.n_layers)
-    chunks = []
+    chunks, rng = [], ParallelRNG(seed, ctx)  # one dropout tracker for all of this rank's chunks
     for c in range(ctx.vpp):
         v = c * ctx.pp + ctx.pp_rank
         chunks.append(build_model(cfg, ctx, seed=seed, device=device, layer_ids=partition[v],
-                                  pre=v == 0, post=v == n_stages - 1))
+                                  pre=v == 0, post=v == n_stages - 1, rng=rng))
     return chunks
 
 
@@ -144,21 +145,24 @@ def merge_stage_stats(infos: list[list[DecoderOutput]], n_layers: int, n_experts
                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Sum this rank's chunk statistics over chunks and micro-batches, on `device` (no host sync):
     aux_loss, z_loss, dropped (summed dropped fractions over MoE layers and micro-batches),
-    aux_layers [n_layers] (each layer's balance loss) and loads [n_layers, n_experts] (tokens per
-    expert), zero for layers this rank lacks, so the caller can all-reduce them over pipeline
-    ranks as they are and divide by n_micro."""
+    aux_layers [n_layers] (each layer's balance loss), dropped_layers [n_layers] (each layer's
+    dropped fractions) and loads [n_layers, n_experts] (tokens per expert), zero for layers this
+    rank lacks, so the caller can all-reduce them over pipeline ranks as they are and divide by
+    n_micro."""
     aux, z, dropped = (torch.zeros((), device=device) for _ in range(3))
     aux_layers = torch.zeros(n_layers, device=device)
     loads = torch.zeros(n_layers, max(n_experts, 1), device=device)
+    dropped_layers = torch.zeros(n_layers, device=device)
     for per_micro in infos:
         for out in per_micro:
             aux, z = aux + out.aux_loss.float().to(device), z + out.z_loss.float().to(device)
             for layer, stats in out.moe.items():
                 dropped = dropped + stats.dropped_fraction.to(device)
                 aux_layers[layer] += stats.aux_loss.float().to(device)
+                dropped_layers[layer] += stats.dropped_fraction.to(device)
                 loads[layer] += stats.tokens_per_expert.to(device)
     return {"aux_loss": aux, "z_loss": z, "dropped": dropped, "aux_layers": aux_layers,
-            "loads": loads}
+            "loads": loads, "dropped_layers": dropped_layers}
 
 
 # ---------------------------------------------------------------------------------------------

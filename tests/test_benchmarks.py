@@ -16,6 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import moe_layer, train_step
 from benchmarks.moe_layer import DenseChain, NaiveMoE, Shape, build_layer
+from moe.model import Decoder
+from moe.moe_layer import MoELayer
 
 SMOKE_LABEL = "T=64 d=32 f=16 E=4 k=2"
 
@@ -65,6 +67,71 @@ def test_moe_layer_smoke_prints_table_and_json(tmp_path, capsys):
         assert cells[name] == pytest.approx(case["tflops"], rel=5e-3)  # printed to 3 significant digits
     best = max(run["cases"][b]["tflops"] for b in backends)
     assert cells["best / limit (%)"] == pytest.approx(100 * best / run["cases"]["dense limit"]["tflops"], rel=5e-3)
+
+
+class FakeClock:
+    """The benchmarks' timer reads this clock, which moves only when `advance` is called: the
+    measured times are then exactly the work a test declares inside the timed region."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _costly(forward, clock: FakeClock, fwd_s: float, bwd_s: float):
+    """`forward` that costs fwd_s on the clock, and bwd_s when its output's gradient arrives."""
+
+    def costly(self, *args, **kwargs):
+        clock.advance(fwd_s)
+        out = forward(self, *args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+        if y is not None and y.requires_grad:
+            y.register_hook(lambda g: clock.advance(bwd_s))
+        return out
+
+    return costly
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    import benchmarks
+
+    fake = FakeClock()
+    monkeypatch.setattr(benchmarks, "time", fake)
+    return fake
+
+
+def test_moe_layer_timer_covers_forward_and_backward(monkeypatch, clock):
+    """An independent clock: a MoELayer forward costing 20 ms and its backward 30 ms make our
+    backend's median exactly 50 ms, and TFLOP/s follow from it; the naive loop (4 + 6 ms) and the
+    dense limit (1 + 2 ms) are timed on their own."""
+    monkeypatch.setattr(MoELayer, "forward", _costly(MoELayer.forward, clock, 0.02, 0.03))
+    monkeypatch.setattr(NaiveMoE, "forward", _costly(NaiveMoE.forward, clock, 0.004, 0.006))
+    monkeypatch.setattr(DenseChain, "forward", _costly(DenseChain.forward, clock, 0.001, 0.002))
+    argv = ["--smoke", "--backends", "grouped_mm", "--iters", "3", "--warmup", "1"]
+    run = moe_layer.main(argv)["runs"][0]
+    cases = run["cases"]
+    ms = [cases[c]["ms"] for c in ("grouped_mm", "naive loop", "dense limit")]
+    assert ms == pytest.approx([50.0, 10.0, 3.0])
+    assert cases["grouped_mm"]["tflops"] == pytest.approx(run["expert_flops"] / 0.05 / 1e12)
+
+
+def test_train_step_timer_covers_forward_backward_and_clip(monkeypatch, clock):
+    """A Decoder forward costing 20 ms, its backward 30 ms and the gradient clip 15 ms make the
+    step exactly 65 ms, and tok/s the step's B x S tokens over it."""
+    monkeypatch.setattr(Decoder, "forward", _costly(Decoder.forward, clock, 0.02, 0.03))
+    clip = train_step.clip_grad_norm_
+    costly_clip = lambda *a, **k: (clock.advance(0.015), clip(*a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(train_step, "clip_grad_norm_", costly_clip)
+    result = train_step.main(["--smoke", "--configs", "moe-16x", "--steps", "3", "--warmup", "1"])
+    (row,) = result["results"][0]["rows"]
+    assert row["ms"] == pytest.approx(65.0), row
+    assert row["tokens_per_s"] == pytest.approx(2 * 32 / 0.065), row
 
 
 def test_moe_layer_amp_and_bf16_tables_on_cpu(capsys):

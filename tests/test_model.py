@@ -181,3 +181,22 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(preset, reco
     assert grads0.keys() == grads1.keys()
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_decoder_built_directly_initialises_itself():
+    """Decoder(cfg) is a usable model: every weight (experts, router and shared expert included)
+    is the layout-independent init of build_model with the same seed, not torch.empty memory."""
+    from moe.model import Decoder
+
+    cfg = get_preset("tiny-moe", n_layers=2, shared_expert_ffn_dim=64)
+    for seed in (0, 5):
+        plain, built = Decoder(cfg, seed=seed), build_model(cfg, seed=seed)
+        for (name, a), (_, b) in zip(plain.named_parameters(), built.named_parameters()):
+            assert torch.equal(a, b), name
+    names = {n for n, _ in plain.named_parameters()}
+    assert {"layers.1.mlp.experts.w_in", "layers.1.mlp.router.weight",
+            "layers.1.mlp.shared.w1.weight"} <= names
+    tokens = _tokens(cfg)
+    assert torch.isfinite(Decoder(cfg)(tokens[:, :-1], tokens[:, 1:]).loss)
+    with torch.device("meta"):
+        assert Decoder(cfg).layers["0"].mlp.router.weight.is_meta  # placeholders stay uninitialised

@@ -155,6 +155,33 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, tokens):
         assert torch.equal(value, final_b[name]), name
 
 
+def test_resume_with_dropout_draws_the_uninterrupted_runs_masks(tmp_path, tokens):
+    """Dropout masks are a function of (seed, coordinates, step, call): a run resumed at step 2
+    draws exactly the masks of the uninterrupted run and reproduces its losses bit for bit."""
+    common = ["model.dropout=0.2", "training.max_steps=4", "schedule.decay_steps=4",
+              "checkpoint.interval=2"]
+    make_trainer(make_cfg(tmp_path, tokens, *common, run="a")).train()
+    make_trainer(make_cfg(tmp_path, tokens, *common, "training.max_steps=2", run="b")).train()
+    make_trainer(make_cfg(tmp_path, tokens, *common, "checkpoint.resume=auto", run="b")).train()
+    no_dropout = make_trainer(make_cfg(tmp_path, tokens, "training.max_steps=1", run="c"))
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert [b[s] for s in (3, 4)] == [a[s] for s in (3, 4)]
+    assert a[1] != no_dropout.train()["loss"]  # dropout was live
+
+
+def test_global_batch_routing_count_draws_the_training_passes_dropout(tmp_path, tokens):
+    """model.aux_loss_scope=global_batch counts the step's routing in a no-grad pre-pass. With
+    dropout on, the training pass must draw the pre-pass's masks, or the counted loads (the f of
+    the balance loss) are not the step's: they equal the training pass's own, step after step."""
+    t = make_trainer(make_cfg(tmp_path, tokens, "model.dropout=0.2",
+                              "model.aux_loss_scope=global_batch"))
+    for _ in range(2):
+        s = t.train_step()
+        assert sorted(t.step_loads) == sorted(s["loads"]) == [0, 1]
+        for layer, counted in t.step_loads.items():
+            assert torch.equal(counted.long(), s["loads"][layer]), layer
+
+
 def test_resume_auto_without_checkpoints_starts_from_scratch(tmp_path, tokens):
     t = make_trainer(make_cfg(tmp_path, tokens, "checkpoint.resume=auto"))
     assert t.step == 0
@@ -275,7 +302,6 @@ def test_metrics_jsonl_and_tensorboard(tmp_path, tokens):
         assert keys <= set(r), keys - set(r)
         assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"] + r["z_loss"], rel=1e-9)
         assert r["tokens_per_s"] > 0 and r["memory_gb"] > 0 and r["grad_norm"] > 0
-        assert r["moe/layer0/load_max"] >= 1.0 >= r["moe/layer0/load_min"] >= 0.0
     # lr of 0-based step i: warmup 3e-4 * (i + 1) / 2 for i < 2, then cosine from 3e-4 to 3e-5 over steps 2..4
     cosine = [3e-5 + 0.5 * 2.7e-4 * (1 + math.cos(math.pi * (i - 2) / 2)) for i in (2, 3)]
     assert [r["lr"] for r in train] == pytest.approx([1.5e-4, 3e-4, *cosine])
@@ -302,6 +328,85 @@ def test_metrics_jsonl_and_tensorboard(tmp_path, tokens):
     for tag in ("train/lm_loss", "train/aux_loss", "train/z_loss", "train/lr", "train/grad_norm",
                 "train/tokens_per_s", "train/memory_gb"):
         assert tag in tags["scalars"], tag
+
+
+def _route_recorder(trainer: Trainer) -> tuple[dict, dict]:
+    """Forward hooks on every MoE layer: each call's routed expert ids and dropped fraction."""
+    routed, dropped = {}, {}
+
+    def record(layer: int):
+        def on_router(m, args, out):
+            routed.setdefault(layer, []).append(out.experts.detach().clone())  # [T, k]
+
+        def on_layer(m, args, out):
+            dropped.setdefault(layer, []).append(float(out[1].dropped_fraction))
+        return on_router, on_layer
+
+    for key, block in trainer.model.layers.items():
+        on_router, on_layer = record(int(key))
+        block.mlp.router.register_forward_hook(on_router)
+        block.mlp.register_forward_hook(on_layer)
+    return routed, dropped
+
+
+def test_expert_load_figures_and_pictures_match_the_routers_choices(tmp_path, tokens):
+    """Every logged load figure is checked against the experts the routers really chose (forward
+    hooks, counted here with bincount): the tokens-per-expert histograms, load_max / load_min /
+    load_cv / experts_under_half per layer and step, the per-layer dropped fraction in capacity
+    mode, the descriptions TensorBoard shows, and one picture per logging window (2 steps) whose
+    every cell has the colour of that expert's share of its layer's tokens over the window."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.expert_load import DESCRIPTIONS
+
+    t = make_trainer(make_cfg(tmp_path, tokens, "logging.tensorboard=true", "logging.interval=2",
+                              "model.capacity_factor=1.0", "model.n_experts=8"))
+    routed, dropped = _route_recorder(t)
+    t.train()
+    n_micro, steps, E = t.n_micro, 4, 8
+    def per_step(calls: list[torch.Tensor]) -> np.ndarray:  # [steps, E] routed slots per expert
+        chosen = [torch.cat(calls[s * n_micro:(s + 1) * n_micro]).flatten().numpy()
+                  for s in range(steps)]
+        return np.stack([np.bincount(c, minlength=E) for c in chosen])
+
+    counts = {layer: per_step(calls) for layer, calls in routed.items()}
+    records = [r for r in read_jsonl(tmp_path / "run") if "split" not in r]
+    sizes = {"scalars": 0, "histograms": 0, "images": 0}  # keep every event
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance=sizes)
+    ea.Reload()
+    for layer, c in counts.items():
+        mean = c.mean(axis=1)
+        want = {"load_max": c.max(axis=1) / mean, "load_min": c.min(axis=1) / mean,
+                "load_cv": c.std(axis=1) / mean,
+                "experts_under_half": (c < mean[:, None] / 2).mean(axis=1),
+                "dropped_fraction": np.array(dropped[layer]).reshape(steps, n_micro).mean(axis=1)}
+        for name, values in want.items():
+            tag = f"moe/layer{layer}/{name}"
+            expected = pytest.approx(values.tolist(), rel=1e-6, abs=1e-9)
+            assert [r[tag] for r in records] == expected, tag
+            assert ea.SummaryMetadata(tag).summary_description == DESCRIPTIONS[name]
+        events = ea.Histograms(f"moe/layer{layer}/tokens_per_expert")
+        hists = [np.asarray(h.histogram_value.bucket) for h in events]
+        assert np.array_equal(np.stack(hists), c)
+    assert any(r["moe/layer0/dropped_fraction"] > 0 for r in records)  # capacity 1.0 dropped slots
+    _check_pictures(ea.Images("moe/expert_load"), counts, window=2)
+
+
+def _check_pictures(images: list, counts: dict[int, np.ndarray], window: int) -> None:
+    """One picture per window of steps; each cell the colour of the expert's share of its layer's
+    routed slots summed over the window (counts: layer -> [steps, E])."""
+    from tests.test_expert_load import cell_colors, decode_png
+    from train.expert_load import ratio_colors
+
+    n_steps, E = next(iter(counts.values())).shape
+    assert [im.step for im in images] == list(range(window, n_steps + 1, window))
+    layers = sorted(counts)
+    for im in images:
+        summed = np.stack([counts[layer][im.step - window:im.step].sum(axis=0) for layer in layers])
+        img = decode_png(im.encoded_image_string)
+        assert img.shape == (im.height, im.width, 3)
+        expected = ratio_colors(summed * E / summed.sum(axis=1, keepdims=True))  # [L, E, 3]
+        assert np.array_equal(cell_colors(img, layers, E), expected)
 
 
 def test_no_tensorboard_when_disabled(tmp_path, tokens):

@@ -32,7 +32,8 @@ Choices:
   of the parameters its optimizer updates (all of them, or only its owned ones under ZeRO-1, plus
   what Zero1 exempts, e.g. tied-embedding replicas, which every rank updates and saves).
 * RNG state is per rank: restored only when the saved layout equals this run's (bit-exact resume);
-  after a layout change the run keeps its seeded RNG (only dropout draws depend on it).
+  after a layout change the run keeps its seeded RNG. Dropout masks do not depend on it: they are
+  drawn from (seed, coordinates, step) streams (parallel/rng.py), so they follow the step count.
 * Atomic: everything is written under step_XXXXXXXX.tmp/ and renamed after a barrier; meta.json,
   written last, marks a checkpoint complete.
 * Verified: each rank computes the CRC-32 of the files it wrote; rank 0 records them all, with each

@@ -40,7 +40,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     paths: list = field(default_factory=lambda: ["stdlib"])  # token-file prefixes (from launchers/preprocess.py) or "stdlib"
-    weights: list | None = None       # blend weights, one per path; None = equal
+    weights: list | None = None       # blend weights, one per path; None = in proportion to each file's number of seq_len windows (as if the files were concatenated)
     tokenizer: str = "byte"           # byte | path to a HF tokenizer.json (must match the token files)
     seq_len: int = 256                # tokens per training sequence
     valid_fraction: float = 0.02      # last fraction of each file held out for validation
@@ -102,6 +102,7 @@ class LoggingConfig:
     interval: int = 10                # steps between console lines
     tensorboard: bool = True          # write <run_dir>/tb/
     histograms: bool = True           # per-layer tokens-per-expert histograms in TensorBoard
+    expert_load_images: bool = True   # every logging.interval steps, a picture of all MoE layers x experts (share of routed tokens over those steps) in TensorBoard
 
 
 @dataclass

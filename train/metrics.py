@@ -1,8 +1,10 @@
 """Step metrics -> console line, TensorBoard (<run_dir>/tb/) and <run_dir>/metrics.jsonl.
 
 Only the logging rank writes. Every step appends one JSON object; the same scalars go to TensorBoard,
-plus per-MoE-layer expert-load max/min (as a multiple of the balanced load) and tokens-per-expert
-histograms.
+plus per-MoE-layer expert-load figures (train/expert_load.py: max and min as a multiple of the fair
+share, coefficient of variation, experts under half their share, dropped fraction in capacity mode;
+each TensorBoard tag carries its description), tokens-per-expert histograms, and every
+`image_interval` steps one picture of all MoE layers x experts over the steps since the last one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .expert_load import DESCRIPTIONS, image_summary, load_image, load_stats, scalar_summary
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; unknown devices (and CPUs) report no MFU.
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
@@ -52,20 +56,17 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
     return flops_per_token(n, cfg.n_layers, cfg.n_heads * cfg.dim_head, seq_len)
 
 
-def expert_load(tokens_per_expert: torch.Tensor) -> tuple[float, float]:
-    """(max, min) expert load as a multiple of the perfectly balanced load (1.0 = balanced)."""
-    t = tokens_per_expert.float()
-    mean = t.mean().clamp(min=1e-9)
-    return float(t.max() / mean), float(t.min() / mean)
-
-
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True,
-                 histograms: bool = True, purge_step: int | None = None):
+                 histograms: bool = True, purge_step: int | None = None, image_interval: int = 0,
+                 top_k: int | None = None):
         """purge_step: a resumed run's first step; TensorBoard hides the events an earlier attempt
         logged at and after it, so resumed curves never overlap (train/rundir.py)."""
         self.enabled = enabled
         self.histograms = histograms
+        self.image_interval, self.top_k = image_interval, top_k  # 0 = no expert-load pictures
+        self._window: dict[int, torch.Tensor] = {}  # tokens per expert since the last picture
+        self._described: set[str] = set()  # tags whose description TensorBoard already has
         self.writer = None
         self.jsonl = None
         if not enabled:
@@ -79,15 +80,16 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
     def log(self, step: int, scalars: dict[str, float | None], loads: dict[int, torch.Tensor] | None = None,
-            prefix: str = "train") -> None:
-        """One JSON line {"step", **scalars, per-layer load max/min}; the same scalars to TensorBoard."""
+            prefix: str = "train", dropped: dict[int, float] | None = None) -> None:
+        """One JSON line {"step", **scalars, per-layer load figures (and `dropped` fractions)}; the
+        same scalars to TensorBoard, and the expert-load picture when a window ends."""
         if not self.enabled:
             return
         record = {"step": step, **scalars}
         for layer, counts in (loads or {}).items():
-            hi, lo = expert_load(counts)
-            record[f"moe/layer{layer}/load_max"] = hi
-            record[f"moe/layer{layer}/load_min"] = lo
+            record.update({f"moe/layer{layer}/{k}": v for k, v in load_stats(counts).items()})
+        for layer, fraction in (dropped or {}).items():
+            record[f"moe/layer{layer}/dropped_fraction"] = fraction
         record = {k: _clean(v) for k, v in record.items()}
         if prefix == "train":
             self.jsonl.write(json.dumps(record) + "\n")
@@ -97,10 +99,32 @@ class MetricsLogger:
         if self.writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self.writer.add_scalar(f"{prefix}/{k}" if not k.startswith("moe/") else k, v, step)
+                    self._add_scalar(f"{prefix}/{k}" if not k.startswith("moe/") else k, v, step)
             if self.histograms:
                 for layer, counts in (loads or {}).items():
                     self._expert_histogram(layer, counts, step)
+            self._expert_picture(step, loads or {})
+
+    def _add_scalar(self, tag: str, value: float, step: int) -> None:
+        """add_scalar, except that a tag with a description (DESCRIPTIONS, by its last part) gets it
+        with its first value, so TensorBoard shows what the number means."""
+        description = None if tag in self._described else DESCRIPTIONS.get(tag.rsplit("/", 1)[-1])
+        if description is None:
+            self.writer.add_scalar(tag, value, step)
+            return
+        self.writer._get_file_writer().add_summary(scalar_summary(tag, value, description), step)
+        self._described.add(tag)
+
+    def _expert_picture(self, step: int, loads: dict[int, torch.Tensor]) -> None:
+        """Sum the tokens per expert over the window; at its end, one layers x experts image."""
+        if not self.image_interval or not loads:
+            return
+        for layer, counts in loads.items():
+            self._window[layer] = self._window.get(layer, 0) + counts.detach().cpu().long()
+        if step % self.image_interval == 0:
+            rgb = load_image(self._window, step, self.top_k)
+            self.writer._get_file_writer().add_summary(image_summary("moe/expert_load", rgb), step)
+            self._window = {}
 
     def log_histograms(self, step: int, values: dict[str, torch.Tensor]) -> None:
         """A TensorBoard histogram of each tensor's values under its tag (e.g. a layer's expert

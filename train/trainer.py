@@ -212,11 +212,19 @@ class Trainer:
         means over micro-batches, summed over pipeline stages (not yet averaged over dp)."""
         batch = self.train_data.next_batch().to(self.device, non_blocking=True)
         micro = batch.split(self.cfg.training.micro_batch_size)
+        self._start_dropout_step()
         with self._autocast():
             self._count_step_loads([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
+            self._start_dropout_step()  # the training pass redraws the counting pass's masks
             result = self.executor.step([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
         self.optimizer.finish()
         return self._step_stats(result)
+
+    def _start_dropout_step(self) -> None:
+        """Dropout masks are a function of (seed, coordinates, step, chunk, forward call): start
+        counting this step's forward calls (parallel/rng.py)."""
+        for chunk in self.chunks:
+            chunk.rng.start_step(self.step)
 
     def _count_step_loads(self, inputs, targets) -> None:
         """The global_batch balance loss needs the step's routed slots per expert F before the first
@@ -255,7 +263,21 @@ class Trainer:
         lm, aux, z, dropped = sums[:4].unbind(0)
         return {"lm": lm, "aux": aux, "z": z, "dropped": dropped,
                 "loads": {i: loads[i].long() for i in moe_layers},
-                "aux_layers": {i: sums[4 + i] for i in moe_layers}}
+                "aux_layers": {i: sums[4 + i] for i in moe_layers},
+                "dropped_layers": self._dropped_per_layer(merged["dropped_layers"], moe_layers)}
+
+    def _dropped_per_layer(self, dropped: torch.Tensor, moe_layers: list[int]) -> dict[int, float]:
+        """Capacity mode only: each MoE layer's dropped share of routed slots, mean over the step's
+        micro-batches and the data-parallel ranks (every micro-batch routes as many slots).
+        dropped [n_layers]: this rank's sums over micro-batches (zero for layers it lacks)."""
+        if self.cfg.model.capacity_factor is None or not moe_layers:
+            return {}
+        if self.ctx.pp > 1:
+            dist.all_reduce(dropped, group=self.ctx.pp_group)
+        if self.dp > 1:
+            dist.all_reduce(dropped, group=self.ctx.dp_group)
+        per_layer = (dropped / (self.n_micro * self.dp)).tolist()
+        return {i: per_layer[i] for i in moe_layers}
 
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
@@ -277,6 +299,7 @@ class Trainer:
         self.step += 1
         return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm,
                 "dropped_fraction": dropped, "loads": loads, "expert_bias": self._expert_biases(),
+                "dropped_layers": stats["dropped_layers"],
                 **{f"moe/layer{i}/aux_loss": v for i, v in zip(per_layer, aux_layers)}}
 
     def _expert_biases(self) -> dict[int, torch.Tensor]:
@@ -388,8 +411,10 @@ class Trainer:
 
     def _open_logger(self, purge_step: int | None) -> MetricsLogger:
         c = self.cfg.logging
+        images = c.interval if c.expert_load_images else 0  # expert-load pictures every interval
+        top_k = self.cfg.model.top_k if self.cfg.model.n_experts else None
         return MetricsLogger(self.run_dir, self.is_logger, c.tensorboard, c.histograms,
-                             purge_step=purge_step)
+                             purge_step=purge_step, image_interval=images, top_k=top_k)
 
     def _maybe_resume(self) -> None:
         path = self.run_start.resume_from
@@ -455,9 +480,9 @@ class Trainer:
         c = self.cfg
         tok_s, _ = meter.rate()
         mfu = tok_s * self.flops_per_token / (self.peak * self.ctx.world_size) if self.peak else None
-        scalars = {k: v for k, v in s.items() if k not in ("loads", "expert_bias")}
+        scalars = {k: v for k, v in s.items() if k not in ("loads", "expert_bias", "dropped_layers")}
         scalars.update(tokens_per_s=tok_s, mfu=mfu, memory_gb=memory_gb(self.device))
-        self.logger.log(self.step, scalars, s["loads"])
+        self.logger.log(self.step, scalars, s["loads"], dropped=s["dropped_layers"])
         biases = {f"moe/layer{i}/expert_bias": b for i, b in s["expert_bias"].items()}
         self.logger.log_histograms(self.step, biases)
         if self.step % c.logging.interval == 0 or self.step == c.training.max_steps:

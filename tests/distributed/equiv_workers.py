@@ -77,6 +77,8 @@ MODELS: dict[str, tuple[str, dict]] = {
     "dense_qk": ("tiny", dict(qk_norm="full", qkv_clip=1.5, sandwich_norm=True)),
     "moe_qk": ("tiny-moe", dict(_MOE, qk_norm="head", shared_expert_ffn_dim=32)),
     "gpt1": ("gpt1-tiny", dict(n_kv_heads=4, ffn_dim=256)),
+    "moe_shared": ("tiny-moe", dict(_MOE, shared_expert_ffn_dim=64)),  # an always-on tp-split MLP
+    "dense_local": ("tiny", dict(local_window=4, local_layers="odd")),  # layer 1: 4 keys of 16
 }
 
 

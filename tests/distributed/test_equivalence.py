@@ -63,6 +63,11 @@ WORLD2 = [
     Layout("moe_qk/tp2", "moe_qk", tp=2),
     Layout("moe_qk/tp2_sp", "moe_qk", tp=2, sp=True),
     Layout("gpt1/tp2_sp", "gpt1", tp=2, sp=True),
+    Layout("moe_shared/tp2", "moe_shared", tp=2),
+    Layout("moe_shared/tp2_sp", "moe_shared", tp=2, sp=True),
+    Layout("moe_shared/ep2_dp2", "moe_shared", ep=2),
+    Layout("dense_local/tp2", "dense_local", tp=2),
+    Layout("dense_local/tp2_sp", "dense_local", tp=2, sp=True),
 ]
 WORLD4 = [
     Layout("dense_h8/tp4", "dense_h8", tp=4),
@@ -81,6 +86,7 @@ WORLD4 = [
     Layout("dense/tp2_dp2_zero1_bf16", "dense", tp=2, zero1=True, precision="bf16"),
     Layout("moe_global/tp2_ep2_dp2", "moe_global", tp=2, ep=2),
     Layout("moe_bias/tp2_ep2_dp2", "moe_bias", tp=2, ep=2),
+    Layout("moe_shared/tp2_ep2_dp2", "moe_shared", tp=2, ep=2),
 ]
 
 

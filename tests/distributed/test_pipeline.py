@@ -35,6 +35,7 @@ LR, WD, EPS, CLIP = 1e-3, 0.1, 1e-6, 0.5
 RTOL, ATOL = 1e-5, 1e-5
 DENSE = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
 MOE = dict(DENSE, n_experts=4, top_k=2, expert_ffn_dim=32, moe_every=2)  # blocks 1 and 3 are MoE
+LOCAL = dict(DENSE, local_window=3, local_layers="odd")  # blocks 1, 3: the last 3 of 8 keys
 
 CASES_2 = [
     dict(name="pp2_1f1b", model="dense", layout=dict(pp=2), schedule="1f1b", n_micro=4),
@@ -45,6 +46,8 @@ CASES_2 = [
          stage_layers=[1, 3]),
     dict(name="pp2_embedding_only_stage_0_4", model="dense", layout=dict(pp=2), schedule="gpipe", n_micro=2,
          stage_layers=[0, 4]),
+    dict(name="pp2_local_window", model="local", layout=dict(pp=2), schedule="1f1b", n_micro=2,
+         stage_layers=[1, 3]),
 ]
 CASES_4 = [
     dict(name="pp4_1f1b", model="dense", layout=dict(pp=4), schedule="1f1b", n_micro=5),
@@ -64,7 +67,8 @@ CASES_8 = [  # experts folded over tp x dp: each of a stage's 4 GPUs holds one o
 
 
 def _config(case: dict) -> ModelConfig:
-    return {"dense": lambda: ModelConfig(**DENSE), "moe": lambda: ModelConfig(**MOE)}.get(
+    return {"dense": lambda: ModelConfig(**DENSE), "moe": lambda: ModelConfig(**MOE),
+            "local": lambda: ModelConfig(**LOCAL)}.get(
         case["model"], lambda: get_preset(case["model"]))()
 
 
