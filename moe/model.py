@@ -25,7 +25,7 @@ from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_t
     vocab_parallel_cross_entropy
 
 from .config import ModelConfig
-from .layers import Attention, DenseMLP, make_norm, rope_cos_sin, sinusoidal_table
+from .layers import Attention, DenseMLP, document_layout, make_norm, rope_cos_sin, sinusoidal_table
 from .moe_layer import MoELayer, MoEStats
 
 
@@ -33,7 +33,7 @@ from .moe_layer import MoELayer, MoEStats
 class DecoderOutput:
     logits: torch.Tensor | None          # [B, S, V] (this rank's vocab shard [B, S, V/tp] under tp); None on non-last stages
     loss: torch.Tensor | None = None     # mean LM cross-entropy over non-ignored targets (no aux terms)
-    hidden: torch.Tensor | None = None   # output activations of a non-last pipeline stage
+    hidden: torch.Tensor | None = None   # output of this stage's last block [B, S(/tp), D]
     aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # sum over MoE layers, detached
     z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))    # sum over MoE layers, detached
     moe: dict[int, MoEStats] = field(default_factory=dict)                  # layer index -> routing statistics
@@ -69,13 +69,14 @@ class Block(nn.Module):
         self.mlp = MoELayer(cfg, ctx) if cfg.is_moe_layer(idx) else DenseMLP(cfg, ctx)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, aux_grad_scale: float) -> tuple[torch.Tensor, MoEStats | None]:
+    def forward(self, x, rope, aux_grad_scale: float,
+                mask=None) -> tuple[torch.Tensor, MoEStats | None]:
         if self.pre:
-            x = x + self.drop(self.attn(self.attn_norm(x), rope))
+            x = x + self.drop(self.attn(self.attn_norm(x), rope, mask))
             m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale)
             return x + self.drop(m), stats
         dtype = x.dtype  # LayerNorm runs in float32 under autocast: keep the stream's dtype
-        x = self.attn_norm(x + self.drop(self.attn(x, rope))).to(dtype)
+        x = self.attn_norm(x + self.drop(self.attn(x, rope, mask))).to(dtype)
         m, stats = self._mlp(x, aux_grad_scale)
         return self.mlp_norm(x + self.drop(m)).to(dtype), stats
 
@@ -135,29 +136,33 @@ class Decoder(nn.Module):
 
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, aux_grad_scale: float = 1.0,
-                ) -> DecoderOutput:
+                doc_ids: torch.Tensor | None = None) -> DecoderOutput:
         """x: token ids [B, S] on the first stage, else the previous stage's hidden [B, S(/tp), D].
         `aux_grad_scale`: the factor applied to this micro-batch's LM loss (e.g. 1/n_micro_batches);
-        the MoE auxiliary losses get the same factor in backward."""
-        h = self.embed(x) if self.pre else x
+        the MoE auxiliary losses get the same factor in backward. `doc_ids` [B, S] (full sequence,
+        every stage): several documents packed per row attend only within themselves, with positions
+        restarting at each (moe.layers.document_layout); None = one document per row."""
+        mask, positions = document_layout(doc_ids) if doc_ids is not None else (None, None)
+        h = self.embed(x, positions) if self.pre else x
         compute_dtype = autocast_dtype(h.device.type)
         if self.pre and not self.cfg.fp32_residual and compute_dtype is not None:
             h = h.to(compute_dtype)  # the residual stream in the compute dtype
-        rope = self._rope(h) if self.cfg.positions == "rope" else None
+        rope = self._rope(h, positions) if self.cfg.positions == "rope" else None
         out = DecoderOutput(logits=None)
         for key, block in self.layers.items():
             if self.activation_checkpointing and self.training:
                 extra = {"context_fn": selective_recompute_context} if self.recompute == "selective" else {}
-                h, stats = checkpoint(block, h, rope, aux_grad_scale, use_reentrant=False, **extra)
+                h, stats = checkpoint(block, h, rope, aux_grad_scale, mask, use_reentrant=False,
+                                      **extra)
             else:
-                h, stats = block(h, rope, aux_grad_scale)
+                h, stats = block(h, rope, aux_grad_scale, mask)
             if stats is not None:
                 out.moe[int(key)] = stats
         if out.moe:
             out.aux_loss = torch.stack([s.aux_loss for s in out.moe.values()]).sum()
             out.z_loss = torch.stack([s.z_loss for s in out.moe.values()]).sum()
+        out.hidden = h
         if not self.post:
-            out.hidden = h
             return out
         out.logits = self.logits(h)
         if targets is not None:
@@ -166,21 +171,27 @@ class Decoder(nn.Module):
             out.logits = out.logits[..., : self.cfg.vocab_size]
         return out
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token (+ learned or sinusoidal position) embeddings; positions [B, S] for packed rows."""
         if tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         h = self.tok_emb(tokens)  # [B, S(/tp under sequence parallelism), D]
         if self.cfg.positions != "rope":
             start = self.ctx.tp_rank * h.shape[1] if self.ctx.sequence_parallel and self.ctx.tp > 1 else 0
             pos = torch.arange(start, start + h.shape[1], device=h.device)
+            if positions is not None:  # [B, S] -> this rank's sequence shard [B, S(/tp)]
+                pos = positions[:, start:start + h.shape[1]]
             h = h + (self.pos_emb(pos) if self.cfg.positions == "learned" else self.pos_table[pos].to(h.dtype))
         return self.emb_drop(h)
 
-    def _rope(self, h: torch.Tensor):
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor | None = None):
+        """cos/sin tables [S, r/2], or [B, S, r/2] looked up at `positions` [B, S] (packed rows)."""
         seq = h.shape[1] * (self.ctx.tp if self.ctx.sequence_parallel and self.ctx.tp > 1 else 1)
         cached = getattr(self, "_rope_cache", None)
         if cached is None or cached[0].shape[0] < seq or cached[0].device != h.device:
             self._rope_cache = rope_cos_sin(self.cfg, max(seq, 1), h.device)
+        if positions is not None:
+            return self._rope_cache[0][positions], self._rope_cache[1][positions]
         return self._rope_cache
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -205,10 +216,26 @@ class Decoder(nn.Module):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy over non-ignored targets, vocab-parallel (no rank holds full-vocab logits)."""
-        group = self.ctx.tp_group if self.ctx.tp > 1 else None
-        per_token = vocab_parallel_cross_entropy(logits, targets, group, ignore_index=ignore_index)
+        per_token = self.token_losses(logits, targets, ignore_index)
         n = (targets != ignore_index).sum().clamp(min=1)
         return per_token.sum() / n
+
+    def token_losses(self, logits: torch.Tensor, targets: torch.Tensor,
+                     ignore_index: int = -100) -> torch.Tensor:
+        """Per-token cross-entropy -log p(target) [B, S] in float32 (0 where ignored), computed
+        vocab-parallel."""
+        group = self.ctx.tp_group if self.ctx.tp > 1 else None
+        return vocab_parallel_cross_entropy(logits, targets, group, ignore_index=ignore_index)
+
+    @torch.no_grad()
+    def add_head(self, name: str, head: nn.Module, seed: int) -> None:
+        """Attach a task head (e.g. a classifier on the last stage) as a submodule, so the gradient
+        reducer, clipping, ZeRO-1 and checkpoints treat it like every other weight, initialised the
+        layout-independent way (full tensors from (seed, "name.param") generators). Its parameters
+        are replicated over tp; a head must see the same full input on every tp rank."""
+        self.add_module(name, head)
+        for pname, p in head.named_parameters():
+            p.copy_(self._full_init(f"{name}.{pname}", p, seed))
 
     # ------------------------------------------------------------ weights
     @torch.no_grad()

@@ -117,16 +117,19 @@ def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[l
 
 
 def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float) -> Callable[[torch.Tensor, Any], tuple]:
-    """Adapt a Decoder chunk to the executor's contract chunk(x, target) -> (output, info).
+    """Adapt a Decoder chunk to the executor's contract chunk(x, target[, doc_ids]) -> (output,
+    info).
 
     output: the hidden activations on non-last chunks, the mean LM loss on the last. info: a
     DecoderOutput with only the detached loss, aux_loss, z_loss and MoE statistics (no logits or
     activations are kept alive for logging). aux_grad_scale: the micro-batch's loss weight
-    (1 / n_micro), applied to the MoE auxiliary losses in backward as on pp=1.
+    (1 / n_micro), applied to the MoE auxiliary losses in backward as on pp=1. doc_ids: the
+    executor's per-stage side input for packed rows (Decoder.forward); None = one document a row.
     """
 
-    def run(x: torch.Tensor, target: Any) -> tuple[torch.Tensor, DecoderOutput]:
-        out = chunk(x, target, aux_grad_scale=aux_grad_scale)
+    def run(x: torch.Tensor, target: Any, doc_ids: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, DecoderOutput]:
+        out = chunk(x, target, aux_grad_scale=aux_grad_scale, doc_ids=doc_ids)
         output = out.hidden if not chunk.post else out.loss
         if output is None:
             raise ValueError("the last pipeline stage got no targets: pass targets to PipelineExecutor.step")
