@@ -16,19 +16,8 @@ import torch  # noqa: E402
 
 from moe.config import ModelConfig  # noqa: E402
 from moe.model import Decoder, build_empty, load_full_state_dict  # noqa: E402
-from train.checkpoint import list_checkpoints, load_full_model_state, read_meta  # noqa: E402
+from train.checkpoint import find_checkpoint, load_full_model_state, read_meta  # noqa: E402
 from train.data import load_tokenizer  # noqa: E402
-
-
-def find_checkpoint(path: Path) -> Path:
-    """A step_XXXXXXXX directory, or the latest one under RUN_DIR/checkpoints or the given folder."""
-    if (path / "meta.json").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        found = list_checkpoints(root)
-        if found:
-            return found[-1]
-    raise FileNotFoundError(f"no checkpoint under {path}: pass a run_dir or a step_XXXXXXXX directory")
 
 
 def load_model(ckpt: Path) -> tuple[Decoder, dict]:

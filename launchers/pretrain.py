@@ -20,8 +20,9 @@ from train.config import load_config  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="training YAML, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="field overrides such as training.max_steps=100 parallel.tp=2")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (checkpoint.resume=auto)")
@@ -37,11 +38,15 @@ def build_context(cfg) -> ParallelContext:
                                     sequence_parallel=p.sequence_parallel, backend=backend, timeout_s=p.timeout_s)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, description: str = __doc__, check=None) -> int:
+    """Parse, load and check the config (`check(cfg)` may raise ValueError), build the context,
+    train."""
+    args = parse_args(argv, description)
     overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
+        if check is not None:
+            check(cfg)
         ctx = build_context(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -416,9 +416,9 @@ _TRAINING_ONLY = {"dropout", "init_std", "expert_backend", "capacity_factor", "a
                   "vocab_pad_multiple", "max_seq_len"}
 
 
-def check_matches_hf(cfg: ModelConfig, path: str) -> None:
-    """Raise if `cfg` describes a different network than the HF checkpoint's config.json."""
-    theirs = config_from_hf(read_hf_config(path))
+def network_difference(cfg: ModelConfig, theirs: ModelConfig) -> tuple[str, Any, Any] | None:
+    """The first field (name, ours, theirs) by which the two configs describe different networks
+    (fields that only change training are skipped, derived sizes compared), or None."""
     for f in fields(ModelConfig):
         if f.name in _TRAINING_ONLY:
             continue
@@ -427,8 +427,17 @@ def check_matches_hf(cfg: ModelConfig, path: str) -> None:
                 not (f.name == "n_kv_heads" and cfg.kv_heads == theirs.kv_heads) and \
                 not (f.name == "head_dim" and cfg.dim_head == theirs.dim_head) and \
                 not (f.name == "qkv_bias" and cfg.use_qkv_bias == theirs.use_qkv_bias):
-            raise ValueError(f"checkpoint.init_from={path}: model.{f.name} is {a!r} here but {b!r} in its "
-                             f"config.json: set model.{f.name}={b!r} (or use a matching checkpoint)")
+            return f.name, a, b
+    return None
+
+
+def check_matches_hf(cfg: ModelConfig, path: str) -> None:
+    """Raise if `cfg` describes a different network than the HF checkpoint's config.json."""
+    diff = network_difference(cfg, config_from_hf(read_hf_config(path)))
+    if diff is not None:
+        name, a, b = diff
+        raise ValueError(f"checkpoint.init_from={path}: model.{name} is {a!r} here but {b!r} in "
+                         f"its config.json: set model.{name}={b!r} (or use a matching checkpoint)")
 
 
 def hf_state_dict(path: str, cfg: ModelConfig, model: Decoder | None = None) -> dict[str, torch.Tensor]:

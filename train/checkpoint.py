@@ -94,6 +94,20 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """A step_XXXXXXXX directory, or the latest one under RUN_DIR/checkpoints or the given
+    folder."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"no checkpoint under {path}: pass a run_dir or a step_XXXXXXXX "
+                            f"directory")
+
+
 def resolve_resume(resume: str, root: str | Path) -> Path | None:
     """'none' -> None; 'auto' -> the latest checkpoint under root whose meta.json reads, or None if
     there is none yet; anything else is a checkpoint directory that must exist. Resuming from an

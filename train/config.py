@@ -88,7 +88,7 @@ class CheckpointConfig:
     keep_last: int = 3                # checkpoints kept (older ones deleted)
     resume: str = "none"              # none | auto (latest in run_dir/checkpoints) | path to a checkpoint
     dir: str | None = None            # null = <run_dir>/checkpoints
-    init_from: str | None = None      # HF directory (Llama / GPT-2 / Mixtral safetensors) whose weights start the run; sharded for any layout
+    init_from: str | None = None      # weights that start the run, sharded for any layout: a run_dir or step_XXXXXXXX checkpoint of ours, or an HF directory (Llama / GPT-2 / Mixtral safetensors)
 
 
 @dataclass
@@ -96,6 +96,24 @@ class LoggingConfig:
     interval: int = 10                # steps between console lines
     tensorboard: bool = True          # write <run_dir>/tb/
     histograms: bool = True           # per-layer tokens-per-expert histograms in TensorBoard
+
+
+TASK_KINDS = ("lm", "classify", "sft", "dpo")
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "lm"                  # lm (pretraining on data.paths) | classify (GPT-1: text -> label) | sft (prompt/response or messages) | dpo (prompt/chosen/rejected); see docs/post-training.md
+    data: str = "stdlib"              # classify/sft/dpo: JSONL of examples; "stdlib" = the embedded dataset of this kind, built under data.cache_dir
+    valid_data: str | None = None     # held-out JSONL; null = the last task.valid_fraction of task.data
+    valid_fraction: float = 0.1       # share of task.data held out when task.valid_data is null
+    labels: list | None = None        # classify: label names, list order = class index; null = the sorted labels of task.data
+    lm_coef: float = 0.5              # classify: lambda in L3 = L2 + lambda * L1 (L1 the LM loss on the same text; GPT-1: 0.5); 0 = off
+    chat_template: str = "auto"       # sft/dpo: auto (chat_template of a tokenizer_config.json beside data.tokenizer, else builtin) | builtin | none (prompt + response, no template) | path to a tokenizer_config.json or .jinja file
+    packing: bool = True              # sft: pack several examples per sequence; attention stays inside each, positions restart
+    truncate: bool = True             # cut examples longer than data.seq_len at the end (counted and reported; one left without a response token is dropped and counted); false = an error naming file:line
+    beta: float = 0.1                 # dpo: beta, the weight of the implicit KL penalty towards the reference
+    reference: str | None = None      # dpo: frozen reference model (HF directory or checkpoint); null = the starting weights
 
 
 @dataclass
@@ -109,6 +127,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -147,6 +166,19 @@ def validate(c: TrainConfig) -> None:
            f"schedule.kind ({c.schedule.kind!r}) must be cosine, linear or constant")
     _check(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last ({c.checkpoint.keep_last}) must be >= 1")
     _check(c.logging.interval >= 1, f"logging.interval ({c.logging.interval}) must be >= 1")
+    validate_task(c.task)
+
+
+def validate_task(k: TaskConfig) -> None:
+    _check(k.kind in TASK_KINDS, f"task.kind ({k.kind!r}) must be one of {list(TASK_KINDS)}")
+    _check(0.0 < k.valid_fraction < 1.0,
+           f"task.valid_fraction ({k.valid_fraction}) must be in (0, 1)")
+    _check(k.lm_coef >= 0, f"task.lm_coef ({k.lm_coef}) must be >= 0 (0 turns the LM term off)")
+    _check(k.beta > 0, f"task.beta ({k.beta}) must be > 0")
+    labels = k.labels
+    _check(labels is None or (len(labels) >= 2 and len(set(map(str, labels))) == len(labels)),
+           f"task.labels ({labels}) must name at least 2 distinct labels, or be null to take them "
+           f"from task.data")
 
 
 def check_world(c: TrainConfig, world_size: int) -> int:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe.model import Decoder, build_model, load_full_state_dict, param_counts
-from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, stage_chunk_fn, sync_tied_grads, tied_embedding_group, \
-    tied_embedding_replicas
+from moe.model import Decoder, build_model, param_counts
+from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, sync_tied_grads, \
+    tied_embedding_group, tied_embedding_replicas
 from parallel.context import ParallelContext
 from parallel.data import GradReducer, Zero1, norm_buckets, tied_replicas
 from parallel.pipeline import PipelineExecutor
@@ -35,6 +35,8 @@ from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
 from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
 from .optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm_
+from .tasks import make_task
+from .weights import load_starting_weights
 
 
 def pick_device(cfg: TrainConfig, ctx: ParallelContext) -> torch.device:
@@ -58,8 +60,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         torch.manual_seed(t.seed)
+        self.task = make_task(cfg)  # the objective: pretraining's LM, or a post-training task
         self.model = self._build_model()
-        self.train_data, self.valid_data = self._build_data()
+        self.train_data, self.valid_data = self.task.build_data(self)
+        self.task.attach(self.chunks, t.seed)  # heads (a classifier: one output per label)
         self._build_optimizer()
         self.step = 0
         self.bad_steps = 0
@@ -70,6 +74,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers,
                                                cfg.model.n_heads * cfg.model.dim_head, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
+        self.task.prepare(self)
         self._maybe_resume()
 
     # ------------------------------------------------------------ setup
@@ -81,7 +86,8 @@ class Trainer:
                                 first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
         self.chunks = build_stage_chunks(c.model, self.ctx, partition, seed=c.training.seed, device=self.device)
         if c.checkpoint.init_from:
-            self._init_from_hf(self.chunks, c.checkpoint.init_from)
+            load_starting_weights(self.chunks, c.checkpoint.init_from)  # HF directory or checkpoint
+            self._log(f"initialised weights from {c.checkpoint.init_from}")
         for chunk in self.chunks:
             chunk.activation_checkpointing = c.training.activation_checkpointing
             chunk.recompute = c.training.recompute
@@ -98,16 +104,6 @@ class Trainer:
         if p.pp == 1:
             return "1f1b"  # one stage: F0 B0 F1 B1 ..., one micro-batch's activations alive at a time
         return "interleaved" if p.vpp > 1 else p.pp_schedule
-
-    def _init_from_hf(self, chunks: list[Decoder], path: str) -> None:
-        """Start from an HF checkpoint: whole tensors are read on every rank and cut to its shards."""
-        from moe.hf import check_matches_hf, hf_state_dict
-
-        check_matches_hf(self.cfg.model, path)
-        full = hf_state_dict(path, self.cfg.model)
-        for chunk in chunks:
-            load_full_state_dict(chunk, full)
-        self._log(f"initialised weights from {path}")
 
     def _build_data(self) -> tuple[PretrainData, PretrainData]:
         c = self.cfg
@@ -147,12 +143,18 @@ class Trainer:
         self.clip_buckets, self.tied_heads = norm_buckets(params, self.ctx, owner), tied_replicas(params)
         self.tied_group = tied_embedding_group(self.ctx, self.cfg.parallel.timeout_s) \
             if self.cfg.model.tie_embeddings else None
+        fns = [self.task.chunk_fn(chunk, 1.0 / self.n_micro) for chunk in self.chunks]
+        self.executor = self.make_executor(
+            fns, before_backward=lambda c, last: self.reducers[c].prepare(sync=last))
+
+    def make_executor(self, chunk_fns: list, before_backward=None) -> PipelineExecutor:
+        """A PipelineExecutor over this rank's chunks with the run's schedule and activation shape
+        [micro_batch x the task's rows per example, seq_len (/tp under sequence parallel), D]."""
         seq = self.cfg.data.seq_len // (self.ctx.tp if self.ctx.sequence_parallel else 1)
-        self.executor = PipelineExecutor(
-            [stage_chunk_fn(chunk, 1.0 / self.n_micro) for chunk in self.chunks], self.ctx, self._schedule_kind(),
-            self.n_micro, act_shape=(self.cfg.training.micro_batch_size, seq, self.cfg.model.d_model),
-            act_dtype=self._residual_dtype(),
-            before_backward=lambda c, last: self.reducers[c].prepare(sync=last))
+        rows = self.cfg.training.micro_batch_size * self.task.rows_per_example
+        return PipelineExecutor(chunk_fns, self.ctx, self._schedule_kind(), self.n_micro,
+                                act_shape=(rows, seq, self.cfg.model.d_model),
+                                act_dtype=self._residual_dtype(), before_backward=before_backward)
 
     # ------------------------------------------------------------ one step
     def _residual_dtype(self) -> torch.dtype:
@@ -170,9 +172,9 @@ class Trainer:
         pp = 1 simply one after another), reduce gradients, and return the step's loss statistics:
         means over micro-batches, summed over pipeline stages (not yet averaged over dp)."""
         batch = self.train_data.next_batch().to(self.device, non_blocking=True)
-        micro = batch.split(self.cfg.training.micro_batch_size)
+        mb = self.task.micro_batches(batch, self.cfg.training.micro_batch_size)
         with self._autocast():
-            result = self.executor.step([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
+            result = self.executor.step(mb.inputs, mb.targets, mb.side)
         for reducer in self.reducers:
             reducer.finish()
         sync_tied_grads(self.chunks, self.tied_group)
@@ -184,20 +186,25 @@ class Trainer:
         m = self.cfg.model
         merged = merge_stage_stats(result.infos, m.n_layers, m.n_experts, self.device)
         lm = sum((loss.float() for loss in result.losses), torch.zeros((), device=self.device))
-        sums, loads = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]]), merged["loads"]
+        task = self.task.step_sums(result.infos, self.device)  # the task's scalars (none for LM)
+        losses = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]])
+        sums = torch.cat([losses, task])
+        loads = merged["loads"]
         if self.ctx.pp > 1:
             dist.all_reduce(sums, group=self.ctx.pp_group)
             dist.all_reduce(loads, group=self.ctx.pp_group)
         moe_layers = [i for i in range(m.n_layers) if m.is_moe_layer(i)]
         sums[3] /= max(len(moe_layers), 1)
-        lm, aux, z, dropped = (sums / self.n_micro).unbind(0)
-        return {"lm": lm, "aux": aux, "z": z, "dropped": dropped, "loads": {i: loads[i].long() for i in moe_layers}}
+        lm, aux, z, dropped, *task = (sums / self.n_micro).unbind(0)
+        return {"lm": lm, "aux": aux, "z": z, "dropped": dropped, "task": task,
+                "loads": {i: loads[i].long() for i in moe_layers}}
 
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
         apply_lr(self.optimizer, lr)
         stats = self.forward_backward()
-        lm, aux, z, dropped = self._mean_over_dp(stats["lm"], stats["aux"], stats["z"], stats["dropped"])
+        lm, aux, z, dropped, *task = self._mean_over_dp(stats["lm"], stats["aux"], stats["z"],
+                                                        stats["dropped"], *stats["task"])
         grad_norm = clip_grad_norm_(self.clip_buckets, self.cfg.optimizer.grad_clip, scale_only=self.tied_heads)
         loss = lm + aux + z
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -209,8 +216,10 @@ class Trainer:
             self._skip_bad_step(loss, grad_norm)
         self.model.zero_grad(set_to_none=True)  # not optimizer.zero_grad: under ZeRO-1 it only holds owned params
         self.step += 1
-        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm,
-                "dropped_fraction": dropped, "loads": self._sum_loads_over_dp(stats["loads"])}
+        return {"loss": loss, self.task.loss_key: lm, "aux_loss": aux, "z_loss": z, "lr": lr,
+                "grad_norm": grad_norm, "dropped_fraction": dropped,
+                **dict(zip(self.task.scalar_names, task)),
+                "loads": self._sum_loads_over_dp(stats["loads"])}
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
         self.bad_steps += 1
@@ -238,8 +247,13 @@ class Trainer:
         return {k: v.cpu() for k, v in loads.items()}
 
     # ------------------------------------------------------------ validation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """The task's validation metrics (pretraining: evaluate_lm)."""
+        return self.task.evaluate(self)
+
+    @torch.no_grad()
+    def evaluate_lm(self) -> dict[str, float]:
+        """Mean LM loss and perplexity over training.eval_steps validation batches."""
         self.model.eval()
         self.valid_data.reset()
         total = torch.zeros((), device=self.device)
@@ -305,7 +319,8 @@ class Trainer:
         try:
             while self.step < c.training.max_steps:
                 last = self.train_step()
-                meter.add(c.training.global_batch_size * c.data.seq_len)
+                rows = c.training.global_batch_size * self.task.rows_per_example
+                meter.add(rows * c.data.seq_len)
                 self._after_step(last, meter, start_step, t0)
                 if self._should_stop():
                     self._log(f"SIGTERM: stopping at step {self.step} with a final checkpoint")
@@ -328,7 +343,8 @@ class Trainer:
         if self.step % c.logging.interval == 0 or self.step == c.training.max_steps:
             done = self.step - start_step
             eta = (time.perf_counter() - t0) / max(done, 1) * (c.training.max_steps - self.step)
-            self._log(f"step {self.step}/{c.training.max_steps} | loss {s['loss']:.4f} | lm {s['lm_loss']:.4f} | "
+            self._log(f"step {self.step}/{c.training.max_steps} | loss {s['loss']:.4f} | "
+                      f"{self.task.console(s)} | "
                       f"lr {s['lr']:.2e} | grad {s['grad_norm']:.3f} | {tok_s / 1e3:.1f}k tok/s | "
                       f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | mem {scalars['memory_gb']:.2f} GB | "
                       f"eta {format_eta(eta)}")
@@ -336,8 +352,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)  # the next line reports this window's peak
         if c.training.eval_interval and self.step % c.training.eval_interval == 0:
             v = self.evaluate()
-            self.logger.log(self.step, {"loss": v["loss"], "perplexity": v["perplexity"]}, prefix="valid")
-            self._log(f"validation at step {self.step}: loss {v['loss']:.4f} | perplexity {v['perplexity']:.2f}")
+            self.logger.log(self.step, v, prefix="valid")
+            self._log(f"validation at step {self.step}: {self.task.describe(v)}")
         if c.checkpoint.interval and self.step % c.checkpoint.interval == 0:
             self.save()
             self.last_saved_step = self.step
