@@ -6,7 +6,8 @@ masking) or dpo (preference pairs against a frozen reference). Starts from check
 one of our checkpoints (a run_dir or a step_XXXXXXXX directory) or an HF directory. Every layout
 of pretraining works, under torchrun or srun:
     torchrun --nproc_per_node 2 launchers/finetune.py configs/finetune-sft.yaml parallel.tp=2
-See docs/post-training.md. Errors in the config, layout or data are one line, exit status 2.
+See docs/post-training.md. Errors are one line: in the config or layout exit status 2 before any
+work, in the data (naming file:line) or checkpoints status 1.
 """
 
 from __future__ import annotations
