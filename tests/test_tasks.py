@@ -415,3 +415,19 @@ def test_task_run_resumes_exactly(tmp_path, kind):
     resumed = trainer(task_cfg(tmp_path, kind, "checkpoint.resume=auto", run="split"))
     assert resumed.step == 2
     assert [resumed.train_step()["loss"] for _ in range(2)] == pytest.approx(losses[2:], rel=1e-6)
+
+
+def test_task_section_is_documented():
+    """docs/configuration.md (generated) has a row for every task.* field, and the post-training
+    guide names every task kind."""
+    import dataclasses
+    import re
+
+    from train.config import TASK_KINDS, TaskConfig
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    body = (docs / "configuration.md").read_text().split("## `task`", 1)[1].split("\n## ", 1)[0]
+    for f in dataclasses.fields(TaskConfig):
+        assert re.search(rf"^\| `{f.name}` \| .+ \| \S", body, re.M), f"task.{f.name} undocumented"
+    guide = (docs / "post-training.md").read_text()
+    assert all(f"`{kind}`" in guide for kind in TASK_KINDS)

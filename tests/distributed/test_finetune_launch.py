@@ -46,11 +46,11 @@ def test_torchrun_dpo_tp2_logs_trl_names(tmp_path, pretrained):  # noqa: F811
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in dpo_records(24)))
     config, run_dir = _config(tmp_path, pretrained, data), tmp_path / "run"
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 LAUNCHER, str(config), f"run_dir={run_dir}", "parallel.tp=2"], tmp_path)
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                 "2", LAUNCHER, str(config), f"run_dir={run_dir}", "parallel.tp=2"], tmp_path)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert f"initialised weights from {pretrained}" in proc.stdout
-    assert "validation at step 0: loss 0.6931 | rewards/chosen 0.0000" in proc.stdout  # policy == ref
+    assert "validation at step 0: loss 0.6931 | rewards/chosen 0.0000" in proc.stdout  # pi = ref
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "split" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
@@ -75,4 +75,5 @@ def test_finetune_launcher_errors_are_one_line(tmp_path, pretrained):  # noqa: F
     assert proc.stderr.strip() == (f"error (rank 0): {data}:2: missing field 'rejected' "
                                    f"(task.kind=dpo reads prompt, chosen and rejected)")
     proc = _run([sys.executable, LAUNCHER, str(config), "task.kind=lm"], tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: task.kind is lm (pretraining)")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: task.kind is lm (pretraining)")

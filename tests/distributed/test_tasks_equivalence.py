@@ -3,10 +3,11 @@ and pipeline parallelism.
 
 Each task (classify with L3 = L2 + lambda L1, SFT with packed rows and document masking, DPO with
 reference log-probabilities computed under the layout) runs 3 optimizer steps through the real
-Trainer on 2 gloo ranks in each layout, and the single-process Trainer on the same config is the
-reference: every step's loss, task loss, task scalars (accuracy, DPO rewards) and clipped grad norm
-must agree within rel 1e-5 (float32), and so must the held-out metrics evaluated after the steps.
-One spawn runs every (layout, task) pair in turn; the references run in the test process.
+Trainer on 2 gloo ranks in each layout (the interleaved pp 2 x vpp 2 one on a 4-block model), and
+the single-process Trainer on the same config is the reference: every step's loss, task loss,
+task scalars (accuracy, DPO rewards) and clipped grad norm must agree within rel 1e-5 (float32),
+and so must the held-out metrics evaluated after the steps. One spawn runs every (layout, task)
+pair in turn; the references run in the test process.
 """
 from __future__ import annotations
 
@@ -24,12 +25,18 @@ from train.config import load_config
 pytestmark = pytest.mark.slow
 STEPS, RTOL = 3, 1e-5
 TASKS = ("classify", "sft", "dpo")
-LAYOUTS = {  # name -> parallel overrides (world 2)
+FOUR_BLOCKS = ["model.n_layers=4"]
+LAYOUTS = {  # name -> parallel overrides (world 2); the model overrides they need come first
     "tp2": ["parallel.tp=2"],
     "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "ep2_dp2_zero1": ["parallel.ep=2", "parallel.zero1=true"],
     "pp2": ["parallel.pp=2"],
+    "pp2_vpp2": [*FOUR_BLOCKS, "parallel.pp=2", "parallel.vpp=2"],
 }
+
+
+def _model_overrides(layout: list[str]) -> tuple[str, ...]:
+    return tuple(o for o in layout if o.startswith("model."))
 
 
 def _config(root: str, kind: str, run: str, layout: list[str]):
@@ -61,7 +68,7 @@ def worker(rank: int, world: int, root: str) -> dict:
         for kind in TASKS:
             cfg = _config(root, kind, f"{name}-{kind}-r{rank}", layout)
             p = cfg.parallel
-            ctx = ParallelContext.for_testing(rank, world, tp=p.tp, pp=p.pp, ep=p.ep,
+            ctx = ParallelContext.for_testing(rank, world, tp=p.tp, pp=p.pp, ep=p.ep, vpp=p.vpp,
                                               sequence_parallel=p.sequence_parallel, timeout_s=120)
             out[(name, kind)] = _run(cfg, ctx)
     return out
@@ -76,11 +83,12 @@ def data_root(tmp_path_factory) -> str:
 
 
 @functools.cache
-def _reference(root: str, kind: str) -> dict:
+def _reference(root: str, kind: str, model: tuple[str, ...]) -> dict:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(_config(root, kind, f"single-{kind}", []), ParallelContext.single())
+        run = f"single-{kind}-{len(model)}"
+        return _run(_config(root, kind, run, list(model)), ParallelContext.single())
     finally:
         torch.set_num_threads(n)
 
@@ -97,7 +105,7 @@ def _close(got: float, want: float) -> bool:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", TASKS)
 def test_task_layout_matches_single_process(world2, data_root, layout, kind):
-    ref = _reference(data_root, kind)
+    ref = _reference(data_root, kind, _model_overrides(LAYOUTS[layout]))
     first, last = ref["steps"][0], ref["steps"][-1]
     assert first["grad_norm"] > 0.5 and last["loss"] != first["loss"]  # clipped; the model moves
     for rank, per_rank in enumerate(world2):
