@@ -6,7 +6,9 @@ One optimizer step (global batch G sequences, dp data-parallel ranks, micro-batc
     (MoE aux losses get the same 1/n_micro through aux_grad_scale)
     reduce grads (tp partial sums, dp / edp means) -> clip by global norm -> AdamW step
 so every layout computes the gradient of the same objective: the mean LM loss over the G sequences
-(plus the aux losses averaged over micro-batches), exactly what one process computes.
+(plus the aux losses averaged over micro-batches), exactly what one process computes. The objective
+is a Task (train/tasks/): pretraining's LM loss, or a post-training one (classify, sft, dpo) that
+supplies its data, micro-batches, last-stage loss, logged scalars and validation.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe.model import Decoder, build_model, param_counts
+from moe.model import build_model, param_counts
 from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, sync_tied_grads, \
     tied_embedding_group, tied_embedding_replicas
 from parallel.context import ParallelContext
