@@ -197,6 +197,32 @@ def test_hf_tokenizer_config_template_masks_the_assistant_turns(tmp_path):
         ChatEncoder(TOK, str(tmp_path / "bad.jinja"), "byte").encode(CONVERSATION, SRC)
 
 
+def test_auto_template_is_the_one_shipped_beside_an_hf_tokenizer(tmp_path):
+    """task.chat_template=auto with data.tokenizer an HF tokenizer.json: the chat_template of the
+    tokenizer_config.json beside it, whose special tokens are single tokens of the tokenizer."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from train.data import HFTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["user assistant system A1 A2 U1 U2 S"] * 4, bpe)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = {"chat_template": CHATML, "eos_token": "<|im_end|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = HFTokenizer(str(tmp_path / "tokenizer.json"))
+    seq = ChatEncoder(hf, "auto", str(tmp_path / "tokenizer.json")).encode(CONVERSATION, SRC)
+    trained = [t for t, on in zip(seq.tokens, seq.loss) if on]
+    assert hf._tok.decode(trained, skip_special_tokens=False) == "A1<|im_end|>\nA2<|im_end|>\n"
+    assert trained.count(hf._tok.token_to_id("<|im_end|>")) == 2  # one token each, no EOS appended
+    assert hf.decode(seq.tokens).startswith("system\nS\n")  # special tokens dropped by decode
+
+
 def test_row_labels_are_next_token_targets_of_trained_tokens():
     a = TokenSeq([10, 11, 12, 13], [False, False, True, True])
     b = TokenSeq([20, 21, 22], [False, True, True])

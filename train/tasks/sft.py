@@ -32,6 +32,11 @@ def response_loss(token_losses: torch.Tensor, labels: torch.Tensor,
     return (token_losses * keep).sum(), keep.sum()
 
 
+def _fill(rows: list, seq_len: int) -> float:
+    """Share of the rows' positions that hold a sequence (the rest is padding)."""
+    return sum(len(s.tokens) - 1 for row in rows for s in row) / max(len(rows) * seq_len, 1)
+
+
 @dataclass
 class SFTTargets:
     labels: torch.Tensor  # [B, S] next-token targets, -100 outside responses
@@ -42,6 +47,16 @@ class SFTTask(ExampleTask):
     kind = "sft"
     loss_key = "lm_loss"
     eval_names = ("loss_sum", "tokens")
+
+    def build_data(self, trainer):
+        streams = super().build_data(trainer)
+        if self.cfg.task.packing:
+            S = self.cfg.data.seq_len
+            parts = [f"{split}: {sum(map(len, rows))} sequences in {len(rows)} rows of {S}, "
+                     f"{100 * _fill(rows, S):.1f}% of positions used"
+                     for split, rows in self.items.items()]
+            trainer._log("sft packing: " + "; ".join(parts))
+        return streams
 
     def encode(self, records: list, split: str) -> list:
         """Rows: lists of TokenSeq (one each without packing), every sequence within seq_len + 1."""
