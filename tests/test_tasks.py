@@ -457,3 +457,23 @@ def test_task_section_is_documented():
         assert re.search(rf"^\| `{f.name}` \| .+ \| \S", body, re.M), f"task.{f.name} undocumented"
     guide = (docs / "post-training.md").read_text()
     assert all(f"`{kind}`" in guide for kind in TASK_KINDS)
+
+
+def test_finetune_launcher_errors_are_one_line(tmp_path, capsys):
+    """A bad record: one line naming file:line, status 1 (found while building the run); a
+    pretraining config: status 2 before any work; no starting weights: a warning."""
+    from launchers.finetune import main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", dpo_records(3) + [{"prompt": "p", "chosen": "c"}])
+    args = [f"task.data={data}", "task.valid_fraction=0.25", "task.kind=dpo", *MOE,
+            "data.seq_len=64", "training.device=cpu", "logging.tensorboard=false",
+            f"run_dir={tmp_path / 'run'}"]
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    assert main([str(config), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("warning: checkpoint.init_from is not set")
+    assert err[1:] == [f"error (rank 0): {data}:4: missing field 'rejected' "
+                       f"(task.kind=dpo reads prompt, chosen and rejected)"]
+    assert main([str(config), *args, "task.kind=lm"]) == 2
+    assert capsys.readouterr().err.startswith("error: task.kind is lm (pretraining): set task.kind")
