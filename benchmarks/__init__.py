@@ -2,6 +2,7 @@
 
     python -m benchmarks.moe_layer  [--smoke]   MoE layer forward + backward per expert backend
     python -m benchmarks.train_step [--smoke]   full training step of our model (and HF's, --hf)
+    python -m benchmarks.balance_prepass [--smoke]  the global_batch balance loss's pre-pass cost
 
 This module holds what both scripts share: device and precision handling, the timer (median of N
 timed iterations after warmup, CUDA events on a GPU) and the markdown table printer. Figures are
@@ -23,7 +24,9 @@ import torch
 
 # precision name -> what it means for parameters, inputs and the forward pass
 PRECISIONS = {
-    "amp": "fp32 params + autocast(bf16) (what our trainer does with training.precision=bf16)",
+    "mixed": "bf16 params, float32 main weights and gradient accumulation in the optimizer, autocast(bf16) "
+             "(what our trainer does with training.precision=bf16)",
+    "amp": "fp32 params + autocast(bf16) (float32 weights cast to bf16 in the forward)",
     "bf16": "bf16 params and activations, no autocast (no fp32 master weights)",
     "fp32": "fp32 params and activations (CPU smoke mode)",
 }
@@ -51,12 +54,12 @@ def parse_precisions(text: str) -> list[str]:
 
 
 def param_dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.bfloat16 if precision in ("bf16", "mixed") else torch.float32
 
 
 def autocast(precision: str, device: torch.device):
-    """The forward-pass context: autocast to bf16 for "amp", nothing otherwise."""
-    if precision == "amp":
+    """The forward-pass context: autocast to bf16 for "amp" and "mixed", nothing otherwise."""
+    if precision in ("amp", "mixed"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

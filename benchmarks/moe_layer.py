@@ -194,7 +194,7 @@ def bench_shape(shape: Shape, precision: str, backends: list[str], device: torch
     """All cases of one (shape, precision): our backends, the naive loop, the dense limit.
     With `profile` (a directory) each case also writes its profiler table there."""
     flops = shape.expert_flops()
-    x_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # amp: fp32 residual stream
+    x_dtype = torch.bfloat16 if precision in ("bf16", "mixed") else torch.float32  # amp: fp32 stream
 
     def tokens(rows: int):
         gen = torch.Generator(device).manual_seed(seed + 1)

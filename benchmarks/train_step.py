@@ -1,12 +1,14 @@
 """Benchmark: one full training step of our Decoder (and, with --hf, of HF transformers' model).
 
-    python -m benchmarks.train_step --hf                     # both configs, ours (amp) vs HF (bf16), cuda
+    python -m benchmarks.train_step --hf                     # both configs, ours (mixed) vs HF (bf16), cuda
     python -m benchmarks.train_step --configs moe-16x --activation-checkpointing --compile
     python -m benchmarks.train_step --smoke --hf             # CPU, tiny configs, fp32, 2 steps
 
-A step is what train/trainer.py does for one micro-batch: forward (autocast bf16 for "amp"), the LM
-loss (MoE aux/z losses injected in backward), backward, global-norm clipping at 1.0, fused AdamW
-(lr 3e-4, wd 0.1), zero_grad(set_to_none). With "amp" the fp32 params are the master weights.
+A step is what train/trainer.py does for one micro-batch: forward (autocast bf16 for "mixed" and
+"amp"), the LM loss (MoE aux/z losses injected in backward), backward, global-norm clipping at 1.0,
+fused AdamW (lr 3e-4, wd 0.1), zero_grad. "mixed" (our default) is the trainer's bf16 layout: bf16
+parameters, float32 gradient buffers and main weights in parallel.optimizer.ParallelOptimizer, the
+bf16 model written once per step; with "amp" the fp32 params are the master weights.
 HF rows run LlamaForCausalLM / MixtralForCausalLM built from the same shapes (random init, sdpa
 attention, output_router_logits=True so Mixtral also trains with its aux loss), through the same
 clipping and fused AdamW, with bf16 params by default (--hf-precision).
@@ -40,7 +42,9 @@ from moe.config import ModelConfig  # noqa: E402
 from moe.experts import BACKENDS as LAYER_BACKENDS  # noqa: E402
 from moe.model import RECOMPUTE, build_model, param_counts  # noqa: E402
 from train.metrics import flops_per_token, peak_flops  # noqa: E402
-from train.optim import build_optimizer, clip_grad_norm_  # noqa: E402
+from parallel.context import ParallelContext  # noqa: E402
+from parallel.layout import LayoutTable  # noqa: E402
+from train.optim import build_optimizer, build_parallel_optimizer, clip_grad_norm_  # noqa: E402
 
 _LLAMA = dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, tie_embeddings=False, norm_eps=1e-5)
 CONFIGS = {
@@ -63,7 +67,8 @@ def build_ours(cfg: ModelConfig, precision: str, device: torch.device, ckpt: boo
                recompute: str = "full"):
     """Our Decoder as the trainer builds it: init, optional activation checkpointing (full or
     selective recompute), per-block compile."""
-    model = build_model(cfg, device=device).to(param_dtype(precision)).train()
+    dtype = torch.float32 if precision == "mixed" else param_dtype(precision)  # "mixed": the optimizer casts
+    model = build_model(cfg, device=device).to(dtype).train()
     model.activation_checkpointing, model.recompute = ckpt, recompute
     if compile_:
         for key in list(model.layers):
@@ -113,7 +118,9 @@ def hf_label(model) -> str:
 
 # ---------------------------------------------------------------- timing
 def train_step_fn(model, loss_fn, tokens: torch.Tensor, precision: str, device: torch.device):
-    """forward (autocast for amp) -> backward -> clip -> fused AdamW step -> zero_grad(None)."""
+    """forward (autocast for amp/mixed) -> backward -> clip -> fused AdamW step -> zero_grad."""
+    if precision == "mixed":
+        return mixed_step_fn(model, loss_fn, tokens, device)
     optimizer = build_optimizer(model, LR, WEIGHT_DECAY, fused=True)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -124,6 +131,26 @@ def train_step_fn(model, loss_fn, tokens: torch.Tensor, precision: str, device: 
         clip_grad_norm_([(params, [])], GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def mixed_step_fn(model, loss_fn, tokens: torch.Tensor, device: torch.device):
+    """The trainer's bf16 step: ParallelOptimizer over the (float32-built) model, which it holds in
+    bf16 with float32 main weights; gradients accumulate in its float32 buffers."""
+    table = LayoutTable([model], ParallelContext.single(device))
+    optimizer = build_parallel_optimizer([model], table, LR, WEIGHT_DECAY, fused=True,
+                                         model_dtype=torch.bfloat16)
+
+    def step() -> None:
+        optimizer.prepare(0, last=True)
+        with autocast("mixed", device):
+            loss = loss_fn(tokens)
+        loss.backward()
+        optimizer.finish()
+        optimizer.clip(GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
 
     return step
 
@@ -223,7 +250,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048; smoke 32)")
     p.add_argument("--steps", type=int, help="timed steps, median reported (default 10; smoke 2)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; smoke 1)")
-    p.add_argument("--precision", help=f"ours: comma list of {list(PRECISIONS)} (default amp; smoke fp32)")
+    p.add_argument("--precision", help=f"ours: comma list of {list(PRECISIONS)} (default mixed; smoke fp32)")
     p.add_argument("--expert-backend", default="grouped_mm", choices=LAYER_BACKENDS,
                    help="our model.expert_backend (default grouped_mm)")
     p.add_argument("--activation-checkpointing", action="store_true",
@@ -253,7 +280,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, ModelConfig], dict]:
     pick = lambda value, gpu, tiny: value if value is not None else tiny if smoke else gpu  # noqa: E731
     opts = dict(batch_size=pick(args.batch_size, 8, 2), seq_len=pick(args.seq_len, 2048, 32),
                 steps=pick(args.steps, 10, 2), warmup=pick(args.warmup, 3, 1),
-                precisions=parse_precisions(pick(args.precision, "amp", "fp32")),
+                precisions=parse_precisions(pick(args.precision, "mixed", "fp32")),
                 hf_precision=pick(args.hf_precision, "bf16", "fp32"), hf=args.hf, hf_experts=args.hf_experts,
                 activation_checkpointing=args.activation_checkpointing, recompute=args.recompute,
                 compile=args.compile, profile=args.profile,

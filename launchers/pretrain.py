@@ -35,7 +35,8 @@ def build_context(cfg) -> ParallelContext:
     if cfg.training.device == "cpu":
         backend = backend or "gloo"
     return ParallelContext.from_env(tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp, vpp=p.vpp,
-                                    sequence_parallel=p.sequence_parallel, backend=backend, timeout_s=p.timeout_s)
+                                    sequence_parallel=p.sequence_parallel, fold_experts=p.fold_experts,
+                                    backend=backend, timeout_s=p.timeout_s)
 
 
 def main(argv: list[str] | None = None, description: str = __doc__, check=None) -> int:

@@ -25,6 +25,8 @@ CHOICES = {
     "gelu_approx": ("none", "tanh"),
     "local_layers": ("none", "all", "odd", "even"),
     "expert_backend": ("grouped_mm", "padded", "loop", "megablocks"),
+    "score_function": ("softmax", "sigmoid"),
+    "aux_loss_scope": ("micro_batch", "sequence", "global_batch"),
 }
 
 
@@ -69,7 +71,10 @@ class ModelConfig:
     # --- mixture of experts ---
     n_experts: int = 0                    # 0 = dense model
     top_k: int = 2                        # experts per token
-    moe_every: int = 1                    # 1 = every block is MoE; 2 = every other block (blocks 1, 3, 5, ...)
+    moe_every: int = 1                    # 1 = every block is MoE; 2 = every other block (blocks 1, 3, 5, ...) (HF decoder_sparse_step)
+    first_k_dense: int = 0                # the first k blocks keep a dense MLP (HF first_k_dense_replace: DeepSeek, GLM-4.5)
+    dense_layers: list | None = None      # block indices that keep a dense MLP (HF mlp_only_layers: Qwen-MoE); None = none
+    moe_layers: list | None = None        # the MoE block indices, explicitly; when set, moe_every / first_k_dense / dense_layers stay at their defaults
     expert_ffn_dim: int | None = None     # expert MLP width; None = ffn_dim
     shared_expert_ffn_dim: int = 0        # width of an always-on shared expert added to the routed output; 0 = none
     capacity_factor: float | None = None  # None = dropless; else each expert keeps ceil(cf*T*k/E) slots, drops the rest
@@ -77,6 +82,19 @@ class ModelConfig:
     z_loss_coef: float = 1e-3             # router z-loss weight (ST-MoE)
     expert_backend: str = "grouped_mm"    # grouped_mm | padded | loop (fp32 reference) | megablocks (optional)
     forced_routing_imbalance: float | None = None  # None = learned routing; 1 = every expert its fair share (benchmarks); F > 1 = busiest expert at F x its share (worst-case sizing)
+    shared_expert_gate: bool = False      # scale the shared expert's output per token by sigmoid(x . w_gate) (HF Qwen2-MoE shared_expert_gate); needs shared_expert_ffn_dim > 0
+    # --- routing (the math is in moe/router.py) ---
+    score_function: str = "softmax"       # softmax | sigmoid (DeepSeek-V3, GLM-4.5): router logits -> expert scores (HF scoring_func)
+    topk_before_softmax: bool = False     # softmax only: choose the k largest logits, then softmax over those k (Megatron's default order); False = softmax over all experts, then top-k
+    norm_topk_prob: bool | None = None    # divide the k chosen scores by their sum (HF norm_topk_prob); None = when top_k > 1 (Mixtral), top-1 keeps its probability (Switch)
+    routed_scaling_factor: float = 1.0    # multiplies the k gate weights after any normalising (HF routed_scaling_factor; DeepSeek-V3: 2.5)
+    n_group: int = 1                      # group-limited routing: experts in n_group contiguous groups of n_experts / n_group (HF n_group); 1 = off
+    topk_group: int = 1                   # groups each token may route to, the best by group score (HF topk_group); 1 when n_group is 1
+    group_score_topk: int = 2             # a group's score is the sum of its best this-many expert scores (DeepSeek-V3, GLM-4.5: 2; DeepSeek-V2's group max: 1)
+    expert_bias: bool = False             # per-expert bias added to the scores only to choose experts (aux-loss-free balancing, DeepSeek-V3; HF e_score_correction_bias); a checkpointed buffer
+    expert_bias_update_rate: float = 1e-3  # after each optimizer step: bias += rate * sign(mean load - load), loads over the whole step (every micro-batch and rank); 0 = frozen
+    router_input_jitter: float = 0.0      # training only: multiply the router's input by U(1 - eps, 1 + eps) (Switch; Megatron moe_input_jitter_eps); the experts see the clean input; 0 = off
+    aux_loss_scope: str = "micro_batch"   # micro_batch (Switch/GShard) | sequence (DeepSeek-V2/V3: per sequence, averaged) | global_batch (f over the whole step: the same loss for every micro-batch size and layout)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,8 +133,25 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         return int(self.dim_head * self.rotary_fraction)
 
+    @property
+    def normalizes_topk(self) -> bool:
+        """Whether the k chosen scores are divided by their sum (a softmax over the k chosen logits
+        is normalised by construction)."""
+        if self.topk_before_softmax:
+            return True
+        return self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob
+
     def is_moe_layer(self, i: int) -> bool:
-        return self.n_experts > 0 and i % self.moe_every == self.moe_every - 1
+        """Block i has an MoE MLP: listed in moe_layers, or else past the first_k_dense blocks, not
+        in dense_layers and on the moe_every stride (HF Qwen-MoE's
+        (i + 1) % decoder_sparse_step == 0)."""
+        if self.n_experts == 0:
+            return False
+        if self.moe_layers is not None:
+            return i in self.moe_layers
+        if i < self.first_k_dense or i in (self.dense_layers or ()):
+            return False
+        return i % self.moe_every == self.moe_every - 1
 
     def is_local_layer(self, i: int) -> bool:
         if self.local_window is None or self.local_layers == "none":
@@ -166,6 +201,55 @@ class ModelConfig:
         _check(f is None or 1.0 <= f <= top and (f == 1.0 or self.top_k < self.n_experts),
                f"model.forced_routing_imbalance ({f}) must be in [1, n_experts / top_k = {top:g}] "
                f"(1 = perfectly balanced), or null for learned routing")
+        self._validate_moe_layers()
+        self._validate_routing()
+
+    def _validate_moe_layers(self) -> None:
+        """Which blocks are MoE: indices in range, no conflicting ways to say it, at least one."""
+        _check(self.first_k_dense >= 0, f"model.first_k_dense ({self.first_k_dense}) must be >= 0")
+        for name in ("dense_layers", "moe_layers"):
+            ids = getattr(self, name)
+            ok = ids is None or (all(type(i) is int and 0 <= i < self.n_layers for i in ids)
+                                 and len(set(ids)) == len(ids))
+            _check(ok, f"model.{name} ({ids}) must list distinct block indices in "
+                       f"[0, n_layers = {self.n_layers})")
+        explicit = self.moe_layers is not None
+        defaults = (self.moe_every, self.first_k_dense, self.dense_layers) == (1, 0, None)
+        _check(not explicit or defaults,
+               "model.moe_layers lists the MoE blocks itself: leave model.moe_every (1), "
+               "model.first_k_dense (0) and model.dense_layers (null) at their defaults")
+        _check(any(self.is_moe_layer(i) for i in range(self.n_layers)),
+               f"model.n_experts ({self.n_experts}) > 0 but no block is MoE: check "
+               f"model.moe_every, model.first_k_dense, model.dense_layers and model.moe_layers "
+               f"against model.n_layers ({self.n_layers})")
+        _check(not self.shared_expert_gate or self.shared_expert_ffn_dim > 0,
+               "model.shared_expert_gate needs a shared expert: set "
+               "model.shared_expert_ffn_dim > 0")
+
+    def _validate_routing(self) -> None:
+        E, k, g = self.n_experts, self.top_k, self.n_group
+        _check(self.score_function == "softmax" or not self.topk_before_softmax,
+               "model.topk_before_softmax needs model.score_function=softmax")
+        _check(not (self.topk_before_softmax and self.norm_topk_prob is False),
+               "model.topk_before_softmax gives weights that sum to 1 by construction: "
+               "leave model.norm_topk_prob null")
+        _check(self.routed_scaling_factor > 0,
+               f"model.routed_scaling_factor ({self.routed_scaling_factor}) must be > 0")
+        _check(g >= 1 and E % g == 0,
+               f"model.n_group ({g}) must be >= 1 and divide model.n_experts ({E})")
+        per_group = E // g
+        _check(1 <= self.topk_group <= g and self.topk_group * per_group >= k,
+               f"model.topk_group ({self.topk_group}) must be in [1, n_group = {g}] and leave at "
+               f"least top_k ({k}) experts (topk_group x n_experts / n_group = "
+               f"{self.topk_group * per_group})")
+        _check(g == 1 or 1 <= self.group_score_topk <= per_group,
+               f"model.group_score_topk ({self.group_score_topk}) must be in "
+               f"[1, n_experts / n_group = {per_group}]")
+        _check(self.expert_bias_update_rate >= 0,
+               f"model.expert_bias_update_rate ({self.expert_bias_update_rate}) must be >= 0 "
+               f"(0 = frozen)")
+        _check(0.0 <= self.router_input_jitter < 1.0,
+               f"model.router_input_jitter ({self.router_input_jitter}) must be in [0, 1)")
 
     # ----- construction -----
     @classmethod
@@ -185,6 +269,31 @@ class ModelConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+# Fields that change how a model trains, not the function its weights compute: a checkpoint made
+# under other values still fits (used when starting from a checkpoint, ours or HF's).
+TRAINING_ONLY = frozenset({
+    "dropout", "init_std", "expert_backend", "capacity_factor", "aux_loss_coef", "z_loss_coef",
+    "vocab_pad_multiple", "max_seq_len", "aux_loss_scope", "expert_bias_update_rate",
+    "router_input_jitter", "forced_routing_imbalance"})
+# Fields whose None means a value derived from others: compared through that derived value.
+_DERIVED = {"ffn_dim": "ffn", "n_kv_heads": "kv_heads", "head_dim": "dim_head",
+            "qkv_bias": "use_qkv_bias", "norm_topk_prob": "normalizes_topk"}
+
+
+def first_difference(a: ModelConfig, b: ModelConfig,
+                     skip=TRAINING_ONLY) -> tuple[str, Any, Any] | None:
+    """(field, a's value, b's value) of the first field, in definition order and outside `skip`, on
+    which a and b describe different networks; None when they describe the same one."""
+    for f in fields(ModelConfig):
+        if f.name in skip:
+            continue
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        derived = _DERIVED.get(f.name)
+        if va != vb and (derived is None or getattr(a, derived) != getattr(b, derived)):
+            return f.name, va, vb
+    return None
 
 
 # ---------------------------------------------------------------- strict dict -> dataclass
@@ -267,7 +376,7 @@ def _shape(n_layers: int, d_model: int, n_heads: int, **kw: Any) -> dict[str, An
 
 
 # name -> (overrides, published parameter count or None). Counts from the GPT-1/2/3, LLaMA 1/2/3,
-# ChatGLM2 and GLM-4 papers / model cards; checked (within 2%) by tests/test_presets.py.
+# ChatGLM2, GLM-4 and GLM-4.5 papers / model cards; checked (within 2%) by tests/test_presets.py.
 PRESET_TABLE: dict[str, tuple[dict[str, Any], float | None]] = {
     "gpt1": (dict(_GPT, norm_position="post", vocab_size=40478, max_seq_len=512, **_shape(12, 768, 12)), 117e6),
     "gpt2-small": (dict(_GPT2, **_shape(12, 768, 12)), 124e6),
@@ -300,6 +409,19 @@ PRESET_TABLE: dict[str, tuple[dict[str, Any], float | None]] = {
     # No published size: ~40.9B total / ~7.0B active parameters, sized for 4 nodes x 8 GPUs.
     "moe16x": (dict(_LLAMA, vocab_size=100277, vocab_pad_multiple=128, max_seq_len=8192, rope_theta=500000.0,
                     n_experts=16, top_k=2, expert_ffn_dim=6144, **_shape(32, 4096, 32, n_kv_heads=8)), None),
+    # GLM-4.5-Air (Zhipu AI, 2025): the first block dense (ffn 10944), then 128 routed SwiGLU experts
+    # of 1408 (top-8 by sigmoid score, weights normalised, group-limited routing off) plus one shared
+    # expert, balanced by the expert bias (rate 1e-3) and a sequence-wise balance loss of 1e-4 (the
+    # GLM-4.5 report; no z-loss); GQA 96/8 heads of 128, RoPE on half of each head, q/k/v biases.
+    # Published 106B total / 12B active; the released checkpoint's extra multi-token-prediction
+    # layer is not part of this preset.
+    "glm4.5-air": (dict(_LLAMA, vocab_size=151552, max_seq_len=131072, rope_theta=1e6,
+                        rotary_fraction=0.5, qkv_bias=True, ffn_dim=10944, n_experts=128, top_k=8,
+                        expert_ffn_dim=1408, shared_expert_ffn_dim=1408, first_k_dense=1,
+                        score_function="sigmoid", norm_topk_prob=True, expert_bias=True,
+                        expert_bias_update_rate=1e-3, aux_loss_scope="sequence", aux_loss_coef=1e-4,
+                        z_loss_coef=0.0, **_shape(46, 4096, 96, n_kv_heads=8, head_dim=128)),
+                   106e9),
     # CPU-sized defaults for the quick start and tests.
     "tiny": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, **_shape(4, 128, 4, n_kv_heads=2, ffn_dim=344)), None),
     "tiny-moe": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, n_experts=8, top_k=2, expert_ffn_dim=128,
@@ -318,8 +440,10 @@ def tiny_variant(overrides: dict[str, Any]) -> dict[str, Any]:
                 max_seq_len=128, rope_original_max_seq_len=32)
     if full.local_window is not None:
         tiny["local_window"] = 8
-    if full.n_experts:
-        tiny.update(n_experts=min(full.n_experts, 8), expert_ffn_dim=64)
+    if full.n_experts:  # at least twice top_k experts, so top-8 routing still chooses
+        tiny.update(n_experts=min(full.n_experts, max(8, 2 * full.top_k)), expert_ffn_dim=64)
+        if full.shared_expert_ffn_dim:
+            tiny["shared_expert_ffn_dim"] = 64
     return tiny
 
 
@@ -347,4 +471,4 @@ def published_params(name: str) -> float | None:
 
 
 __all__ = ["ModelConfig", "PRESETS", "PRESET_TABLE", "get_preset", "published_params", "tiny_variant",
-           "dataclass_from_dict", "replace", "field"]
+           "dataclass_from_dict", "first_difference", "TRAINING_ONLY", "replace", "field"]

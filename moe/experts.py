@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parallel.kernels import autocast_dtype
+from parallel.layout import Split
 
 from .kernels import swiglu as swiglu_fn
 
@@ -65,7 +66,11 @@ def _activation(h: torch.Tensor, swiglu: bool, approx: str) -> torch.Tensor:
 
 
 class Experts(nn.Module):
-    """E local experts (E = n_experts / ep under expert parallelism; `ep_dim = 0` on the weights)."""
+    """E local experts (E = n_experts / ep under expert parallelism: the weights are cut on dim 0).
+    They run on the tokens routed to them from a token shard (under tp each rank routes 1/tp of
+    the micro-batch), which PARAM_SPLITS records for the gradient reducer."""
+
+    PARAM_SPLITS = {name: Split(ep_dim=0, token_sharded=True) for name in ("w_in", "w_out")}
 
     def __init__(self, n_local: int, d_model: int, ffn: int, swiglu: bool, gelu_approx: str, backend: str):
         super().__init__()
@@ -74,8 +79,6 @@ class Experts(nn.Module):
         self.swiglu, self.approx, self.backend = swiglu, gelu_approx, backend
         self.w_in = nn.Parameter(torch.empty(n_local, d_model, ffn * (2 if swiglu else 1)))
         self.w_out = nn.Parameter(torch.empty(n_local, ffn, d_model))
-        for p in (self.w_in, self.w_out):
-            p.ep_dim = 0
         if backend == "megablocks" and megablocks_gmm() is None:
             raise ValueError("model.expert_backend=megablocks but megablocks does not import here: "
                              "install it (CUDA only) or use expert_backend=grouped_mm")

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, first_difference
 from .model import Decoder, build_empty
 
 ARCHS = ("llama", "gpt2", "mixtral")
@@ -67,6 +67,7 @@ def _mixtral_fields(hf: dict[str, Any]) -> dict[str, Any]:
     return dict(_decoder_fields(hf), bias=False, ffn_dim=hf["intermediate_size"],
                 expert_ffn_dim=hf["intermediate_size"], n_experts=hf["num_local_experts"],
                 top_k=hf["num_experts_per_tok"], moe_every=1, capacity_factor=None,
+                norm_topk_prob=True,
                 aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), z_loss_coef=0.0,
                 local_window=window, local_layers="all" if window else "none",
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **_rope_from_hf(hf, 1e6))
@@ -159,6 +160,12 @@ def _export_checks(cfg: ModelConfig) -> dict[str, list[tuple[bool, str]]]:
     mixtral = rope_swiglu + [
         (cfg.n_experts > 0, "model.n_experts (0) must be > 0: export a dense model as llama"),
         (cfg.moe_every == 1, f"model.moe_every ({cfg.moe_every}) must be 1 (every Mixtral block is MoE)"),
+        (all(cfg.is_moe_layer(i) for i in range(cfg.n_layers)),
+         "every block must be MoE (model.first_k_dense 0, model.dense_layers and "
+         "model.moe_layers null)"),
+        (_mixtral_routing(cfg), "the routing must be Mixtral's: model.score_function softmax, "
+                                "the k weights normalised, model.routed_scaling_factor 1, "
+                                "model.n_group 1, no model.expert_bias"),
         (not cfg.bias and not cfg.use_qkv_bias, "model.bias and model.qkv_bias must be False (Mixtral has no biases)"),
         (cfg.capacity_factor is None, f"model.capacity_factor ({cfg.capacity_factor}) must be None: Mixtral is "
                                       f"dropless (replace(model.cfg, capacity_factor=None) to export anyway)"),
@@ -176,6 +183,11 @@ def _export_checks(cfg: ModelConfig) -> dict[str, list[tuple[bool, str]]]:
         (cfg.local_layers == "none", f"model.local_layers ({cfg.local_layers!r}) must be 'none'"),
     ]
     return {"llama": llama, "mixtral": mixtral, "gpt2": gpt2}
+
+
+def _mixtral_routing(cfg: ModelConfig) -> bool:
+    return (cfg.score_function == "softmax" and cfg.normalizes_topk
+            and cfg.routed_scaling_factor == 1.0 and cfg.n_group == 1 and not cfg.expert_bias)
 
 
 def _rope_decoder_config(cfg: ModelConfig, arch: str) -> dict[str, Any]:
@@ -411,29 +423,9 @@ def load_hf(path: str, **overrides: Any) -> Decoder:
     return model.eval()
 
 
-# Fields that only change training, not what the weights compute.
-_TRAINING_ONLY = {"dropout", "init_std", "expert_backend", "capacity_factor", "aux_loss_coef", "z_loss_coef",
-                  "vocab_pad_multiple", "max_seq_len"}
-
-
-def network_difference(cfg: ModelConfig, theirs: ModelConfig) -> tuple[str, Any, Any] | None:
-    """The first field (name, ours, theirs) by which the two configs describe different networks
-    (fields that only change training are skipped, derived sizes compared), or None."""
-    for f in fields(ModelConfig):
-        if f.name in _TRAINING_ONLY:
-            continue
-        a, b = getattr(cfg, f.name), getattr(theirs, f.name)
-        if a != b and not (f.name == "ffn_dim" and cfg.ffn == theirs.ffn) and \
-                not (f.name == "n_kv_heads" and cfg.kv_heads == theirs.kv_heads) and \
-                not (f.name == "head_dim" and cfg.dim_head == theirs.dim_head) and \
-                not (f.name == "qkv_bias" and cfg.use_qkv_bias == theirs.use_qkv_bias):
-            return f.name, a, b
-    return None
-
-
 def check_matches_hf(cfg: ModelConfig, path: str) -> None:
     """Raise if `cfg` describes a different network than the HF checkpoint's config.json."""
-    diff = network_difference(cfg, config_from_hf(read_hf_config(path)))
+    diff = first_difference(cfg, config_from_hf(read_hf_config(path)))
     if diff is not None:
         name, a, b = diff
         raise ValueError(f"checkpoint.init_from={path}: model.{name} is {a!r} here but {b!r} in "

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from parallel.context import ParallelContext
+from parallel.layout import Split
 from parallel.tensor import ColumnParallelLinear, RowParallelLinear, enter_tp_region, fused_column_linear
 
 from .config import ModelConfig
@@ -34,10 +35,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm (GPT). Under autocast it computes in float32, so a bf16 model keeps its
+    weight and bias in float32 rather than casting them on every call."""
+
+    PARAM_SPLITS = {"weight": Split(keep_fp32=True), "bias": Split(keep_fp32=True)}
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 # ---------------------------------------------------------------- positions

@@ -21,8 +21,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from parallel.context import ParallelContext, check_divisible
 from parallel.kernels import autocast_dtype
-from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_to_tp, shard_tensor, \
-    vocab_parallel_cross_entropy
+from parallel.layout import ParamLayout, param_layouts
+from parallel.tensor import ColumnParallelLinear, VocabParallelEmbedding, copy_to_tp, vocab_parallel_cross_entropy
 
 from .config import ModelConfig
 from .layers import Attention, DenseMLP, document_layout, make_norm, rope_cos_sin, sinusoidal_table
@@ -69,20 +69,20 @@ class Block(nn.Module):
         self.mlp = MoELayer(cfg, ctx) if cfg.is_moe_layer(idx) else DenseMLP(cfg, ctx)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, aux_grad_scale: float,
+    def forward(self, x, rope, aux_grad_scale: float, global_counts: torch.Tensor | None = None,
                 mask=None) -> tuple[torch.Tensor, MoEStats | None]:
         if self.pre:
             x = x + self.drop(self.attn(self.attn_norm(x), rope, mask))
-            m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale)
+            m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale, global_counts)
             return x + self.drop(m), stats
         dtype = x.dtype  # LayerNorm runs in float32 under autocast: keep the stream's dtype
         x = self.attn_norm(x + self.drop(self.attn(x, rope, mask))).to(dtype)
-        m, stats = self._mlp(x, aux_grad_scale)
+        m, stats = self._mlp(x, aux_grad_scale, global_counts)
         return self.mlp_norm(x + self.drop(m)).to(dtype), stats
 
-    def _mlp(self, x, aux_grad_scale):
+    def _mlp(self, x, aux_grad_scale, global_counts=None):
         if isinstance(self.mlp, MoELayer):
-            return self.mlp(x, aux_grad_scale)
+            return self.mlp(x, aux_grad_scale, global_counts)
         return self.mlp(x), None
 
 
@@ -124,45 +124,52 @@ class Decoder(nn.Module):
             self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
             if not (cfg.tie_embeddings and pre):
                 self.head = ColumnParallelLinear(cfg.d_model, cfg.padded_vocab_size, False, ctx)
-                self.head.weight.tied_to = "tok_emb.weight" if cfg.tie_embeddings else None
-        self._mark_tp_partial_grads()
 
-    def _mark_tp_partial_grads(self) -> None:
-        """Under sequence parallelism every tp-replicated parameter sees only a sequence shard, so its
-        gradient is a partial sum over the tp group (Megatron's `sequence_parallel` attribute)."""
-        for p in self.parameters():
-            if getattr(p, "tp_dim", None) is None and self.ctx.sequence_parallel and self.ctx.tp > 1:
-                p.grad_sum_over_tp = True
+    def tied_params(self) -> dict[str, str | None]:
+        """A tied embedding split over pipeline stages (parallel/layout.py): the last stage's head
+        mirrors the first stage's embedding. On one stage they are one tensor: nothing to say."""
+        if not self.cfg.tie_embeddings or (self.pre and self.post):
+            return {}
+        return {"tok_emb.weight": None} if self.pre else {"head.weight": "tok_emb.weight"}
+
+    def layouts(self) -> dict[str, ParamLayout]:
+        """name -> layout record of every parameter, for this model's ParallelContext."""
+        return param_layouts(self, self.ctx)
 
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, aux_grad_scale: float = 1.0,
+                global_loads: dict[int, torch.Tensor] | None = None, routing_only: bool = False,
                 doc_ids: torch.Tensor | None = None) -> DecoderOutput:
         """x: token ids [B, S] on the first stage, else the previous stage's hidden [B, S(/tp), D].
         `aux_grad_scale`: the factor applied to this micro-batch's LM loss (e.g. 1/n_micro_batches);
-        the MoE auxiliary losses get the same factor in backward. `doc_ids` [B, S] (full sequence,
-        every stage): several documents packed per row attend only within themselves, with positions
-        restarting at each (moe.layers.document_layout); None = one document per row."""
+        the MoE auxiliary losses get the same factor in backward. `global_loads`: layer -> [E]
+        routed slots over the whole step (model.aux_loss_scope=global_batch). `routing_only`: only
+        what the routing statistics need - the last stage stops after its last MoE block, no head,
+        no loss. `doc_ids` [B, S] (full sequence, every stage): several documents packed per row
+        attend only within themselves, with positions restarting at each
+        (moe.layers.document_layout); None = one document per row."""
         mask, positions = document_layout(doc_ids) if doc_ids is not None else (None, None)
         h = self.embed(x, positions) if self.pre else x
-        compute_dtype = autocast_dtype(h.device.type)
-        if self.pre and not self.cfg.fp32_residual and compute_dtype is not None:
-            h = h.to(compute_dtype)  # the residual stream in the compute dtype
+        if self.pre:  # the residual stream: float32 (fp32 training, model.fp32_residual) or bf16
+            compute_dtype = autocast_dtype(h.device.type)
+            h = h.float() if self.cfg.fp32_residual or compute_dtype is None else h.to(compute_dtype)
         rope = self._rope(h, positions) if self.cfg.positions == "rope" else None
         out = DecoderOutput(logits=None)
-        for key, block in self.layers.items():
+        for key, block in self._blocks(routing_only):
+            counts = (global_loads or {}).get(int(key))
             if self.activation_checkpointing and self.training:
                 extra = {"context_fn": selective_recompute_context} if self.recompute == "selective" else {}
-                h, stats = checkpoint(block, h, rope, aux_grad_scale, mask, use_reentrant=False,
+                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, mask, use_reentrant=False,
                                       **extra)
             else:
-                h, stats = block(h, rope, aux_grad_scale, mask)
+                h, stats = block(h, rope, aux_grad_scale, counts, mask)
             if stats is not None:
                 out.moe[int(key)] = stats
         if out.moe:
             out.aux_loss = torch.stack([s.aux_loss for s in out.moe.values()]).sum()
             out.z_loss = torch.stack([s.z_loss for s in out.moe.values()]).sum()
         out.hidden = h
-        if not self.post:
+        if not self.post or routing_only:
             return out
         out.logits = self.logits(h)
         if targets is not None:
@@ -170,6 +177,15 @@ class Decoder(nn.Module):
         if self.ctx.tp == 1 and self.cfg.padded_vocab_size != self.cfg.vocab_size:
             out.logits = out.logits[..., : self.cfg.vocab_size]
         return out
+
+    def _blocks(self, routing_only: bool) -> list[tuple[str, Block]]:
+        """The blocks to run: all of them, or for routing statistics on the last stage only those
+        up to its last MoE block (what follows changes no routing decision)."""
+        blocks = list(self.layers.items())
+        if routing_only and self.post:
+            moe = [i for i, (key, _) in enumerate(blocks) if self.cfg.is_moe_layer(int(key))]
+            blocks = blocks[:moe[-1] + 1] if moe else []
+        return blocks
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token (+ learned or sinusoidal position) embeddings; positions [B, S] for packed rows."""
@@ -232,10 +248,11 @@ class Decoder(nn.Module):
         """Attach a task head (e.g. a classifier on the last stage) as a submodule, so the gradient
         reducer, clipping, ZeRO-1 and checkpoints treat it like every other weight, initialised the
         layout-independent way (full tensors from (seed, "name.param") generators). Its parameters
-        are replicated over tp; a head must see the same full input on every tp rank."""
+        are replicated over tp (parallel.layout's default split): without sequence parallelism a
+        head must compute alike on every tp rank, with it each rank's gradient is a partial sum."""
         self.add_module(name, head)
         for pname, p in head.named_parameters():
-            p.copy_(self._full_init(f"{name}.{pname}", p, seed))
+            p.copy_(self._full_init(f"{name}.{pname}", tuple(p.shape), seed))
 
     # ------------------------------------------------------------ weights
     @torch.no_grad()
@@ -248,27 +265,22 @@ class Decoder(nn.Module):
     def init_weights(self, seed: int = 0) -> None:
         """Layout-independent init: each parameter's full tensor from a (seed, name)-seeded generator,
         then this rank's shard. Normal(0, init_std) for matrices (output projections scaled by
-        1/sqrt(2 n_layers), GPT-2), ones for norm weights, zeros for biases."""
+        1/sqrt(2 n_layers), GPT-2), ones for norm weights, zeros for biases; the routers' expert
+        biases (state, not weights) start at zero."""
+        for name, b in self.named_buffers():
+            if name.endswith("router.expert_bias"):
+                b.zero_()
+        layouts = self.layouts()
         for name, p in self.named_parameters():
-            name = getattr(p, "tied_to", None) or name
-            full = self._full_init(name, p, seed)
-            if getattr(p, "tp_dim", None) is not None:
-                full = shard_tensor(full, p.tp_dim, self.ctx.tp_rank, self.ctx.tp)
-            if getattr(p, "ep_dim", None) is not None:
-                full = shard_tensor(full, p.ep_dim, self.ctx.ep_rank, self.ctx.ep)
-            p.copy_(full)
+            rec = layouts[name]  # a tied replica is drawn under the name of the tensor it mirrors
+            p.copy_(rec.shard(self._full_init(rec.tied_to or rec.name, rec.global_shape, seed), self.ctx))
 
-    def _full_init(self, name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
-        shape = list(p.shape)
-        if getattr(p, "tp_dim", None) is not None:
-            shape[p.tp_dim] *= self.ctx.tp
-        if getattr(p, "ep_dim", None) is not None:
-            shape[p.ep_dim] *= self.ctx.ep
+    def _full_init(self, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
         if name.endswith("bias"):
             return torch.zeros(shape)
-        if p.ndim == 1:  # norm weights
+        if len(shape) == 1:  # norm weights
             return torch.ones(shape)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        gen = init_generator(seed, name)
         std = self.cfg.init_std
         if name.endswith(("wo.weight", "w2.weight", "w_out")):
             std = std / (2 * self.cfg.n_layers) ** 0.5
@@ -278,13 +290,20 @@ class Decoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def init_generator(seed: int, name: str) -> torch.Generator:
+    """The generator a parameter's full tensor is drawn from: seeded by (seed, global name), so the
+    draw is the same in every layout."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
 def param_counts(model: Decoder) -> tuple[int, int]:
     """(total, active) parameters on this rank; active counts top_k of n_experts expert weights."""
     cfg = model.cfg
     total = expert = 0
+    layouts = model.layouts()
     for name, p in model.named_parameters():
         total += p.numel()
-        if getattr(p, "ep_dim", None) is not None:
+        if layouts[name].expert:
             expert += p.numel()
     active = total - expert + (expert * cfg.top_k // cfg.n_experts if cfg.n_experts else 0)
     return total, active
@@ -292,14 +311,10 @@ def param_counts(model: Decoder) -> tuple[int, int]:
 
 def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cpu", **stage) -> Decoder:
     """A Decoder with uninitialised weights on `device`, built on the meta device so no time goes
-    into random init of weights about to be overwritten. to_empty() makes new Parameter objects, so
-    the attributes our layers set on them (tp_dim, ep_dim, tied_to, ...) are copied across."""
+    into random init of weights about to be overwritten."""
     with torch.device("meta"):
         model = Decoder(cfg, ctx, **stage)
-    attrs = {name: dict(vars(p)) for name, p in model.named_parameters()}
     model.to_empty(device=device)
-    for name, p in model.named_parameters():
-        vars(p).update(attrs[name])
     model.init_buffers()  # to_empty left the computed (non-persistent) buffers uninitialised
     return model
 
@@ -307,21 +322,19 @@ def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cp
 @torch.no_grad()
 def load_full_state_dict(model: Decoder, full: dict[str, torch.Tensor]) -> None:
     """Copy a whole-model (single-process) state dict into this rank's shards and stage: each
-    tensor is cut by the parameter's tp_dim / ep_dim, so any layout can start from one checkpoint."""
-    ctx = model.ctx
-    for name, p in model.named_parameters():
-        key = name if name in full else getattr(p, "tied_to", None)
+    tensor is cut as its layout record says, so any layout can start from one checkpoint.
+    Persistent buffers (the routers' expert biases) are state too: replicated, copied whole."""
+    layouts = model.layouts()
+    for name, t in model.state_dict(keep_vars=True).items():
+        rec = layouts.get(name)  # None for a buffer
+        key = name if rec is None else (rec.name if rec.name in full else rec.tied_to)
         if key not in full:
             raise ValueError(f"checkpoint has no tensor for {name}: it does not match model {model.cfg}")
-        t = full[key]
-        if getattr(p, "tp_dim", None) is not None:
-            t = shard_tensor(t, p.tp_dim, ctx.tp_rank, ctx.tp)
-        if getattr(p, "ep_dim", None) is not None:
-            t = shard_tensor(t, p.ep_dim, ctx.ep_rank, ctx.ep)
-        if t.shape != p.shape:
-            raise ValueError(f"{name}: checkpoint shard has shape {tuple(t.shape)} but the model expects "
-                             f"{tuple(p.shape)}: the checkpoint's model config differs from this run's")
-        p.copy_(t)
+        want = tuple(t.shape) if rec is None else rec.global_shape
+        if tuple(full[key].shape) != want:
+            raise ValueError(f"{name}: checkpoint tensor has shape {tuple(full[key].shape)} but the model "
+                             f"expects {want}: the checkpoint's model config differs from this run's")
+        t.copy_(full[key] if rec is None else rec.shard(full[key], model.ctx))
 
 
 def build_model(cfg: ModelConfig, ctx: ParallelContext | None = None, seed: int = 0, device=None,

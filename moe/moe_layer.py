@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .experts import Experts
 from .kernels import combine_rows, gather_rows
 from .layers import DenseMLP
-from .router import TopKRouter, expert_counts
+from .router import RouterOptions, TopKRouter, expert_counts
 
 
 @dataclass
@@ -148,17 +148,20 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
         self.router = TopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef,
-                                 cfg.forced_routing_imbalance)
+                                 cfg.forced_routing_imbalance, RouterOptions.from_config(cfg))
         self.dispatcher = make_dispatcher(cfg, ctx)
         self.experts = Experts(self.dispatcher.n_local_experts, cfg.d_model, cfg.expert_ffn, cfg.mlp == "swiglu",
                                cfg.gelu_approx, cfg.expert_backend)
         self.shared = DenseMLP(cfg, ctx, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
-        # The router and experts see only this rank's token shard when tp > 1: their gradients are
-        # partial sums over the tp group (reduced by the gradient reducer).
-        for p in list(self.router.parameters()) + list(self.experts.parameters()):
-            p.grad_sum_over_tp = ctx.tp > 1
+        # Qwen2-MoE's gate [1, D] sees the same tokens as the shared expert (all of them on every tp
+        # rank, or the sequence shard under sequence parallelism, where its layout record makes it a
+        # tp partial sum like every tp-replicated weight): unlike the router, no token shard.
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_expert_gate else None
 
-    def forward(self, x: torch.Tensor, aux_grad_scale: float = 1.0) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, aux_grad_scale: float = 1.0,
+                global_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x [B, S(/tp), D] -> (y like x, stats). global_counts [E]: this layer's routed slots per
+        expert over the whole step (needed by model.aux_loss_scope=global_batch in training)."""
         # 1. flatten tokens; with tp > 1 (no sequence parallelism) each tp rank takes 1/tp of them,
         #    so no expert work is duplicated across the tp group
         # 2. route (float32) and compute aux/z losses over the whole micro-batch
@@ -171,7 +174,7 @@ class MoELayer(nn.Module):
         shard_tokens = tp_group is not None and not self.ctx.sequence_parallel
         if shard_tokens:
             tokens = scatter_to_tp(tokens, tp_group, dim=0)
-        routing = self.router(tokens, stats_group=tp_group)
+        routing = self._route(tokens, shape, tp_group, global_counts)
         cap = expert_capacity(tokens.shape[0] * (self.ctx.tp if tp_group is not None else 1), self.cfg.top_k,
                               self.cfg.n_experts, self.cfg.capacity_factor)
         keep = None if cap is None else self._keep(routing.experts, cap, shape, tp_group)
@@ -187,9 +190,39 @@ class MoELayer(nn.Module):
             y = gather_from_tp(y, tp_group, dim=0)
         y = y.view(shape)
         if self.shared is not None:
-            y = y + self.shared(x)
+            y = y + self._shared(x)
         y = AttachAuxLoss.apply(y, routing.aux_loss + routing.z_loss, aux_grad_scale)
         return y, self._stats(routing, perm, tokens.shape[0], tp_group)
+
+    def _route(self, tokens: torch.Tensor, shape: torch.Size, tp_group, global_counts):
+        """The router on this rank's tokens, with what its balance-loss scope needs: each token's
+        sequence (a sequence may be split over the tp group) or the step's counts."""
+        if self.cfg.aux_loss_scope != "sequence":
+            return self.router(tokens, stats_group=tp_group, global_counts=global_counts)
+        pos, seq_len = self._positions(tokens.shape[0], shape, tp_group, tokens.device)
+        return self.router(tokens, stats_group=tp_group, seq_ids=pos // seq_len, n_seqs=shape[0])
+
+    def _positions(self, n_local: int, shape: torch.Size, tp_group,
+                   device) -> tuple[torch.Tensor, int]:
+        """([n_local] each local token's position in the flattened micro-batch, the full sequence
+        length): so position // length is its sequence and positions order capacity priority."""
+        pos = torch.arange(n_local, device=device)
+        if tp_group is None:
+            return pos, shape[1]
+        r = self.ctx.tp_rank
+        if self.ctx.sequence_parallel:  # x [B, S/tp, D]: local (b, s) is global b*S + r*S/tp + s
+            B, S_l = shape[0], shape[1]
+            s_idx = torch.arange(S_l, device=device)
+            pos = torch.arange(B, device=device)[:, None] * S_l * self.ctx.tp + r * S_l + s_idx
+            return pos.flatten(), S_l * self.ctx.tp
+        return pos + r * n_local, shape[1]  # a contiguous 1/tp chunk of the flattened tokens
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert, times sigmoid(x . w_gate) per token when gated (Qwen2-MoE)."""
+        y = self.shared(x)
+        if self.shared_gate is None:
+            return y
+        return y * torch.sigmoid(self.shared_gate(x))
 
     def _keep(self, experts: torch.Tensor, cap: int, shape: torch.Size, tp_group) -> torch.Tensor:
         """Capacity dropping decided over the whole micro-batch, as one process would: when the
@@ -198,12 +231,7 @@ class MoELayer(nn.Module):
         if tp_group is None:
             return capacity_keep(experts, self.cfg.n_experts, cap)
         n_local, r = experts.shape[0], self.ctx.tp_rank
-        if self.ctx.sequence_parallel:  # x [B, S/tp, D]: local (b, s) is global b*S + r*S/tp + s
-            B, S_l = shape[0], shape[1]
-            s_idx = torch.arange(S_l, device=experts.device)
-            pos = (torch.arange(B, device=experts.device)[:, None] * S_l * self.ctx.tp + r * S_l + s_idx).flatten()
-        else:  # a contiguous 1/tp chunk of the flattened tokens
-            pos = torch.arange(n_local, device=experts.device) + r * n_local
+        pos, _ = self._positions(n_local, shape, tp_group, experts.device)
         all_experts = gather_from_tp(experts, tp_group, dim=0)
         all_pos = gather_from_tp(pos, tp_group, dim=0)
         keep = capacity_keep(all_experts, self.cfg.n_experts, cap, all_pos)

@@ -3,13 +3,13 @@
 The partitioner (parallel/partition.py) balances one cost per decoder block plus the embedding
 (first stage) and head (last stage) extras; this module computes those costs from the ModelConfig,
 builds only this rank's chunks - chunk c of pipeline rank r is virtual stage v = c * pp + r, with
-the embedding on v = 0 and the final norm + head on v = S - 1 - and keeps tied embeddings equal
-when the input embedding and the LM head end up on different pipeline ranks.
+the embedding on v = 0 and the final norm + head on v = S - 1. A tied embedding split over the
+first and last stages is a pair of replicas (Decoder.tied_params); parallel/optimizer.py sums their
+gradients over ParallelContext.tied_group so they stay equal.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -116,20 +116,26 @@ def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[l
     return chunks
 
 
-def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float) -> Callable[[torch.Tensor, Any], tuple]:
+def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float,
+                   global_loads: dict[int, torch.Tensor] | None = None,
+                   ) -> Callable[[torch.Tensor, Any], tuple]:
     """Adapt a Decoder chunk to the executor's contract chunk(x, target[, doc_ids]) -> (output,
     info).
 
     output: the hidden activations on non-last chunks, the mean LM loss on the last. info: a
     DecoderOutput with only the detached loss, aux_loss, z_loss and MoE statistics (no logits or
     activations are kept alive for logging). aux_grad_scale: the micro-batch's loss weight
-    (1 / n_micro), applied to the MoE auxiliary losses in backward as on pp=1. doc_ids: the
-    executor's per-stage side input for packed rows (Decoder.forward); None = one document a row.
+    (1 / n_micro), applied to the MoE auxiliary losses in backward as on pp=1. global_loads: a
+    dict the caller refills before each step with the step's loads (model.aux_loss_scope
+    global_batch, see count_step_loads); read at every call, so one executor serves every step.
+    doc_ids: the executor's per-stage side input for packed rows (Decoder.forward); None = one
+    document a row.
     """
 
     def run(x: torch.Tensor, target: Any, doc_ids: torch.Tensor | None = None,
             ) -> tuple[torch.Tensor, DecoderOutput]:
-        out = chunk(x, target, aux_grad_scale=aux_grad_scale, doc_ids=doc_ids)
+        out = chunk(x, target, aux_grad_scale=aux_grad_scale, global_loads=global_loads,
+                    doc_ids=doc_ids)
         output = out.hidden if not chunk.post else out.loss
         if output is None:
             raise ValueError("the last pipeline stage got no targets: pass targets to PipelineExecutor.step")
@@ -142,71 +148,81 @@ def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float) -> Callable[[torch.Ten
 def merge_stage_stats(infos: list[list[DecoderOutput]], n_layers: int, n_experts: int,
                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Sum this rank's chunk statistics over chunks and micro-batches, on `device` (no host sync):
-    aux_loss, z_loss, dropped (summed dropped fractions over MoE layers and micro-batches) and
-    loads [n_layers, n_experts] (tokens per expert, zero rows for layers this rank lacks), so the
-    caller can all-reduce them over pipeline ranks as they are and divide by n_micro."""
+    aux_loss, z_loss, dropped (summed dropped fractions over MoE layers and micro-batches),
+    aux_layers [n_layers] (each layer's balance loss) and loads [n_layers, n_experts] (tokens per
+    expert), zero for layers this rank lacks, so the caller can all-reduce them over pipeline
+    ranks as they are and divide by n_micro."""
     aux, z, dropped = (torch.zeros((), device=device) for _ in range(3))
+    aux_layers = torch.zeros(n_layers, device=device)
     loads = torch.zeros(n_layers, max(n_experts, 1), device=device)
     for per_micro in infos:
         for out in per_micro:
             aux, z = aux + out.aux_loss.float().to(device), z + out.z_loss.float().to(device)
             for layer, stats in out.moe.items():
                 dropped = dropped + stats.dropped_fraction.to(device)
+                aux_layers[layer] += stats.aux_loss.float().to(device)
                 loads[layer] += stats.tokens_per_expert.to(device)
-    return {"aux_loss": aux, "z_loss": z, "dropped": dropped, "loads": loads}
+    return {"aux_loss": aux, "z_loss": z, "dropped": dropped, "aux_layers": aux_layers,
+            "loads": loads}
 
 
 # ---------------------------------------------------------------------------------------------
-# Tied embeddings across the first and last pipeline ranks
+# Step-wide expert loads: the global_batch balance loss and the expert-bias update
 # ---------------------------------------------------------------------------------------------
 
 
-def tied_embedding_group(ctx: ParallelContext, timeout_s: float = 600):
-    """The group {first pipeline rank, last pipeline rank} of this rank's (dp, tp) coordinate.
+def routing_count_fn(chunk: Decoder,
+                     counted: dict[int, torch.Tensor]) -> Callable[[torch.Tensor, Any], tuple]:
+    """A chunk function for a no-grad pass that only counts routing: runs the chunk with
+    routing_only (the last stage stops after its last MoE block: no head, no loss) and adds each
+    MoE layer's routed slots per expert into `counted` (layer -> [E] float). The last stage
+    returns a zero in place of a loss. doc_ids: as for stage_chunk_fn (packed rows route what
+    their masked attention produced)."""
 
-    new_group is collective: EVERY rank must call this (middle stages too), and it creates one
-    group per (dp, tp) coordinate in the same order everywhere. Returns None for middle stages
-    and when pp == 1 (the embedding and head are then one tensor). A peer that never joins the
-    all-reduce turns into an error after timeout_s instead of a hang.
-    """
-    if ctx.pp == 1:
-        return None
-    mine, per_stage = None, ctx.dp * ctx.tp
-    for first in range(per_stage):  # rank = pp_rank * dp * tp + dp_rank * tp + tp_rank
-        ranks = [first, (ctx.pp - 1) * per_stage + first]
-        group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), group_desc="tied_embedding_group")
-        if ctx.rank in ranks:
-            mine = group
-    return mine
+    def run(x: torch.Tensor, target: Any, doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        out = chunk(x, routing_only=True, doc_ids=doc_ids)
+        for layer, stats in out.moe.items():
+            load = stats.tokens_per_expert.float()
+            counted[layer] = counted[layer] + load if layer in counted else load
+        return (out.hidden if not chunk.post else out.hidden.new_zeros(())), None
+
+    return run
 
 
-def tied_embedding_replicas(chunks: list[Decoder]) -> list[torch.nn.Parameter]:
-    """The first stage's tok_emb.weight and the last stage's head.weight, when embeddings are tied."""
-    replicas = []
+def reduce_loads_over_dp(loads: dict[int, torch.Tensor],
+                         ctx: ParallelContext) -> dict[int, torch.Tensor]:
+    """Sum each layer's [E] loads over the data-parallel group (one all-reduce, layers in a fixed
+    order; the ranks of one dp group hold the same layers). Token shards inside a tp group are
+    already summed by the router, so the result counts every token of the step once, on every
+    rank."""
+    if ctx.dp == 1 or not loads:
+        return dict(loads)
+    keys = sorted(loads)
+    flat = torch.stack([loads[k].float() for k in keys])  # [layers, E]
+    dist.all_reduce(flat, group=ctx.dp_group)
+    return dict(zip(keys, flat.unbind(0)))
+
+
+@torch.no_grad()
+def update_expert_biases(chunks: list[Decoder], loads: dict[int, torch.Tensor]) -> None:
+    """After an optimizer step: each router with an expert bias moves it by its rule (moe/router.py)
+    from its layer's step load (summed over micro-batches and ranks: the same on every rank)."""
     for chunk in chunks:
-        if not chunk.cfg.tie_embeddings:
-            continue
-        if chunk.pre and not chunk.post:
-            replicas.append(chunk.tok_emb.weight)
-        if chunk.post and getattr(getattr(chunk, "head", None), "weight", None) is not None:
-            if getattr(chunk.head.weight, "tied_to", None) == "tok_emb.weight":
-                replicas.append(chunk.head.weight)
-    return replicas
+        for key, block in chunk.layers.items():
+            router = getattr(block.mlp, "router", None)
+            if router is None or router.expert_bias is None or router.opts.bias_update_rate == 0:
+                continue
+            router.update_bias(loads[int(key)])
 
 
-def sync_tied_grads(chunks: list[Decoder], group) -> None:
-    """After backward (and dp reduction): grad <- grad(tok_emb on the first stage) + grad(head on
-    the last stage), on both replicas, so they receive the same AdamW update and stay equal.
-
-    The sum is the gradient of the single shared matrix: d loss / d W = lookup part + head part.
-    """
-    replicas = tied_embedding_replicas(chunks)
-    if not replicas:
-        return
-    if group is None:
-        raise ValueError("these chunks hold a tied embedding replica but group is None: create it with "
-                         "tied_embedding_group(ctx) on every rank and pass it here")
-    for p in replicas:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
+def expert_bias_table(chunks: list[Decoder], n_layers: int, n_experts: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """[n_layers, n_experts] expert biases of this rank's layers (zero rows elsewhere): summed over
+    pipeline ranks, the whole model's biases, for logging."""
+    table = torch.zeros(n_layers, max(n_experts, 1), device=device)
+    for chunk in chunks:
+        for key, block in chunk.layers.items():
+            router = getattr(block.mlp, "router", None)
+            if router is not None and router.expert_bias is not None:
+                table[int(key)] = router.expert_bias.to(device)
+    return table

@@ -2,20 +2,25 @@
 
 Layout (tp innermost so a tensor-parallel group stays inside a node, pp outermost):
 
-    rank    = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
-    dp_rank = edp_rank * ep + ep_rank          # expert parallelism splits the data-parallel dim
+    rank    = pp_rank * (dp * tp) + dp_rank * tp + tp_rank          (rank_of)
+    expert domain index  i = dp_rank                 (experts replicated over tp, the default)
+                         i = dp_rank * tp + tp_rank  (expert folding: experts cut over tp x dp)
+    ep_rank = i % ep,  edp_rank = i // ep
 
-so the ep ranks of one expert group are consecutive data-parallel ranks. Groups:
+so the ep ranks of one expert group are consecutive data-parallel ranks (or consecutive ranks of
+one pipeline stage when folded, which keeps a small ep group inside a node). Groups:
 
-    tp_group  : same (pp, dp)          varying tp_rank    -> tensor-parallel collectives
-    dp_group  : same (pp, tp)          varying dp_rank    -> dense-gradient reduction
-    pp_group  : same (dp, tp)          varying pp_rank    -> stage-to-stage send/recv
-    ep_group  : same (pp, tp, edp)     varying ep_rank    -> expert all-to-all
-    edp_group : same (pp, tp, ep_rank) varying edp_rank   -> expert-gradient reduction (dp/ep ranks)
-
-A single-process run is the degenerate context (every size 1, every group None) and goes through the
-same model code; collectives skip a None group. With world_size > 1 every group exists, even of size
-1, so a None group can never silently mean "the whole world".
+    tp_group   : same (pp, dp)              varying tp_rank   -> tensor-parallel collectives
+    dp_group   : same (pp, tp)              varying dp_rank   -> dense-gradient reduction
+    pp_group   : same (dp, tp)              varying pp_rank   -> stage-to-stage send/recv
+    ep_group   : same (pp, [tp,] edp)       varying ep_rank   -> expert all-to-all
+    edp_group  : same (pp, [tp,] ep_rank)   varying edp_rank  -> expert-gradient reduction
+    tied_group : same (dp, tp), pp in {0, pp-1}               -> tied-embedding gradients (pp > 1)
+    world_group: every rank                                  -> run-wide agreement (stop, errors)
+([tp,] only without folding.) A single-process run is the degenerate context (every size 1, every
+group None) and goes through the same model code; collectives skip a None group. With
+world_size > 1 every group exists, even of size 1, so a None group can never silently mean "the
+whole world". Every process group of a run is created here, in one order on every rank.
 """
 import os
 import re
@@ -28,12 +33,11 @@ import torch
 import torch.distributed as dist
 
 GROUP_KINDS = ("tp", "dp", "pp", "ep", "edp")
-# Which coordinates vary inside each kind of group (the others are fixed).
-_VARYING = {"tp": ("tp",), "dp": ("edp", "ep"), "pp": ("pp",), "ep": ("ep",), "edp": ("edp",)}
 
 
 class RankCoords(NamedTuple):
-    """Coordinates of one global rank; dp == edp * ep_size + ep."""
+    """Coordinates of one global rank; the expert domain index (dp, or dp * tp + tp when experts
+    are folded) == edp * ep_size + ep."""
 
     rank: int
     pp: int
@@ -74,8 +78,9 @@ def check_divisible(what: str, value: int, by_what: str, by: int) -> None:
         raise ValueError(f"{what} ({value}) must be divisible by {by_what} ({by}): use {short} in {{{options}}}")
 
 
-def resolve_sizes(world_size: int, tp: int, pp: int, dp: int, ep: int) -> int:
-    """Validate the degrees against world_size and return dp (dp=0 means world // (tp * pp))."""
+def resolve_sizes(world_size: int, tp: int, pp: int, dp: int, ep: int, fold: bool = False) -> int:
+    """Validate the degrees against world_size and return dp (dp=0 means world // (tp * pp)).
+    fold: experts are cut over the tp x dp ranks of a stage instead of over dp alone."""
     for name, value in (("tp", tp), ("pp", pp), ("ep", ep)):
         if value < 1:
             raise ValueError(f"parallel.{name} ({value}) must be >= 1")
@@ -91,37 +96,58 @@ def resolve_sizes(world_size: int, tp: int, pp: int, dp: int, ep: int) -> int:
         raise ValueError(
             f"parallel.tp ({tp}) * parallel.pp ({pp}) * parallel.dp ({dp}) = {tp * pp * dp} must equal "
             f"world_size ({world_size}): set dp=0 to derive it, or change the degrees")
-    if dp % ep:
+    if fold and (tp * dp) % ep:
+        raise ValueError(
+            f"parallel.tp ({tp}) * parallel.dp ({dp}) = {tp * dp} must be divisible by parallel.ep ({ep}) "
+            f"(folded experts shard the tp x dp ranks of a stage): use ep in "
+            f"{{{', '.join(map(str, _divisors(tp * dp)))}}}")
+    if not fold and dp % ep:
         raise ValueError(
             f"parallel.dp ({dp}) must be divisible by parallel.ep ({ep}) (experts shard the data-parallel "
-            f"ranks): use ep in {{{', '.join(map(str, _divisors(dp)))}}}")
+            f"ranks): use ep in {{{', '.join(map(str, _divisors(dp)))}}}, or parallel.fold_experts=true "
+            f"to shard them over tp x dp")
     return dp
 
 
-def rank_grid(world_size: int, tp: int, pp: int, dp: int, ep: int) -> list[RankCoords]:
+def rank_of(pp_rank: int, dp_rank: int, tp_rank: int, dp: int, tp: int) -> int:
+    """The global rank at these coordinates: tp innermost, then dp, pp outermost."""
+    return (pp_rank * dp + dp_rank) * tp + tp_rank
+
+
+def rank_grid(world_size: int, tp: int, pp: int, dp: int, ep: int, fold: bool = False) -> list[RankCoords]:
     """Coordinates of every global rank, index = rank (pure: no processes; dp=0 derives dp)."""
-    dp = resolve_sizes(world_size, tp, pp, dp, ep)
+    dp = resolve_sizes(world_size, tp, pp, dp, ep, fold)
     grid = []
     for rank in range(world_size):
         tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
-        grid.append(RankCoords(rank, pp_rank, dp_rank, tp_rank, dp_rank % ep, dp_rank // ep))
+        i = dp_rank * tp + tp_rank if fold else dp_rank  # index in the expert domain
+        grid.append(RankCoords(rank, pp_rank, dp_rank, tp_rank, i % ep, i // ep))
     return grid
 
 
-def group_ranks(world_size: int, tp: int, pp: int, dp: int, ep: int) -> dict[str, list[list[int]]]:
-    """Every group of each kind as ascending global-rank lists (index in list = rank in group).
+def _fixed_coords(fold: bool) -> dict[str, tuple[str, ...]]:
+    """The coordinates that stay fixed inside each kind of group (the others vary)."""
+    own_tp = () if fold else ("tp",)
+    return {"tp": ("pp", "dp"), "dp": ("pp", "tp"), "pp": ("dp", "tp"),
+            "ep": ("pp", *own_tp, "edp"), "edp": ("pp", *own_tp, "ep")}
+
+
+def group_ranks(world_size: int, tp: int, pp: int, dp: int, ep: int,
+                fold: bool = False) -> dict[str, list[list[int]]]:
+    """Every group of each kind as ascending global-rank lists (index in list = rank in group),
+    plus "tied": the {first, last} pipeline ranks of each (dp, tp) coordinate when pp > 1.
 
     The order is deterministic, so all processes can create the groups in the same sequence, which
     `torch.distributed.new_group` requires.
     """
-    grid = rank_grid(world_size, tp, pp, dp, ep)
+    grid = rank_grid(world_size, tp, pp, dp, ep, fold)
     groups = {}
-    for kind in GROUP_KINDS:
-        fixed = [f for f in ("pp", "edp", "ep", "tp") if f not in _VARYING[kind]]
+    for kind, fixed in _fixed_coords(fold).items():
         by_key: dict[tuple, list[int]] = {}
         for c in grid:
             by_key.setdefault(tuple(getattr(c, f) for f in fixed), []).append(c.rank)
         groups[kind] = list(by_key.values())
+    groups["tied"] = [[g[0], g[-1]] for g in groups["pp"]] if pp > 1 else []
     return groups
 
 
@@ -201,17 +227,21 @@ class ParallelContext:
 
     def __init__(self, *, world_size: int, rank: int, local_rank: int = 0, tp: int = 1, pp: int = 1,
                  dp: int = 0, ep: int = 1, vpp: int = 1, sequence_parallel: bool = False,
-                 backend: str = "gloo", device: str | torch.device = "cpu", timeout_s: float = 600):
+                 fold_experts: bool = False, backend: str = "gloo", device: str | torch.device = "cpu",
+                 timeout_s: float = 600):
         _validate_layout(world_size, rank, vpp, pp, backend)
-        self.dp = resolve_sizes(world_size, tp, pp, dp, ep)
+        self.dp = resolve_sizes(world_size, tp, pp, dp, ep, fold_experts)
         self.world_size, self.rank, self.local_rank = world_size, rank, local_rank
-        self.tp, self.pp, self.ep, self.vpp, self.edp = tp, pp, ep, vpp, self.dp // ep
+        self.tp, self.pp, self.ep, self.vpp = tp, pp, ep, vpp
+        self.fold_experts = bool(fold_experts)
+        self.edp = self.dp * (tp if self.fold_experts else 1) // ep
         self.sequence_parallel = bool(sequence_parallel) and tp > 1
         self.backend, self.device = backend, torch.device(device)
-        c = rank_grid(world_size, tp, pp, self.dp, ep)[rank]
+        c = rank_grid(world_size, tp, pp, self.dp, ep, self.fold_experts)[rank]
         self.tp_rank, self.dp_rank, self.pp_rank, self.ep_rank, self.edp_rank = c.tp, c.dp, c.pp, c.ep, c.edp
-        self.pp_ranks = [p * self.dp * tp + c.dp * tp + c.tp for p in range(pp)]
+        self.pp_ranks = [rank_of(p, c.dp, c.tp, self.dp, tp) for p in range(pp)]
         self.tp_group = self.dp_group = self.pp_group = self.ep_group = self.edp_group = None
+        self.tied_group = self.world_group = None
         if world_size > 1:
             self._create_groups(timedelta(seconds=timeout_s))
 
@@ -223,11 +253,22 @@ class ParallelContext:
         if (dist.get_world_size(), dist.get_rank()) != (self.world_size, self.rank):
             raise ValueError(f"ParallelContext(world_size={self.world_size}, rank={self.rank}) disagrees with "
                              f"the process group (world {dist.get_world_size()}, rank {dist.get_rank()})")
-        for kind, all_ranks in group_ranks(self.world_size, self.tp, self.pp, self.dp, self.ep).items():
+        self.world_group = dist.group.WORLD
+        layout = group_ranks(self.world_size, self.tp, self.pp, self.dp, self.ep, self.fold_experts)
+        for kind, all_ranks in layout.items():
             for ranks in all_ranks:
                 group = dist.new_group(ranks, timeout=timeout, group_desc=f"{kind}_group")
                 if self.rank in ranks:
                     setattr(self, f"{kind}_group", group)
+
+    def size(self, kind: str) -> int:
+        """Size of a kind of group ("tp", "dp", "pp", "ep", "edp", "world")."""
+        return {"tp": self.tp, "dp": self.dp, "pp": self.pp, "ep": self.ep, "edp": self.edp,
+                "world": self.world_size}[kind]
+
+    def group(self, kind: str):
+        """This rank's group of that kind, or None when it has size 1 (nothing to communicate)."""
+        return getattr(self, f"{kind}_group") if self.size(kind) > 1 else None
 
     @classmethod
     def single(cls, device: str | torch.device = "cpu") -> "ParallelContext":
@@ -236,8 +277,8 @@ class ParallelContext:
 
     @classmethod
     def from_env(cls, tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0, vpp: int = 1,
-                 sequence_parallel: bool = False, backend: str | None = None, timeout_s: float = 600,
-                 device: str | torch.device | None = None) -> "ParallelContext":
+                 sequence_parallel: bool = False, fold_experts: bool = False, backend: str | None = None,
+                 timeout_s: float = 600, device: str | torch.device | None = None) -> "ParallelContext":
         """Read the launch from torchrun or SLURM variables, validate, init the process group, build groups.
 
         Validation runs BEFORE init_process_group so a bad layout fails fast on every rank instead of
@@ -246,7 +287,7 @@ class ParallelContext:
         info = launch_info(os.environ)
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         _validate_layout(info.world_size, info.rank, vpp, pp, backend)
-        resolve_sizes(info.world_size, tp, pp, dp, ep)
+        resolve_sizes(info.world_size, tp, pp, dp, ep, fold_experts)
         if device is None:
             device = f"cuda:{info.local_rank}" if backend == "nccl" else "cpu"
         if torch.device(device).type == "cuda":
@@ -254,21 +295,24 @@ class ParallelContext:
         if info.world_size > 1 and not dist.is_initialized():
             _init_process_group(info, backend, timedelta(seconds=timeout_s))
         return cls(world_size=info.world_size, rank=info.rank, local_rank=info.local_rank, tp=tp, pp=pp,
-                   dp=dp, ep=ep, vpp=vpp, sequence_parallel=sequence_parallel, backend=backend,
-                   device=device, timeout_s=timeout_s)
+                   dp=dp, ep=ep, vpp=vpp, sequence_parallel=sequence_parallel, fold_experts=fold_experts,
+                   backend=backend, device=device, timeout_s=timeout_s)
 
     @classmethod
     def for_testing(cls, rank: int, world_size: int, tp: int = 1, pp: int = 1, ep: int = 1, dp: int = 0,
-                    vpp: int = 1, sequence_parallel: bool = False, timeout_s: float = 60) -> "ParallelContext":
+                    vpp: int = 1, sequence_parallel: bool = False, fold_experts: bool = False,
+                    timeout_s: float = 60) -> "ParallelContext":
         """Context over an already-initialised gloo process group (test workers), on CPU."""
         return cls(world_size=world_size, rank=rank, local_rank=rank, tp=tp, pp=pp, dp=dp, ep=ep, vpp=vpp,
-                   sequence_parallel=sequence_parallel, backend="gloo", device="cpu", timeout_s=timeout_s)
+                   sequence_parallel=sequence_parallel, fold_experts=fold_experts, backend="gloo",
+                   device="cpu", timeout_s=timeout_s)
 
     def destroy(self) -> None:
         """Tear down torch.distributed (all groups with it); a no-op for a single process."""
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
         self.tp_group = self.dp_group = self.pp_group = self.ep_group = self.edp_group = None
+        self.tied_group = self.world_group = None
 
     @property
     def coords(self) -> RankCoords:
@@ -304,7 +348,8 @@ class ParallelContext:
 
     def __repr__(self) -> str:
         return (f"ParallelContext(rank {self.rank}/{self.world_size}, tp={self.tp} pp={self.pp} dp={self.dp} "
-                f"ep={self.ep} edp={self.edp} vpp={self.vpp} sp={self.sequence_parallel}, coords "
+                f"ep={self.ep} edp={self.edp} vpp={self.vpp} sp={self.sequence_parallel} "
+                f"fold={self.fold_experts}, coords "
                 f"tp={self.tp_rank} dp={self.dp_rank} pp={self.pp_rank} ep={self.ep_rank} edp={self.edp_rank}, "
                 f"{self.backend} on {self.device})")
 

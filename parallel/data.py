@@ -1,15 +1,19 @@
-"""Data-parallel gradient reduction, bucketed and overlapped with backward, and ZeRO-1.
+"""Data-parallel gradient reduction (float32 accumulation buffers, bucketed, overlapped with
+backward), the sets of groups for the global-norm clip, ZeRO-1's owner broadcast, and the
+tied-embedding gradient sum.
 
-Which group reduces which gradient (the loss on every rank is its own mean / n_micro_batches):
-  * params flagged `grad_sum_over_tp` (they saw only a token shard of the micro-batch: MoE router
-    and experts under tp, everything tp-replicated under sequence parallelism): SUM over tp first;
-  * dense params: SUM over dp, then / dp                 -> mean over data-parallel replicas;
-  * expert params (`ep_dim` set): SUM over edp, then / dp. An expert's owner already holds the sum
+Which group reduces which gradient comes from each parameter's layout record (parallel/layout.py):
+  * tp_partial (the rank saw only a token shard of the micro-batch): SUM over tp first;
+  * grad_group "dp" (dense): SUM over dp, then / dp          -> mean over data-parallel replicas;
+  * grad_group "edp" (experts): SUM over edp, then / dp. An expert's owner already holds the sum
     over its ep group's tokens (the all-to-all backward adds them), so summing over the edp
     replicas covers all dp ranks once; dividing by dp (not edp) gives the same mean as dense params.
-Buckets are launched in a fixed order (reverse parameter order, the order backward produces them)
-as soon as each is complete, so communication overlaps the rest of backward; a bucket never starts
-before the previous one, which keeps the collective order identical on every rank.
+Every parameter's gradient accumulates, micro-batch after micro-batch, into a float32 view of its
+bucket's flat buffer (Megatron's main_grad): a bf16 model's gradients are summed in float32, and a
+bucket is reduced in place, with no copy, as soon as the last micro-batch's backward completes it.
+Buckets are launched in a fixed order (reverse parameter order, the order backward produces them),
+and a bucket never starts before the previous one, so the collective order is the same on every
+rank.
 """
 
 from __future__ import annotations
@@ -20,62 +24,67 @@ import torch
 import torch.distributed as dist
 
 from .context import ParallelContext
-
-
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+from .layout import LayoutTable, ParamLayout
 
 
 @dataclass
 class _Bucket:
     params: list[torch.nn.Parameter]
-    group: object          # dp group or edp group (None = nothing to reduce)
-    tp_group: object       # set when these grads are partial sums over tp
-    divide: bool = False   # dp > 1: divide the (reduced) sum by dp, even when edp == 1 leaves nothing to reduce
-    dst: int | None = None  # ZeRO-1: reduce to this owner rank only (None = all-reduce)
+    buffer: torch.Tensor           # float32 [sum of numels]: the accumulated gradients, flat
+    views: list[torch.Tensor]      # each param's slice of `buffer`, shaped like the param
+    group: object                  # dp or edp group (None = nothing to reduce across replicas)
+    tp_group: object               # set when these grads are partial sums over tp
+    dst: int | None = None         # ZeRO-1: reduce to this owner rank only (None = all-reduce)
     ready: int = 0
     handle: object = None
-    buffer: torch.Tensor | None = None
 
 
 class GradReducer:
-    """Reduce gradients after the last micro-batch's backward. Usage per optimizer step:
+    """Accumulate and reduce one pipeline chunk's gradients. Usage per optimizer step:
         reducer.prepare(last_micro_batch)    # before each backward
-        loss.backward()
-        reducer.finish()                     # after the last backward: grads are reduced"""
+        loss.backward()                      # hooks add each grad into its float32 view
+        reducer.finish()                     # after the last backward: grads reduced, / dp
+        reducer.grad(p)                      # the reduced gradient (None: another rank owns p)
+        reducer.zero()                       # after the optimizer step
+    """
 
-    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext, bucket_mb: float = 25.0,
-                 owner: dict[int, int] | None = None):
-        """owner (ZeRO-1, Zero1.owner): id(param) -> the global rank that updates it. Those grads are
-        reduced to their owner only (half an all-reduce's traffic) and freed elsewhere."""
-        self.ctx = ctx
-        self.dp = ctx.dp
-        self.owners = owner or {}
+    def __init__(self, params: list[torch.nn.Parameter], table: LayoutTable,
+                 bucket_mb: float = 25.0):
+        self.ctx, self.table = table.ctx, table
         self.buckets = self._make_buckets([p for p in params if p.requires_grad], bucket_mb)
-        self.syncing = False
-        self.next_to_launch = 0
-        self._owner = {id(p): b for b in self.buckets for p in b.params}
+        self._where = {id(p): (b, v) for b in self.buckets for p, v in zip(b.params, b.views)}
+        self.syncing, self.next_to_launch = False, 0
         for p in params:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._on_grad)
 
+    def _key(self, rec: ParamLayout, device) -> tuple:
+        group = self.ctx.group(rec.grad_group)
+        tp_group = self.ctx.group("tp") if rec.tp_partial else None
+        dst = rec.owner if group is not None else None
+        return group, tp_group, dst, device
+
     def _make_buckets(self, params, bucket_mb: float) -> list[_Bucket]:
         limit = int(bucket_mb * 2**20)
-        ctx = self.ctx
-        buckets: list[_Bucket] = []
-        open_: dict[tuple, _Bucket] = {}
+        runs: list[tuple[tuple, list]] = []
+        open_: dict[tuple, list] = {}
         for p in reversed(params):
-            expert = getattr(p, "ep_dim", None) is not None
-            group = (ctx.edp_group if ctx.edp > 1 else None) if expert else (ctx.dp_group if ctx.dp > 1 else None)
-            tp_group = ctx.tp_group if getattr(p, "grad_sum_over_tp", False) and ctx.tp > 1 else None
-            dst = self.owners.get(id(p)) if group is not None else None
-            key = (expert, tp_group is not None, p.dtype, p.device, dst)
-            b = open_.get(key)
-            if b is None or sum(q.numel() * q.element_size() for q in b.params) >= limit:
-                b = open_[key] = _Bucket([], group, tp_group, divide=ctx.dp > 1, dst=dst)
-                buckets.append(b)
-            b.params.append(p)
-        return [b for b in buckets if b.group is not None or b.tp_group is not None or b.divide]
+            key = self._key(self.table[p], p.device)
+            run = open_.get(key)
+            if run is None or sum(q.numel() * 4 for q in run) >= limit:
+                run = open_[key] = []
+                runs.append((key, run))
+            run.append(p)
+        return [self._bucket(run, *key) for key, run in runs]
+
+    @staticmethod
+    def _bucket(params, group, tp_group, dst, device) -> _Bucket:
+        buffer = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+        views, offset = [], 0
+        for p in params:
+            views.append(buffer[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return _Bucket(params, buffer, views, group, tp_group, dst)
 
     def prepare(self, sync: bool) -> None:
         """Call before each backward; `sync` = this is the last micro-batch of the step."""
@@ -83,23 +92,23 @@ class GradReducer:
         if sync:
             self.next_to_launch = 0
             for b in self.buckets:
-                b.ready, b.handle, b.buffer = 0, None, None
+                b.ready, b.handle = 0, None
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
-        b = self._owner.get(id(p))
-        if not self.syncing or b is None:
+        b, view = self._where[id(p)]
+        view.add_(p.grad)  # float32 accumulation; the model-dtype grad is freed at once
+        p.grad = None
+        if not self.syncing:
             return
         b.ready += 1
-        while self.next_to_launch < len(self.buckets) and self.buckets[self.next_to_launch].ready == \
-                len(self.buckets[self.next_to_launch].params):
-            self._launch(self.buckets[self.next_to_launch])
+        while self.next_to_launch < len(self.buckets):
+            nxt = self.buckets[self.next_to_launch]
+            if nxt.ready < len(nxt.params):
+                break
+            self._launch(nxt)
             self.next_to_launch += 1
 
     def _launch(self, b: _Bucket) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
-        b.buffer = torch.cat([g.reshape(-1) for g in grads])
-        for p in b.params:  # backward is done with them: free now, so gradients never exist twice
-            p.grad = None
         if b.tp_group is not None:
             dist.all_reduce(b.buffer, group=b.tp_group)  # small (router, norms): synchronous
         if b.dst is not None:
@@ -108,123 +117,82 @@ class GradReducer:
             b.handle = dist.all_reduce(b.buffer, group=b.group, async_op=True)
 
     def finish(self) -> None:
-        """Launch what backward did not complete (unused params), wait, write the means back."""
+        """Launch what backward did not complete (unused params), wait, divide by dp."""
         while self.next_to_launch < len(self.buckets):
             self._launch(self.buckets[self.next_to_launch])
             self.next_to_launch += 1
         for b in self.buckets:
             if b.handle is not None:
                 b.handle.wait()
-            if b.dst is not None and b.dst != self.ctx.rank:  # ZeRO-1: another rank owns these
-                for p in b.params:
-                    p.grad = None
-                b.buffer, b.handle = None, None
-                continue
-            if b.divide:
-                b.buffer.div_(self.dp)
-            offset = 0
-            for p in b.params:  # the reduced gradients are views into the bucket's buffer
-                p.grad = b.buffer[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
-            b.buffer, b.handle = None, None
+                b.handle = None
+            if self.ctx.dp > 1 and (b.dst is None or b.dst == self.ctx.rank):
+                b.buffer.div_(self.ctx.dp)
         self.syncing = False
 
+    def grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """p's reduced float32 gradient after finish(); None where ZeRO-1 reduced it elsewhere."""
+        b, view = self._where[id(p)]
+        return None if b.dst is not None and b.dst != self.ctx.rank else view
 
-def norm_buckets(params: list[torch.nn.Parameter], ctx: ParallelContext,
-                 owner: dict[int, int] | None = None) -> list[tuple[list, list]]:
-    """Buckets for train.optim.clip_grad_norm_ after reduction: each parameter counted once.
-    tp-sharded params sum over tp; expert params sum over ep; every stage's params sum over pp;
-    under ZeRO-1 (`owner`) only owners hold a param's grad, so owned params also sum over dp (dense)
-    or edp (experts). All (tp-sharded?, expert?, owned?) buckets exist on every rank, possibly
-    empty, so every rank issues the same all-reduces. A tied LM-head replica (`tied_to`, pp > 1)
-    is left out: it mirrors the first stage's embedding, which is counted (see `tied_replicas`)."""
-    def group(g, n):
-        return g if n > 1 else None
+    def zero(self) -> None:
+        for b in self.buckets:
+            b.buffer.zero_()
 
-    tp, ep, pp = group(ctx.tp_group, ctx.tp), group(ctx.ep_group, ctx.ep), group(ctx.pp_group, ctx.pp)
-    dp, edp = group(ctx.dp_group, ctx.dp), group(ctx.edp_group, ctx.edp)
-    owner = owner or {}
-    counted = [p for p in params if p.requires_grad and getattr(p, "tied_to", None) is None]
+
+def sync_tied_grads(grads: list[torch.Tensor], ctx: ParallelContext) -> None:
+    """After reduction: grad <- grad(tok_emb on the first stage) + grad(head on the last stage), on
+    both replicas, so they receive the same AdamW update and stay equal. The sum is the gradient of
+    the single shared matrix: d loss / d W = lookup part + head part."""
+    if grads and ctx.pp > 1:
+        for g in grads:
+            dist.all_reduce(g, group=ctx.tied_group)
+
+
+def norm_buckets(entries: list[tuple[torch.Tensor, ParamLayout]],
+                 ctx: ParallelContext) -> list[tuple[list, list]]:
+    """Buckets for train.optim.clip_grad_norm_: (tensors whose .grad this rank holds, groups over
+    which the other pieces live), so that each parameter is counted once in the global norm. A tied
+    replica (`tied_to`) is left out: it mirrors the first stage's embedding, which is counted.
+    The same (tp-cut?, expert?, owned?) buckets exist on every rank, possibly empty, so every rank
+    issues the same all-reduces in the same order."""
     buckets = []
-    for tp_sharded in (False, True):
+    for tp_cut in (False, True):
         for expert in (False, True):
             for owned in (False, True):
-                ps = [p for p in counted if (getattr(p, "tp_dim", None) is not None) == tp_sharded
-                      and (getattr(p, "ep_dim", None) is not None) == expert and (id(p) in owner) == owned]
-                zero = (edp if expert else dp) if owned else None
-                groups = [tp if tp_sharded else None, ep if expert else None, pp, zero]
-                buckets.append((ps, [g for g in groups if g is not None]))
+                key = (tp_cut, expert, owned)
+                ts = [t for t, r in entries if r.tied_to is None and _norm_key(r) == key]
+                zero = "edp" if expert else "dp"
+                kinds = ["tp"] * tp_cut + ["ep"] * expert + ["pp"] + [zero] * owned
+                buckets.append((ts, [g for g in map(ctx.group, kinds) if g is not None]))
     return buckets
 
 
-def tied_replicas(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    """Parameters that mirror another one (a tied LM head on the last pipeline stage): not counted
-    in the gradient norm, but scaled by the same clip factor so both replicas stay equal."""
-    return [p for p in params if p.requires_grad and getattr(p, "tied_to", None) is not None]
+def _norm_key(r: ParamLayout) -> tuple[bool, bool, bool]:
+    return r.tp_dim is not None, r.expert, r.owner is not None
 
 
-class Zero1:
-    """ZeRO stage 1: each data-parallel rank keeps optimizer state (AdamW moments) only for the
-    parameters it owns and updates only those. Dense params are partitioned over dp, expert params
-    over edp, in contiguous runs of ~equal size, so optimizer memory drops ~dp-fold. With GradReducer(owner=zero.owner) each gradient bucket is reduced to its owner only
-    and freed elsewhere; the global-norm clip sums owned norms over dp (norm_buckets(owner=...));
-    after the step the owners broadcast the new values. Reduce + broadcast move as many bytes as
-    one all-reduce (which is itself a reduce-scatter + all-gather), and the update is exactly the
-    unsharded one."""
-
-    def __init__(self, params: list[torch.nn.Parameter], ctx: ParallelContext, exempt: set[int] = frozenset(),
-                 bucket_mb: float = 25.0):
-        """exempt: ids of params every rank keeps updating itself (the two replicas of a tied
-        embedding split over pipeline stages, whose gradients are summed across stages)."""
-        self.ctx = ctx
-        self.bucket_bytes = int(bucket_mb * 2**20)
-        self.owner: dict[int, int] = {}
-        self.params = [p for p in params if id(p) not in exempt]
-        self.exempt = [p for p in params if id(p) in exempt]
-        dense = [p for p in self.params if getattr(p, "ep_dim", None) is None]
-        expert = [p for p in self.params if getattr(p, "ep_dim", None) is not None]
-        self._assign(dense, ctx.dp_group if ctx.dp > 1 else None)
-        self._assign(expert, ctx.edp_group if ctx.edp > 1 else None)
-
-    def _assign(self, params, group) -> None:
-        """Contiguous runs in backward order (reverse parameter order), ~equal in size: a gradient
-        bucket then mostly has one owner, so reduce-to-owner overlaps backward as all-reduce did."""
-        n = _size(group)
-        total = sum(p.numel() for p in params)
-        done = 0
-        for p in reversed(params):
-            r = min(n - 1, (2 * done + p.numel()) * n // (2 * max(total, 1)))  # rank of the param's midpoint
-            done += p.numel()
-            self.owner[id(p)] = dist.get_global_rank(group, r) if group is not None else self.ctx.rank
-            p._zero_group = group
-
-    def local_params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.params if self.owner[id(p)] == self.ctx.rank] + self.exempt
-
-    @torch.no_grad()
-    def broadcast(self) -> None:
-        """After the owners' optimizer step: every replica receives the updated values, one
-        flattened broadcast per (group, owner, dtype)."""
-        batches: dict[tuple, list] = {}
-        for p in self.params:
-            if p._zero_group is not None:
-                batches.setdefault((id(p._zero_group), self.owner[id(p)], p.dtype), []).append(p)
-        for (_, src, _), ps in batches.items():
-            for piece in _pieces(ps, self.bucket_bytes):
-                self._broadcast_flat(piece, src)
-
-    @staticmethod
-    def _broadcast_flat(ps: list[torch.nn.Parameter], src: int) -> None:
-        flat = torch.cat([p.data.reshape(-1) for p in ps])
-        dist.broadcast(flat, src=src, group=ps[0]._zero_group)
-        offset = 0
-        for p in ps:
-            p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+@torch.no_grad()
+def broadcast_from_owners(params: list[torch.nn.Parameter], table: LayoutTable,
+                          bucket_bytes: int = 25 * 2**20) -> None:
+    """ZeRO-1, after the owners' optimizer step: every replica receives the updated values, one
+    flattened broadcast per (group, owner, dtype), in pieces of at most ~bucket_bytes."""
+    batches: dict[tuple, list] = {}
+    for p in params:
+        rec = table[p]
+        if rec.owner is not None:
+            batches.setdefault((rec.grad_group, rec.owner, p.dtype), []).append(p)
+    for (kind, src, _), ps in batches.items():
+        for piece in _pieces(ps, bucket_bytes):
+            flat = torch.cat([p.data.reshape(-1) for p in piece])
+            dist.broadcast(flat, src=src, group=table.ctx.group(kind))
+            offset = 0
+            for p in piece:
+                p.data.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
 
 
 def _pieces(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
-    """Consecutive runs of params of at most `limit` bytes each (a lone larger param is its own run),
+    """Consecutive runs of params of at most `limit` bytes each (a larger param runs alone),
     so a flattened broadcast never needs more than ~limit bytes of extra memory."""
     out, size = [[]], 0
     for p in params:

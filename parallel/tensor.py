@@ -12,10 +12,11 @@ when the group is None or of size 1, so the single-process model runs the very s
     reduce_scatter_to_sp  fwd reduce-scatter(seq)    bwd all-gather(seq)
     scatter_to_sp         fwd keep own seq chunk     bwd all-gather(seq)
 
-Every parameter of the layers here carries `param.tp_dim` (the dim it is sharded on across tp ranks,
-None = replicated): checkpointing and tests rely on it. Shards are contiguous by tp rank. A parameter
-with `grad_sum_over_tp = True` (RowParallelLinear's bias under sequence parallelism) holds only a
-partial gradient: the gradient reducer must all-reduce it over the tp group.
+Each layer declares how it cuts its parameters in PARAM_SPLITS (parameter name -> Split, see
+parallel/layout.py: the dim sharded across tp ranks; absent = replicated); init, checkpoints and the
+gradient reducer read the per-parameter records built from it. Shards are contiguous by tp rank.
+Under sequence parallelism a replicated parameter (RowParallelLinear's bias, norm weights) sees only
+a sequence shard, so its gradient is a partial sum over tp: the layout record says so.
 """
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from parallel.context import ParallelContext, check_divisible
 from parallel.kernels import autocast_dtype, ce_shard_grad, ce_shard_stats
+from parallel.layout import Split
 
 SEQUENCE_DIM = 1  # activations are [B, S, D]
 
@@ -233,20 +235,18 @@ def shard_tensor(full: torch.Tensor, tp_dim: int | None, rank: int, size: int) -
 
 
 @torch.no_grad()
-def _init_shard_(param: nn.Parameter, full_shape: tuple, std: float, rank: int, size: int,
+def _init_shard_(param: nn.Parameter, tp_dim: int, full_shape: tuple, std: float, rank: int, size: int,
                  generator: torch.Generator | None) -> None:
     """param <- shard of a full N(0, std^2) tensor, so the RNG stream matches the unsharded layer's."""
     if param.is_meta:
         return
     device = generator.device if generator is not None else param.device
     full = torch.empty(full_shape, dtype=param.dtype, device=device).normal_(0.0, std, generator=generator)
-    param.copy_(shard_tensor(full, param.tp_dim, rank, size))
+    param.copy_(shard_tensor(full, tp_dim, rank, size))
 
 
-def _param(shape: tuple, tp_dim: int | None) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(shape))
-    p.tp_dim = tp_dim
-    return p
+def _param(shape: tuple) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -259,6 +259,8 @@ class ColumnParallelLinear(nn.Module):
     (feed a RowParallelLinear) unless gather_output, which all-gathers it to [.., out].
     """
 
+    PARAM_SPLITS = {"weight": Split(tp_dim=0), "bias": Split(tp_dim=0)}
+
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
                  gather_output: bool = False, init_std: float = 0.02):
         super().__init__()
@@ -266,13 +268,13 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features, self.init_std = in_features, out_features, init_std
         self.group, self.tp, self.tp_rank = ctx.tp_group, ctx.tp, ctx.tp_rank
         self.sequence_parallel, self.gather_output = ctx.sequence_parallel, gather_output
-        self.weight = _param((out_features // ctx.tp, in_features), tp_dim=0)
-        self.bias = _param((out_features // ctx.tp,), tp_dim=0) if bias else None
+        self.weight = _param((out_features // ctx.tp, in_features))
+        self.bias = _param((out_features // ctx.tp,)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """W ~ N(0, init_std^2) drawn as the full [out, in] matrix then sharded; b = 0."""
-        _init_shard_(self.weight, (self.out_features, self.in_features), self.init_std,
+        _init_shard_(self.weight, 0, (self.out_features, self.in_features), self.init_std,
                      self.tp_rank, self.tp, generator)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -290,21 +292,42 @@ class ColumnParallelLinear(nn.Module):
                 f"bias={self.bias is not None}, gather_output={self.gather_output}, sp={self.sequence_parallel}")
 
 
+class _FusedColumnLinear(torch.autograd.Function):
+    """y = x [W_1; W_2; ..]^T (+ [b_1; b_2; ..]): one GEMM for several weights that read the same
+    input. The concatenated weight is a temporary of the forward GEMM and is concatenated again in
+    backward instead of being kept, so no copy of the weights lives from a micro-batch's forward
+    to its backward (with several micro-batches in flight that copy would be per micro-batch)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, *weights):
+        ctx.save_for_backward(x, *weights)
+        ctx.has_bias, ctx.rows = bias is not None, [w.shape[0] for w in weights]
+        return F.linear(x, torch.cat(weights), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        grad_x = grad @ torch.cat(weights)                                  # [.., in]
+        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # [sum out, in]
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        return grad_x, grad_b, *grad_w.split(ctx.rows)
+
+
 def fused_column_linear(x: torch.Tensor, layers: list[ColumnParallelLinear]) -> torch.Tensor:
-    """Several ColumnParallelLinear layers that read the same input (q/k/v, gate/up) as one GEMM:
-    their local weight shards are concatenated (after the cast to the autocast dtype, so the copy is
-    small) and the outputs come back side by side, [.., sum of local outs], in `layers` order.
-    `x` must already be in the tp region (enter_tp_region); the layers may not gather their output."""
+    """Several ColumnParallelLinear layers that read the same input (q/k/v, gate/up) as one GEMM;
+    the outputs come back side by side, [.., sum of local outs], in `layers` order. Under autocast
+    the operands are cast to its dtype first (a no-op for a bf16 model). `x` must already be in the
+    tp region (enter_tp_region); the layers may not gather their output."""
     if any(layer.gather_output for layer in layers):
         raise ValueError("fused_column_linear: layers with gather_output=True cannot share one GEMM")
     biases = [layer.bias for layer in layers]
     if any(b is None for b in biases) and any(b is not None for b in biases):
         raise ValueError("fused_column_linear: either every layer has a bias or none does")
-    dtype = autocast_dtype(x.device.type)
-    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)  # noqa: E731
-    weight = torch.cat([cast(layer.weight) for layer in layers])
-    bias = torch.cat([cast(b) for b in biases]) if biases[0] is not None else None
-    return F.linear(x, weight, bias)
+    dtype = autocast_dtype(x.device.type) or x.dtype
+    weights = [layer.weight.to(dtype) for layer in layers]
+    bias = torch.cat([b.to(dtype) for b in biases]) if biases[0] is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return _FusedColumnLinear.apply(x.to(dtype), bias, *weights)
 
 
 class RowParallelLinear(nn.Module):
@@ -312,12 +335,14 @@ class RowParallelLinear(nn.Module):
 
     x arrives split on its last dim (a ColumnParallelLinear's output), so x_r W_r^T is a partial sum:
     y = sum_r x_r W_r^T, reduced by reduce_from_tp, or reduce-scattered over the sequence with sequence
-    parallelism ([B, S, out] partials -> [B, S/tp, out]). The bias is replicated (tp_dim None) and
-    added once, after the reduction. Under sequence parallelism each rank sees only its tokens, so the
-    bias gradient is a partial sum over the tp group: the bias is marked `grad_sum_over_tp = True`
-    (Megatron's `sequence_parallel` attribute) and the gradient reducer must all-reduce it over tp,
-    as for norm weights in the sequence-parallel region.
+    parallelism ([B, S, out] partials -> [B, S/tp, out]). The bias is replicated and added once,
+    after the reduction. Under sequence parallelism each rank sees only its tokens, so the bias
+    gradient is a partial sum over the tp group (Megatron's `sequence_parallel` attribute): its
+    layout record says so and the gradient reducer all-reduces it over tp, as for norm weights in
+    the sequence-parallel region.
     """
+
+    PARAM_SPLITS = {"weight": Split(tp_dim=1)}
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext,
                  init_std: float = 0.02):
@@ -326,15 +351,13 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features, self.init_std = in_features, out_features, init_std
         self.group, self.tp, self.tp_rank = ctx.tp_group, ctx.tp, ctx.tp_rank
         self.sequence_parallel = ctx.sequence_parallel
-        self.weight = _param((out_features, in_features // ctx.tp), tp_dim=1)
-        self.bias = _param((out_features,), tp_dim=None) if bias else None
-        if self.bias is not None and self.sequence_parallel:
-            self.bias.grad_sum_over_tp = True
+        self.weight = _param((out_features, in_features // ctx.tp))
+        self.bias = _param((out_features,)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """W ~ N(0, init_std^2) drawn as the full [out, in] matrix then sharded; b = 0."""
-        _init_shard_(self.weight, (self.out_features, self.in_features), self.init_std,
+        _init_shard_(self.weight, 1, (self.out_features, self.in_features), self.init_std,
                      self.tp_rank, self.tp, generator)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -361,6 +384,8 @@ class VocabParallelEmbedding(nn.Module):
     sync); with tp = 1 they raise as in nn.Embedding.
     """
 
+    PARAM_SPLITS = {"weight": Split(tp_dim=0)}
+
     def __init__(self, num_embeddings: int, dim: int, ctx: ParallelContext, init_std: float = 0.02):
         super().__init__()
         check_divisible("num_embeddings (vocab)", num_embeddings, "parallel.tp", ctx.tp)
@@ -368,12 +393,13 @@ class VocabParallelEmbedding(nn.Module):
         self.group, self.tp, self.tp_rank = ctx.tp_group, ctx.tp, ctx.tp_rank
         self.sequence_parallel = ctx.sequence_parallel
         self.vocab_start = ctx.tp_rank * (num_embeddings // ctx.tp)
-        self.weight = _param((num_embeddings // ctx.tp, dim), tp_dim=0)
+        self.weight = _param((num_embeddings // ctx.tp, dim))
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """E ~ N(0, init_std^2) drawn as the full [V, D] table then sharded."""
-        _init_shard_(self.weight, (self.num_embeddings, self.dim), self.init_std, self.tp_rank, self.tp, generator)
+        _init_shard_(self.weight, 0, (self.num_embeddings, self.dim), self.init_std, self.tp_rank, self.tp,
+                     generator)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.tp == 1:

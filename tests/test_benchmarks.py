@@ -186,3 +186,12 @@ def test_profile_option_writes_one_operator_table_per_case(tmp_path):
     for path in [*(tmp_path / "moe").iterdir(), step_file]:
         text = path.read_text()
         assert text.startswith("3 steps\n") and "Self CPU" in text and "aten::" in text
+
+
+def test_train_step_mixed_precision_runs_the_trainers_optimizer(capsys):
+    """'mixed' (the default on GPU) times the trainer's bf16 layout: bf16 parameters and the
+    ParallelOptimizer's float32 main weights; on CPU it runs too."""
+    result = train_step.main(["--smoke", "--configs", "moe-16x", "--precision", "mixed,fp32"])
+    rows = {row["precision"]: row for row in result["results"][0]["rows"]}
+    assert set(rows) == {"mixed", "fp32"} and all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["mixed"]["params"] == rows["fp32"]["params"]

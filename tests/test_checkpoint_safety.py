@@ -9,6 +9,7 @@ import torch
 
 from parallel.context import ParallelContext
 from parallel.data import GradReducer
+from parallel.layout import LayoutTable
 from tests.distributed.harness import run_distributed
 from tests.test_trainer import make_cfg, make_trainer, tokens  # noqa: F401  (fixture)
 from train.checkpoint import agree, list_checkpoints, resolve_resume
@@ -62,15 +63,23 @@ def test_a_rank_local_error_stops_every_rank():
 
 
 def test_reducer_never_holds_a_gradient_twice():
-    """After a bucket is launched its params' grads are freed; after finish() they are views of the
-    reduced buffer (no extra copy)."""
+    """Each backward's gradient is added into its parameter's float32 view of one flat bucket buffer
+    and freed at once (no second copy between micro-batches); after finish() the reduced gradients
+    are those views, divided by dp."""
     ctx = ParallelContext.single()
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    ref.load_state_dict(model.state_dict())
     ctx.dp = 2  # pretend data parallelism: single-process dp buckets divide without a group
-    reducer = GradReducer(list(model.parameters()), ctx)
-    reducer.prepare(sync=True)
-    model(torch.randn(3, 4)).sum().backward()
-    assert all(p.grad is None for p in model.parameters())  # launched (freed) during backward
+    reducer = GradReducer(list(model.parameters()), LayoutTable([model], ctx))
+    x = torch.randn(2, 3, 4)
+    for i, xi in enumerate(x):
+        reducer.prepare(sync=i == 1)
+        model(xi).sum().backward()
+        ref(xi).sum().backward()
+        assert all(p.grad is None for p in model.parameters())  # moved into the buffer at once
     reducer.finish()
-    storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
-    assert len(storages) == 1
+    grads = [reducer.grad(p) for p in model.parameters()]
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == 1 and all(g.dtype == torch.float32 for g in grads)
+    for g, q in zip(grads, ref.parameters()):
+        torch.testing.assert_close(g, q.grad / 2)

@@ -2,7 +2,7 @@
 import pytest
 
 import parallel.context as context
-from parallel.context import (ParallelContext, RankCoords, check_divisible, expand_nodelist, group_ranks,
+from parallel.context import (ParallelContext, RankCoords, check_divisible, expand_nodelist, group_ranks, rank_of,
                               launch_info, rank_grid, resolve_sizes)
 
 # world 8, tp=2 pp=2 dp=2 ep=2, written out by hand: rank, pp, dp, tp, ep, edp
@@ -50,8 +50,35 @@ def test_group_ranks_by_hand():
 
 
 def test_group_ranks_partition_the_world():
-    for kind, groups in group_ranks(24, tp=2, pp=3, dp=4, ep=2).items():
-        assert sorted(r for g in groups for r in g) == list(range(24)), kind
+    for fold, ep in ((False, 2), (True, 4)):
+        groups = group_ranks(24, tp=2, pp=3, dp=4, ep=ep, fold=fold)
+        for kind in ("tp", "dp", "pp", "ep", "edp"):
+            assert sorted(r for g in groups[kind] for r in g) == list(range(24)), (fold, kind)
+        assert groups["tied"] == [[g[0], g[-1]] for g in groups["pp"]]  # first and last stage only
+
+
+def test_folded_experts_by_hand():
+    """tp 2 x dp 2 x pp 2, experts folded over the 4 ranks of a stage: the expert domain index is
+    dp * tp + tp_rank, ep_rank = index % ep, edp_rank = index // ep."""
+    groups = group_ranks(8, tp=2, pp=2, dp=2, ep=4, fold=True)
+    assert groups["ep"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups["edp"] == [[r] for r in range(8)]
+    groups = group_ranks(8, tp=2, pp=2, dp=2, ep=2, fold=True)
+    assert groups["ep"] == [[0, 1], [2, 3], [4, 5], [6, 7]]      # a tp pair holds both experts' halves
+    assert groups["edp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]     # replicated over dp
+    assert groups["tied"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    grid = rank_grid(8, tp=2, pp=2, dp=2, ep=4, fold=True)
+    assert [(c.ep, c.edp) for c in grid[:4]] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert all(c.rank == rank_of(c.pp, c.dp, c.tp, dp=2, tp=2) for c in grid)
+
+
+def test_folding_must_divide_tp_times_dp():
+    with pytest.raises(ValueError, match=r"parallel.tp \(2\) \* parallel.dp \(2\) = 4 must be divisible by "
+                                         r"parallel.ep \(8\).*use ep in \{1, 2, 4\}"):
+        resolve_sizes(8, tp=2, pp=2, dp=0, ep=8, fold=True)
+    assert resolve_sizes(4, tp=2, pp=1, dp=0, ep=4, fold=True) == 2  # without folding dp 2 < ep 4 fails
+    with pytest.raises(ValueError, match=r"or parallel.fold_experts=true"):
+        resolve_sizes(4, tp=2, pp=1, dp=0, ep=4)
 
 
 def test_product_mismatch_message():

@@ -16,7 +16,7 @@ import torch
 from moe.config import ModelConfig, get_preset
 from moe.model import build_model
 from moe.stages import (build_stage_chunks, embedding_cost, head_cost, layer_costs, merge_stage_stats, plan_stages,
-                        stage_chunk_fn, sync_tied_grads)
+                        stage_chunk_fn)
 from parallel.context import ParallelContext
 from parallel.partition import activation_microbatches_in_flight
 from parallel.pipeline import (P2P, Action, PipelineExecutor, build_schedule, check_plan, format_schedule,
@@ -199,7 +199,6 @@ def test_executor_single_process_matches_plain_loop(kind):
     assert calls == [(0, False), (0, False), (0, True)]
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
-    sync_tied_grads([model], None)  # pp=1: one shared tensor, nothing to sync, no group needed
 
 
 def test_executor_argument_errors():

@@ -88,13 +88,13 @@ def test_moe16x_memory(moe16x):
     logits = s_ * b * 100352 / 2 * 2                   # bf16 logits kept by the loss, vocab split over tp 2
     for s in plan.stages:
         mem, n_layers = s.memory, sum(len(c) for c in s.chunks)
-        assert min(mem.weights, mem.bf16_copies, mem.grads, mem.optimizer, mem.activations) > 0
-        assert mem.weights == 4 * s.params and mem.grads == 4 * s.params      # fp32 master weights and grads
-        assert mem.bf16_copies == 2 * s.params and mem.optimizer == 8 * s.params
+        assert min(mem.weights, mem.main, mem.grads, mem.optimizer, mem.activations) > 0
+        assert mem.weights == 2 * s.params and mem.grads == 4 * s.params      # bf16 model, fp32 grad buffers
+        assert mem.main == 4 * s.params and mem.optimizer == 8 * s.params     # fp32 main weights, AdamW
         assert s.in_flight == 2 - s.rank                                       # 1F1B: pp - rank
         want = s.in_flight * n_layers * per_layer + (logits if s.rank == 1 else 0)
         assert mem.activations == pytest.approx(want, abs=1)
-        assert mem.total == mem.weights + mem.bf16_copies + mem.grads + mem.optimizer + mem.activations
+        assert mem.total == mem.weights + mem.main + mem.grads + mem.optimizer + mem.activations
     assert plan.gpu_mem_bytes == 80 * GIB
 
 
@@ -121,6 +121,7 @@ def test_moe16x_zero1_and_sequence_parallel():
     for s in plan.stages:
         dense, expert = s.params - s.expert_params, s.expert_params
         assert s.memory.optimizer == 8 * (math.ceil(dense / 8) + expert)  # dense over dp 8, experts over edp 1
+        assert s.memory.main == 4 * (math.ceil(dense / 8) + expert)       # the main weights likewise
         n_layers = sum(len(c) for c in s.chunks)
         logits = 8192 * 100352 / 2 * 2 if s.rank == 1 else 0   # bf16 logits kept by the loss
         want = s.in_flight * n_layers * 8192 * 4096 * 34 / 2 + logits   # everything / tp with SP
@@ -146,7 +147,7 @@ def test_dense_tiny_on_one_gpu():
     assert stage.params == stage.full_params == total == active
     assert stage.in_flight == 1 and plan.bubble == 0.0 and plan.layout.schedule == "none"
     mem = stage.memory
-    assert mem.bf16_copies == 0 and mem.weights == 4 * total and mem.optimizer == 8 * total
+    assert mem.main == 0 and mem.weights == 4 * total and mem.optimizer == 8 * total
     s, b, h, V = 64, 4, 128, 320  # byte vocab 257 padded to a multiple of 64
     want = 4 * s * b * h * 34 * 2 + s * b * V * 4   # fp32 activations: twice the 16-bit formula; fp32 logits
     assert mem.activations == pytest.approx(want, abs=1)

@@ -74,13 +74,23 @@ def analytic_params(cfg: ModelConfig) -> int:
     for i in range(cfg.n_layers):
         attn = D * H * dh + 2 * D * K * dh + H * dh * D + ((H + 2 * K) * dh if qkv_bias else 0) + (D if cfg.bias else 0)
         total += attn + 2 * norm
-        if cfg.n_experts and i % cfg.moe_every == cfg.moe_every - 1:
+        if cfg.n_experts and _moe_block(cfg, i):
             Fe = cfg.expert_ffn_dim or cfg.ffn
             experts = cfg.n_experts * (D * Fe * (2 if cfg.mlp == "swiglu" else 1) + Fe * D)
             total += cfg.n_experts * D + experts + (mlp(cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else 0)
+            total += D if cfg.shared_expert_gate else 0
         else:
             total += mlp(cfg.ffn)
     return total
+
+
+def _moe_block(cfg: ModelConfig, i: int) -> bool:
+    """HF's rules: listed, or past first_k_dense_replace, not in mlp_only_layers, and
+    (i + 1) % decoder_sparse_step == 0."""
+    if cfg.moe_layers is not None:
+        return i in cfg.moe_layers
+    stride = (i + 1) % cfg.moe_every == 0
+    return i >= cfg.first_k_dense and i not in (cfg.dense_layers or []) and stride
 
 
 @pytest.mark.parametrize("name", [n for n in FULL if published_params(n) is not None])
@@ -118,6 +128,23 @@ def test_moe16x_total_and_active_counts():
     assert abs(active / 7.0e9 - 1) < 0.02
 
 
+def test_glm45_air_total_and_active_counts():
+    """GLM-4.5-Air: 46 blocks of GQA attention (96 query / 8 kv heads of 128, q/k/v biases); block 0
+    a dense SwiGLU MLP of 10944, blocks 1-45 a router, 128 experts and one shared expert of 1408;
+    untied 151552 x 4096 embeddings. 106.85B total (published: 106B, the release's multi-token-
+    prediction layer not counted); active 13.42B, of which 12.18B outside the embedding and head
+    (published: 12B active)."""
+    D, V, E, Fe, F = 4096, 151552, 128, 1408, 10944
+    attn = D * 96 * 128 + 2 * D * 8 * 128 + 96 * 128 * D + (96 + 16) * 128
+    moe = E * D + E * 3 * D * Fe + 3 * D * Fe
+    total = 2 * V * D + 46 * (attn + 2 * D) + 3 * D * F + 45 * moe + D
+    model = build_model(get_preset("glm4.5-air"), device="meta")
+    assert model.num_params() == total == 106_852_245_504
+    active = total - 45 * (E - 8) * 3 * D * Fe
+    assert param_counts(model) == (total, active)
+    assert abs((active - 2 * V * D) / 12e9 - 1) < 0.02
+
+
 def test_tied_embeddings_counted_once():
     cfg = get_preset("gpt2-small-tiny")
     model = build_model(cfg)
@@ -128,11 +155,12 @@ def test_tied_embeddings_counted_once():
 
 def test_attention_width_equals_model_width():
     """heads x head_dim == d_model for every preset but GPT-3 13B, whose paper lists d_model 5140
-    with 40 heads of 128 (5120)."""
+    with 40 heads of 128 (5120), and GLM-4.5-Air, whose 96 heads of 128 are 3 x d_model wide."""
     for name in FULL:
         cfg = get_preset(name)
-        if name != "gpt3-13b":
+        if name not in ("gpt3-13b", "glm4.5-air"):
             assert cfg.n_heads * cfg.dim_head == cfg.d_model, name
+    assert get_preset("glm4.5-air").n_heads * get_preset("glm4.5-air").dim_head == 3 * 4096
 
 
 # ---------------------------------------------------------------- bad configs: one-line errors naming the field

@@ -150,3 +150,179 @@ def test_forced_routing_imbalance_validated():
     with pytest.raises(ValueError, match="forced_routing_imbalance"):
         ModelConfig(n_experts=8, top_k=2, forced_routing_imbalance=0.5)
     ModelConfig(n_experts=8, top_k=2, forced_routing_imbalance=4.0)
+
+
+# ---------------------------------------------------------------- router options (hand values)
+# Every number below was computed with plain Python `math` from LOGITS (sigmoid(v) = 1/(1+exp(-v))).
+SIGMOID = [[0.7310585786, 0.8807970780, 0.5, 0.2689414214],
+           [0.5, 0.7310585786, 0.9525741268, 0.6224593312],
+           [0.8807970780, 0.2689414214, 0.5, 0.8175744762]]
+
+
+def _router(**opts):
+    from moe.router import RouterOptions
+
+    top_k = opts.pop("top_k", 2)
+    aux = opts.pop("aux_coef", 0.01)
+    router = TopKRouter(d_model=4, n_experts=4, top_k=top_k, aux_coef=aux, z_coef=1e-3,
+                        opts=RouterOptions(**opts))
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+    return router
+
+
+def test_sigmoid_scores_normalised_and_scaled():
+    """sigmoid scores, top-2, divided by their sum, times routed_scaling_factor 2.5."""
+    r = _router(score_function="sigmoid", normalize=True, scaling_factor=2.5)(torch.tensor(LOGITS))
+    assert r.experts.tolist() == [[1, 0], [2, 1], [0, 3]]
+    expect = [[1.3661227579, 1.1338772421], [1.4144624949, 1.0855375051],
+              [1.2965317804, 1.2034682196]]
+    torch.testing.assert_close(r.weights, torch.tensor(expect), atol=1e-7, rtol=1e-6)
+    # balance probabilities are the sigmoid scores over their sum: P = [.2807, .2465, .2507, .2220]
+    assert r.aux_loss.item() == pytest.approx(0.010181602017911769, rel=1e-6)
+
+
+def test_sigmoid_without_normalising_keeps_raw_scores():
+    r = _router(score_function="sigmoid", normalize=False)(torch.tensor(LOGITS))
+    expect = [[SIGMOID[t][e] for e in row] for t, row in enumerate([[1, 0], [2, 1], [0, 3]])]
+    torch.testing.assert_close(r.weights, torch.tensor(expect), atol=1e-7, rtol=0)
+
+
+def test_softmax_norm_topk_prob_off_keeps_probabilities():
+    """Qwen2-MoE's norm_topk_prob=False: the chosen softmax probabilities as they are."""
+    r = _router(normalize=False)(torch.tensor(LOGITS))
+    expect = [[0.6439142599, 0.2368828181], [0.7891368369, 0.1067980573],
+              [0.5581437888, 0.3385313205]]
+    torch.testing.assert_close(r.weights, torch.tensor(expect), atol=1e-7, rtol=0)
+    assert r.aux_loss.item() == pytest.approx(AUX, rel=1e-6)  # the loss does not depend on the weights
+
+
+def test_topk_before_softmax_is_softmax_over_the_chosen_logits():
+    """exp(l_i) / sum of the 2 chosen exp(l_j): token 0 chose logits 2 and 1, so sigmoid(1)."""
+    r = _router(topk_before_softmax=True)(torch.tensor(LOGITS))
+    assert r.experts.tolist() == TOP2
+    torch.testing.assert_close(r.weights, torch.tensor(WEIGHTS), atol=1e-7, rtol=0)
+    one = _router(topk_before_softmax=True, top_k=1)(torch.tensor(LOGITS))
+    assert one.weights.tolist() == [[1.0], [1.0], [1.0]]  # a softmax over one logit
+
+
+def test_top1_keeps_probability_unless_normalised():
+    assert _router(top_k=1)(torch.tensor(LOGITS)).weights[:, 0].tolist() == pytest.approx(
+        [0.6439142599, 0.7891368369, 0.5581437888], abs=1e-7)
+    normalised = _router(top_k=1, normalize=True)(torch.tensor(LOGITS))
+    assert normalised.weights.tolist() == [[1.0], [1.0], [1.0]]
+
+
+@pytest.mark.parametrize("group_score_topk, chosen", [
+    (2, [[1, 0], [2, 3], [3, 2]]),   # group score = sum of the 2 best (DeepSeek-V3): token 2 -> group {2, 3}
+    (1, [[1, 0], [2, 3], [0, 1]]),   # group score = the best one (DeepSeek-V2): token 2 -> group {0, 1}
+])
+def test_group_limited_routing(group_score_topk, chosen):
+    """Sigmoid scores, groups {0, 1} and {2, 3}, one group per token, top-2 inside it. Token 2 would
+    choose experts 0 and 3 without groups; its group sums are 0.881 + 0.269 = 1.150 and
+    0.5 + 0.818 = 1.318, its group maxima 0.881 and 0.818."""
+    router = _router(score_function="sigmoid", normalize=True, n_group=2, topk_group=1,
+                     group_score_topk=group_score_topk)
+    r = router(torch.tensor(LOGITS))
+    assert r.experts.tolist() == chosen
+    s = torch.tensor(SIGMOID).gather(1, torch.tensor(chosen))
+    torch.testing.assert_close(r.weights, s / s.sum(-1, keepdim=True), atol=1e-7, rtol=0)
+
+
+def test_expert_bias_changes_the_choice_not_the_weights():
+    """bias +0.5 on expert 2: token 0 picks 1 and 2 (0.644, 0.087 + 0.5) instead of 1 and 0; token 2
+    picks 2 (0.076 + 0.5 > 0.558) first. The weights are the unbiased probabilities,
+    renormalised."""
+    router = _router(expert_bias=True)
+    assert router.expert_bias.dtype == torch.float32 and router.expert_bias.tolist() == [0.0] * 4
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.5, 0.0]))
+    r = router(torch.tensor(LOGITS))
+    assert r.experts.tolist() == [[1, 2], [2, 1], [2, 0]]
+    expect = [[0.8807970780, 0.1192029220], [0.8807970780, 0.1192029220],
+              [0.1192029220, 0.8807970780]]
+    torch.testing.assert_close(r.weights, torch.tensor(expect), atol=1e-7, rtol=0)
+    assert r.tokens_per_expert.tolist() == [1, 2, 3, 0]
+    assert "expert_bias" in router.state_dict()  # persistent: saved in checkpoints
+
+
+def test_expert_bias_update_rule():
+    """bias += rate * sign(mean load - load): loads [5, 1, 3, 3] (mean 3) -> [-r, +r, 0, 0]."""
+    from moe.router import expert_bias_step
+
+    step = expert_bias_step(torch.tensor([5, 1, 3, 3]), 0.01)
+    assert step.tolist() == pytest.approx([-0.01, 0.01, 0, 0])
+    router = _router(expert_bias=True, bias_update_rate=0.25)
+    router.update_bias(torch.tensor([5, 1, 3, 3]))
+    router.update_bias(torch.tensor([6, 0, 0, 2]))  # mean 2: [-, +, +, 0]
+    assert router.expert_bias.tolist() == [-0.5, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="model.expert_bias=true"):
+        _router().update_bias(torch.tensor([1, 1, 1, 1]))
+
+
+def test_input_jitter_scales_the_router_input_in_training_only():
+    """Training: logits = (x * u) W with u ~ U(1 - eps, 1 + eps) drawn from the default generator;
+    evaluation: no jitter. The identity gate makes the logits the jittered input itself."""
+    router = _router(input_jitter=0.5, aux_coef=0.0)
+    x = torch.tensor(LOGITS)
+    torch.manual_seed(7)
+    u = torch.empty_like(x).uniform_(0.5, 1.5)
+    torch.manual_seed(7)
+    r = router(x)
+    assert (u - 1).abs().max() > 0.1 and ((u >= 0.5) & (u <= 1.5)).all()
+    jittered_z = 1e-3 * torch.logsumexp(x * u, -1).square().mean().item()
+    assert r.z_loss.item() == pytest.approx(jittered_z, rel=1e-6)
+    router.eval()
+    assert router(x).z_loss.item() == pytest.approx(Z, rel=1e-6)
+
+
+SEQ2 = [[0.5, 0.4, 0.3, 0.2], [3.0, 0.2, 0.0, -0.2], [0.1, 3.0, 0.0, -0.5]]  # a second sequence
+
+
+def test_sequence_scope_averages_per_sequence_losses():
+    """Two sequences of 3 tokens. Sequence 0 (LOGITS) alone: E sum f P = 1.025070239; sequence 1
+    (SEQ2, top-2 = {0, 1} for all three tokens): 1.600478703; the loss is 0.01 x their mean. The
+    micro-batch scope over the same 6 tokens gives a different value, 0.0122522981."""
+    x = torch.tensor(LOGITS + SEQ2)
+    seq_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    r = _router(aux_scope="sequence")(x, seq_ids=seq_ids, n_seqs=2)
+    assert r.aux_loss.item() == pytest.approx(0.013127744712175149, rel=1e-6)
+    assert r.tokens_per_expert.tolist() == [5, 5, 1, 1]
+    assert _router()(x).aux_loss.item() == pytest.approx(0.01225229806997591, rel=1e-6)
+    with pytest.raises(ValueError, match="aux_loss_scope=sequence"):
+        _router(aux_scope="sequence")(x)
+
+
+def test_global_scope_uses_the_step_counts_and_its_gradient():
+    """F = step counts [10, 2, 3, 9] / 24 with this micro-batch's P (MEAN_PROB):
+    aux = 0.01 * 4 * sum F_e P_e = 0.0092632803; the gradient is the micro-batch scope's with F
+    in place of f."""
+    G = [10, 2, 3, 9]
+    router = _router(aux_scope="global_batch")
+    x = torch.tensor(LOGITS, requires_grad=True)
+    r = router(x, global_counts=torch.tensor(G))
+    assert r.aux_loss.item() == pytest.approx(0.009263280319534477, rel=1e-6)
+    assert r.tokens_per_expert.tolist() == COUNTS  # the micro-batch's own counts, for statistics
+    r.aux_loss.backward()
+    F_ = [g / 24 for g in G]
+    expect = [[0.01 * 4 / 3 * p[j] * (F_[j] - sum(a * b for a, b in zip(F_, p))) for j in range(4)]
+              for p in PROBS]
+    torch.testing.assert_close(x.grad, torch.tensor(expect), atol=1e-9, rtol=1e-5)
+    with pytest.raises(ValueError, match="global_batch needs the step's expert loads"):
+        router(torch.tensor(LOGITS))
+    with torch.no_grad():  # a no-grad pass (the counting pre-pass, evaluation) uses its own counts
+        assert router(torch.tensor(LOGITS)).aux_loss.item() == pytest.approx(AUX, rel=1e-6)
+
+
+def test_forced_routing_with_sigmoid_scaling_and_groups():
+    """The forced choice overrides groups and bias; the weights follow the options."""
+    from moe.router import RouterOptions
+
+    opts = RouterOptions(score_function="sigmoid", normalize=True, scaling_factor=2.0, n_group=2,
+                         topk_group=1, expert_bias=True)
+    router = TopKRouter(4, 4, 2, 0.01, 0.0, forced_imbalance=1.0, opts=opts)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+    r = router(torch.tensor(LOGITS))
+    assert r.experts.tolist() == [[0, 1], [2, 3], [0, 1]]
+    s = torch.tensor(SIGMOID).gather(1, r.experts)
+    torch.testing.assert_close(r.weights, 2.0 * s / s.sum(-1, keepdim=True), atol=1e-7, rtol=1e-6)

@@ -9,15 +9,20 @@ Keys are global names, the same in every layout (no pipeline-chunk prefix):
     model.<name>            a parameter or persistent buffer, e.g. model.layers.7.attn.wq.weight
     optim.<name>.<key>      its AdamW state: exp_avg, exp_avg_sq (shaped like the parameter), step
     rng.<rank>.<kind>       one rank's RNG state (cpu, cuda)
-Each rank describes the piece it holds as a DTensor over the (ep, tp) DeviceMesh of ranks that share
-its pipeline stage and edp index: a dim split by tensor parallelism (`tp_dim`) is Shard(tp_dim) on
-"tp", one split by expert parallelism (`ep_dim`) is Shard(ep_dim) on "ep", the rest Replicate();
-a tensor split by nothing stays a plain tensor (DCP's replicated case). DCP writes each distinct
-chunk once (replicas over dp, edp and tp have the same offsets and are deduplicated) and, on load,
-reads for the CURRENT layout's pieces whatever saved chunks overlap them: resharding tp=2 x ep=2 to
-ep=4, pp=2 to one process, or ZeRO-1 to plain dp is DCP's job.
+Each rank describes the piece it holds as a DTensor, as its layout record (parallel/layout.py)
+says: a dim split by tensor parallelism is Shard(tp_dim) on a 1-D mesh of the rank's tp group, one
+split by expert parallelism is Shard(ep_dim) on a mesh of its ep group (which spans tp x dp ranks
+when experts are folded); a tensor split by nothing stays a plain tensor (DCP's replicated case).
+DCP writes each distinct chunk once (replicas over dp, edp and tp have the same offsets and are
+deduplicated) and, on load, reads for the CURRENT layout's pieces whatever saved chunks overlap
+them: resharding tp=2 x ep=2 to ep=4, folded to unfolded experts, pp=2 to one process, or ZeRO-1
+to plain dp is DCP's job.
 
 Choices:
+* Weights are saved in float32 from the optimizer's main parameters (parallel/optimizer.py): a
+  bf16 model's checkpoint holds the exact float32 weights, the same format as an fp32 run's, so a
+  run resumes in either precision. Under ZeRO-1 a bf16 main weight exists only on its owner, which
+  saves it; after loading, the owners write the bf16 model and broadcast it, as after a step.
 * Pipeline stages hold disjoint names, so every rank saves only its own. The tied LM head on the
   last stage (`tied_to`) mirrors tok_emb.weight: it is not saved, and loads from model.tok_emb.weight
   and optim.tok_emb.weight.* (its AdamW state equals the embedding's: both get the same summed grad).
@@ -55,7 +60,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
+
+from parallel.layout import ParamLayout, clean_name
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MODEL, OPTIM, RNG = "model.", "optim.", "rng."
@@ -78,7 +85,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def layout_of(ctx) -> dict[str, int]:
-    return {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "ep": ctx.ep}
+    return {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "ep": ctx.ep,
+            "fold_experts": int(ctx.fold_experts)}
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -146,7 +154,7 @@ def resolve_resume_everywhere(resume: str, root: str | Path, ctx) -> Path | None
             answer = [("ok", None if path is None else str(path))]
         except (ValueError, FileNotFoundError) as e:
             answer = [("error", f"{type(e).__name__}: {e}")]
-    dist.broadcast_object_list(answer, src=0)
+    dist.broadcast_object_list(answer, src=0, group=ctx.world_group)
     kind, value = answer[0]
     if kind == "error":
         raise ValueError(value.split(": ", 1)[1])
@@ -246,7 +254,8 @@ def save_checkpoint(root: str | Path, step: int, ctx, state: dict[str, torch.Ten
     agree(ctx, _on_rank0(ctx, lambda: _prepare_tmp(root, tmp)))
     try:
         with _single_process_quiet(ctx.world_size == 1):
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=ctx.world_size == 1)
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=ctx.world_size == 1,
+                     process_group=ctx.world_group)
     except CheckpointException as e:  # DCP's BaseException: re-raised as the I/O error it reports
         raise OSError(f"saving checkpoint {tmp} failed ({_first_line(e)}); the previous checkpoints are "
                       f"untouched: check disk space and permissions") from None
@@ -303,7 +312,7 @@ def agree(ctx, error: Exception | None) -> None:
             raise error
         return
     flag = torch.tensor([0.0 if error is None else 1.0], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.world_group)
     if error is not None:
         raise error
     if flag.item() > 0:
@@ -352,7 +361,8 @@ def _read_into(path: Path, state: dict[str, torch.Tensor], saved: dict[str, Tens
         raise error
     try:
         with _single_process_quiet(no_dist):
-            dcp.load(state, storage_reader=_SafeReader(path), no_dist=no_dist)
+            dcp.load(state, storage_reader=_SafeReader(path), no_dist=no_dist,
+                     process_group=None if ctx is None else ctx.world_group)
     except (Exception, CheckpointException) as e:  # a truncated, garbage or missing .distcp file (on any rank)
         raise ValueError(f"checkpoint {path} is corrupt or incomplete ({_first_line(e)}); "
                          f"resume from an earlier checkpoint") from None
@@ -375,143 +385,144 @@ def load_full_model_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ describing shards
-def shard_mesh(ctx) -> DeviceMesh | None:
-    """The (ep, tp) block of ranks sharing this rank's pipeline stage and edp index: the ranks over
-    which a parameter's distinct pieces are spread (rank = base + ep_rank * tp + tp_rank). Built from
-    ctx's ep and tp groups, so no new process group is created; None for a single process."""
-    if ctx.world_size == 1:
-        return None
-    base = ctx.pp_rank * ctx.dp * ctx.tp + ctx.edp_rank * ctx.ep * ctx.tp
-    block = torch.arange(ctx.ep * ctx.tp).reshape(ctx.ep, ctx.tp) + base
-    for kind, group, ranks in (("ep", ctx.ep_group, block[:, ctx.tp_rank]), ("tp", ctx.tp_group, block[ctx.ep_rank])):
-        if dist.get_process_group_ranks(group) != ranks.tolist():
-            raise RuntimeError(f"ctx.{kind}_group has ranks {dist.get_process_group_ranks(group)} but the checkpoint "
-                               f"mesh expects {ranks.tolist()}: update shard_mesh to parallel/context.py's rank layout")
-    return DeviceMesh.from_group([ctx.ep_group, ctx.tp_group], ctx.device.type, mesh=block,
-                                 mesh_dim_names=("ep", "tp"))
+def shard_meshes(ctx) -> dict[str, DeviceMesh | None]:
+    """1-D DeviceMeshes over this rank's tp and ep groups (None where the group has size 1): the
+    ranks over which a parameter's distinct pieces are spread. Built from ctx's groups, so no new
+    process group is created."""
+    meshes: dict[str, DeviceMesh | None] = {}
+    for kind in ("tp", "ep"):
+        group = ctx.group(kind)
+        meshes[kind] = None if group is None else DeviceMesh.from_group(
+            group, ctx.device.type, mesh=dist.get_process_group_ranks(group), mesh_dim_names=(kind,))
+    return meshes
 
 
-def _describe(local: torch.Tensor, param: torch.Tensor, mesh: DeviceMesh | None, name: str) -> torch.Tensor:
-    """This rank's piece `local` of a tensor split like `param`, as a DTensor on `mesh`:
-    Shard(ep_dim) on "ep", Shard(tp_dim) on "tp", Replicate() elsewhere; plain when nothing is split."""
-    if mesh is None:
+def _describe(local: torch.Tensor, rec: ParamLayout | None, meshes: dict) -> torch.Tensor:
+    """This rank's piece `local` of a tensor laid out as `rec`, as a DTensor: Shard(tp_dim) over the
+    tp mesh or Shard(ep_dim) over the ep mesh; plain when nothing is split (or for a buffer)."""
+    if rec is None:
         return local
-    ep_dim, tp_dim = getattr(param, "ep_dim", None), getattr(param, "tp_dim", None)
-    placements = [Replicate(), Replicate()]
-    if ep_dim is not None and mesh.size(0) > 1:
-        placements[0] = Shard(ep_dim)
-    if tp_dim is not None and mesh.size(1) > 1:
-        placements[1] = Shard(tp_dim)
-    if all(isinstance(p, Replicate) for p in placements):
-        return local
-    if ep_dim == tp_dim and all(isinstance(p, Shard) for p in placements):
-        raise ValueError(f"{name} is split by both tp and ep along dim {tp_dim}: checkpoints cannot describe "
-                         f"that order; split it along different dims")
-    return DTensor.from_local(local, mesh, placements, run_check=False)
+    if rec.tp_dim is not None and rec.ep_dim is not None and meshes["tp"] and meshes["ep"]:
+        raise ValueError(f"{rec.name} is split by both tp and ep: checkpoints cannot describe that; "
+                         f"split it by one of them")
+    if rec.tp_dim is not None and meshes["tp"] is not None:
+        return DTensor.from_local(local, meshes["tp"], [Shard(rec.tp_dim)], run_check=False)
+    if rec.ep_dim is not None and meshes["ep"] is not None:
+        return DTensor.from_local(local, meshes["ep"], [Shard(rec.ep_dim)], run_check=False)
+    return local
 
 
-def _entries(chunks) -> list[tuple[str, torch.Tensor, bool]]:
-    """(global name, tensor, is_tied_replica) for every parameter and persistent buffer of this rank's
-    chunks; a tied replica is listed under the name of the tensor it mirrors (`tied_to`)."""
-    out = []
+def _entries(chunks, optimizer) -> list[tuple[str, torch.Tensor, ParamLayout | None, bool]]:
+    """(global name, tensor, layout record, is_tied_replica) for what this rank checkpoints: the
+    float32 master of every parameter it holds one for (optimizer.master) and every persistent
+    buffer. A tied replica is listed under the name of the tensor it mirrors (`tied_to`)."""
+    table, out = optimizer.table, []
     for chunk in chunks:
+        params = {id(p) for p in chunk.parameters()}
         for name, t in chunk.state_dict(keep_vars=True).items():
-            tied = getattr(t, "tied_to", None)
-            out.append((tied or name.replace("._orig_mod", ""), t, tied is not None))  # torch.compile wrappers
+            if id(t) not in params:  # a persistent buffer (torch.compile wrappers add ._orig_mod)
+                out.append((clean_name(name), t, None, False))
+            elif optimizer.master(t) is not None:
+                rec = table[t]
+                out.append((rec.tied_to or rec.name, optimizer.master(t), rec, rec.tied_to is not None))
     return out
-
-
-def _optimizer_params(optimizer) -> list[torch.nn.Parameter]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 # ------------------------------------------------------------------------------------------ training state
 def training_state(chunks, optimizer, ctx, rng: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """This rank's part of the checkpoint: model.*, optim.* (state the optimizer holds: all params,
-    or only owned ones under ZeRO-1) and rng.<rank>.*, each described for DCP (no copies made)."""
-    mesh, state, names = shard_mesh(ctx), {}, {}
-    for name, t, tied in _entries(chunks):
-        if not tied:  # a tied replica is saved once, by the stage holding the tensor it mirrors
-            state[MODEL + name] = _describe(t.detach(), t, mesh, name)
-            names[id(t)] = name
-    for p in _optimizer_params(optimizer):
-        name = names.get(id(p))
-        if name is None:  # a tied replica: its state equals the mirrored tensor's, saved by that stage
+    """This rank's part of the checkpoint: model.* (float32 masters), optim.* (AdamW state of the
+    parameters it updates) and rng.<rank>.*, each described for DCP (no copies made)."""
+    meshes, state = shard_meshes(ctx), {}
+    for name, t, rec, tied in _entries(chunks, optimizer):
+        if tied:  # a tied replica is saved once, by the stage holding the tensor it mirrors
             continue
-        for key, value in optimizer.state.get(p, {}).items():
+        state[MODEL + name] = _describe(t.detach(), rec, meshes)
+        for key, value in (optimizer.adamw.state.get(t, {}) if rec is not None else {}).items():
             if not torch.is_tensor(value):
                 raise ValueError(f"optimizer state {key!r} of {name} is a {type(value).__name__}: only tensor "
                                  f"state can be checkpointed; use torch.optim.AdamW")
-            state[f"{OPTIM}{name}.{key}"] = _describe(value, p, mesh, name) if value.shape == p.shape else value
+            state[f"{OPTIM}{name}.{key}"] = _describe(value, rec, meshes) if value.shape == t.shape else value
     for kind, t in (rng or {}).items():
         state[f"{RNG}{ctx.rank:05d}.{kind}"] = t
     return state
 
 
-def _optimizer_targets(chunks, optimizer, mesh, saved) -> dict[str, tuple[torch.nn.Parameter, str, torch.Tensor]]:
-    """key -> (param, state name, allocated target) for every saved optim.<name>.<state> of the
-    parameters this rank's optimizer updates; a tied replica reads the mirrored tensor's state."""
+def _optimizer_targets(entries, meshes, saved) -> dict[str, tuple[torch.Tensor, str, torch.Tensor]]:
+    """key -> (main tensor, state name, allocated target) for every saved optim.<name>.<state> of
+    the parameters this rank updates; a tied replica reads the mirrored tensor's state."""
     by_param: dict[str, list[tuple[str, str]]] = {}  # name -> [(state name, key)]
     for key in saved:
         if key.startswith(OPTIM):
             name, _, state_name = key[len(OPTIM):].rpartition(".")
             by_param.setdefault(name, []).append((state_name, key))
-    names, targets = {id(t): name for name, t, _ in _entries(chunks)}, {}
-    for p in _optimizer_params(optimizer):
-        name = names[id(p)]
-        global_shape = tuple(_describe(p.detach(), p, mesh, name).shape)
+    targets = {}
+    for name, main, rec, _ in entries:
+        if rec is None:
+            continue
         for state_name, key in by_param.get(name, []):
             md = saved[key]
-            if tuple(md.size) == global_shape:
-                t = _describe(torch.empty(p.shape, dtype=md.properties.dtype, device=p.device), p, mesh, name)
+            if tuple(md.size) == rec.global_shape:
+                t = _describe(torch.empty(main.shape, dtype=md.properties.dtype, device=main.device), rec, meshes)
             else:  # scalar state (AdamW's step)
                 t = torch.empty(md.size, dtype=md.properties.dtype)
-            targets[key] = (p, state_name, t)
+            if key in targets:  # the two replicas of a tied embedding are never on one rank (pp > 1)
+                raise ValueError(f"{key} is updated twice on one rank: the tied embedding's replicas must "
+                                 f"be on different pipeline ranks")
+            targets[key] = (main, state_name, t)
     return targets
 
 
 def _set_optimizer_state(optimizer, states: dict[int, dict[str, torch.Tensor]]) -> None:
-    """Install {id(param): {state name: tensor}} through optimizer.load_state_dict, which moves each
+    """Install {id(main): {state name: tensor}} through AdamW's load_state_dict, which moves each
     value to its parameter's device and dtype the way torch.optim expects (step stays float32)."""
     if not states:
         return
-    sd = optimizer.state_dict()
-    index = {id(p): i for group, packed in zip(optimizer.param_groups, sd["param_groups"])
+    adamw = optimizer.adamw
+    sd = adamw.state_dict()
+    index = {id(p): i for group, packed in zip(adamw.param_groups, sd["param_groups"])
              for p, i in zip(group["params"], packed["params"])}
     sd["state"] = {index[pid]: st for pid, st in states.items()}
-    optimizer.load_state_dict(sd)
+    adamw.load_state_dict(sd)
 
 
 def restore_training_state(path: str | Path, chunks, optimizer, ctx, device: torch.device) -> tuple[dict, bool]:
-    """Collective: load a checkpoint saved under ANY layout into this rank's chunks (weights copied in
-    place) and optimizer (AdamW state of the params it updates). RNG is restored only if the saved
-    layout equals this one. Returns (meta, same_layout).
+    """Collective: load a checkpoint saved under ANY layout and precision into this rank's float32
+    masters and AdamW state, then write the model from them (optimizer.write_model: the bf16 cast,
+    ZeRO-1's broadcast). RNG is restored only if the saved layout equals this one.
+    Returns (meta, same_layout).
 
-    1. targets for the current layout: the parameters themselves (DCP writes into them), fresh
-       tensors for optimizer state, this rank's RNG when the layout matches;
+    1. targets for the current layout: the masters and buffers themselves (DCP writes into them),
+       fresh tensors for optimizer state, this rank's RNG when the layout matches;
     2. DCP reads each target's overlapping saved chunks;
-    3. copy into tied replicas that share a key, install optimizer state, set RNG."""
+    3. copy into second holders of one key (tied replicas), install optimizer state, write the
+       model, set RNG."""
     path = Path(path)
-    meta, saved, mesh = read_meta(path), saved_tensors(path), shard_mesh(ctx)
-    state, copies = {}, []
-    for name, t, _ in _entries(chunks):
+    meta, saved, meshes = read_meta(path), saved_tensors(path), shard_meshes(ctx)
+    entries, state, copies = _entries(chunks, optimizer), {}, []
+    for name, t, rec, _ in entries:
         if MODEL + name in state:  # a second holder of one key on this rank
             copies.append((t, state[MODEL + name]))
         else:
-            state[MODEL + name] = _describe(t.detach(), t, mesh, name)
-    optim = _optimizer_targets(chunks, optimizer, mesh, saved)
+            state[MODEL + name] = _describe(t.detach(), rec, meshes)
+    optim = _optimizer_targets(entries, meshes, saved)
     state.update({key: t for key, (_, _, t) in optim.items()})
     same_layout = meta.get("layout") == layout_of(ctx)
     rng_keys = {k: k.rsplit(".", 1)[1] for k in saved if same_layout and k.startswith(f"{RNG}{ctx.rank:05d}.")}
     state.update({k: torch.empty(saved[k].size, dtype=saved[k].properties.dtype) for k in rng_keys})
     _read_into(path, state, saved, no_dist=ctx.world_size == 1, ctx=ctx)
-    with torch.no_grad():
-        for dst, src in copies:
-            dst.copy_(src.to_local() if isinstance(src, DTensor) else src)
-    states: dict[int, dict[str, torch.Tensor]] = {}
-    for p, key, t in optim.values():
-        states.setdefault(id(p), {})[key] = t.to_local() if isinstance(t, DTensor) else t
-    _set_optimizer_state(optimizer, states)
+    _install(optimizer, copies, optim)
     if "cpu" in rng_keys.values():
         set_rng_state({kind: state[k] for k, kind in rng_keys.items()}, device)
     return meta, same_layout
+
+
+@torch.no_grad()
+def _install(optimizer, copies, optim) -> None:
+    """After DCP's read: fill second holders, install AdamW state, write the model from the masters."""
+    for dst, src in copies:
+        dst.copy_(src.to_local() if isinstance(src, DTensor) else src)
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    for main, state_name, t in optim.values():
+        states.setdefault(id(main), {})[state_name] = t.to_local() if isinstance(t, DTensor) else t
+    _set_optimizer_state(optimizer, states)
+    optimizer.write_model()

@@ -24,7 +24,8 @@ class ParallelConfig:
     tp: int = 1                       # tensor-parallel size (Megatron column/row split); 1 = off
     pp: int = 1                       # pipeline stages
     vpp: int = 1                      # virtual stages per pipeline rank (interleaved 1F1B when > 1)
-    ep: int = 1                       # expert-parallel size; must divide dp
+    ep: int = 1                       # expert-parallel size; must divide dp (tp x dp with fold_experts)
+    fold_experts: bool = False        # cut experts over the tp x dp ranks of a stage instead of replicating them over tp (Megatron's Parallel Folding): with tp 2 each GPU holds half as many experts
     dp: int = 0                       # data-parallel size; 0 = world_size / (tp * pp)
     sequence_parallel: bool = False   # shard norms/dropout activations along the sequence across tp
     zero1: bool = False               # shard optimizer state across data-parallel ranks (ZeRO-1)
@@ -88,7 +89,8 @@ class CheckpointConfig:
     keep_last: int = 3                # checkpoints kept (older ones deleted)
     resume: str = "none"              # none | auto (latest in run_dir/checkpoints) | path to a checkpoint
     dir: str | None = None            # null = <run_dir>/checkpoints
-    init_from: str | None = None      # weights that start the run, sharded for any layout: a run_dir or step_XXXXXXXX checkpoint of ours, or an HF directory (Llama / GPT-2 / Mixtral safetensors)
+    init_from: str | None = None      # weights that start the run (step 0, fresh optimizer), sharded for any layout: an HF directory (safetensors) or one of our checkpoints (a step_XXXXXXXX directory, or a run_dir: its latest)
+    upcycle: bool = False             # with init_from: a dense checkpoint becomes this MoE model (each expert a copy or a slice of the dense MLP, router drawn small); the step-0 loss equals the dense model's
 
 
 @dataclass
@@ -165,6 +167,9 @@ def validate(c: TrainConfig) -> None:
     _check(c.schedule.kind in ("cosine", "linear", "constant"),
            f"schedule.kind ({c.schedule.kind!r}) must be cosine, linear or constant")
     _check(c.checkpoint.keep_last >= 1, f"checkpoint.keep_last ({c.checkpoint.keep_last}) must be >= 1")
+    _check(not c.checkpoint.upcycle or c.checkpoint.init_from,
+           "checkpoint.upcycle needs checkpoint.init_from: the dense checkpoint (ours or HF) to "
+           "upcycle")
     _check(c.logging.interval >= 1, f"logging.interval ({c.logging.interval}) must be >= 1")
     validate_task(c.task)
 

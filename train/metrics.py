@@ -82,6 +82,14 @@ class MetricsLogger:
                 for layer, counts in (loads or {}).items():
                     self._expert_histogram(layer, counts, step)
 
+    def log_histograms(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        """A TensorBoard histogram of each tensor's values under its tag (e.g. a layer's expert
+        biases: how they spread over the experts); nothing without TensorBoard or histograms."""
+        if not self.enabled or self.writer is None or not self.histograms:
+            return
+        for tag, t in values.items():
+            self.writer.add_histogram(tag, t.detach().double().cpu(), step)
+
     def _expert_histogram(self, layer: int, counts: torch.Tensor, step: int) -> None:
         """Tokens per expert as a histogram over expert ids (bucket e has height counts[e])."""
         ids = torch.arange(counts.numel(), dtype=torch.float64)

@@ -6,13 +6,13 @@ parameters each GPU holds after tensor/expert sharding, an estimate of each GPU'
 of one step and the pipeline bubble. `format_plan(plan)` turns it into the text the planning CLI
 (launchers/plan.py) prints; nothing here prints or touches files.
 
-Memory model, per GPU of pipeline rank r (bytes; P = that GPU's parameters after sharding):
-    weights      4 P     float32 master weights: the trainer keeps float32 parameters in any precision
-    bf16 copies  2 P     precision=bf16 only: autocast's / the experts' bf16 casts, alive from a
-                         micro-batch's forward until its backward (one copy counted)
-    gradients    4 P     float32
-    optimizer    8 P     AdamW exp_avg + exp_avg_sq in float32; with parallel.zero1 the dense part
-                         is divided by dp and the expert part by edp (the owners keep the state)
+Memory model, per GPU of pipeline rank r (bytes; P = that GPU's parameters after sharding), the
+layout of parallel/optimizer.py:
+    weights      2 P     the model's parameters: bf16 under precision=bf16, 4 P in float32
+    main         4 P     precision=bf16 only: the optimizer's float32 main weights; with
+                         parallel.zero1 the dense part is divided by dp and the expert part by edp
+    gradients    4 P     the float32 gradient-accumulation buffers (every parameter, every rank)
+    optimizer    8 P     AdamW exp_avg + exp_avg_sq in float32, divided like the main weights
     activations  see `activation_bytes_per_layer`, times the layers of one schedule unit, times
                  the micro-batches in flight on rank r (parallel.partition.activation_microbatches_
                  in_flight), plus the last stage's logits.
@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from moe.config import ModelConfig
 from moe.model import build_model, param_counts, validate_layout
 from moe.stages import embedding_cost, head_cost, layer_costs, plan_stages
-from parallel.context import GROUP_KINDS, RankCoords, group_ranks, rank_grid, resolve_sizes
+from parallel.context import GROUP_KINDS, RankCoords, group_ranks, rank_grid, rank_of, resolve_sizes
 from parallel.partition import (activation_microbatches_in_flight, bubble_fraction, check_partition,
                                 chunks_of_rank, format_partition)
 
@@ -70,14 +70,14 @@ class Memory:
     """Estimated bytes on one GPU (see the module docstring for each term)."""
 
     weights: int
-    bf16_copies: int
+    main: int
     grads: int
     optimizer: int
     activations: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.bf16_copies + self.grads + self.optimizer + self.activations
+        return self.weights + self.main + self.grads + self.optimizer + self.activations
 
 
 @dataclass(frozen=True)
@@ -129,13 +129,14 @@ def resolve_layout(cfg: TrainConfig, nodes: int, gpus_per_node: int) -> Layout:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} ({value!r}) must be an integer >= 1")
     p, t, world = cfg.parallel, cfg.training, nodes * gpus_per_node
-    dp = resolve_sizes(world, p.tp, p.pp, p.dp, p.ep)
+    dp = resolve_sizes(world, p.tp, p.pp, p.dp, p.ep, p.fold_experts)
     validate_layout(cfg.model, SimpleNamespace(tp=p.tp, ep=p.ep))  # heads, ffn, vocab, experts
     check_world(cfg, world)                                        # the batch splits over dp
     n_micro = t.global_batch_size // (dp * t.micro_batch_size)
     _check_pipeline(cfg, n_micro)
     schedule = p.pp_schedule if p.pp > 1 else "none"
-    return Layout(nodes, gpus_per_node, world, p.tp, p.pp, p.vpp, dp, p.ep, dp // p.ep, schedule,
+    edp = dp * (p.tp if p.fold_experts else 1) // p.ep
+    return Layout(nodes, gpus_per_node, world, p.tp, p.pp, p.vpp, dp, p.ep, edp, schedule,
                   n_micro, t.micro_batch_size, cfg.data.seq_len, p.sequence_parallel and p.tp > 1)
 
 
@@ -182,17 +183,18 @@ def stage_param_counts(cfg: ModelConfig, chunks: list[tuple[list[int], bool, boo
     """(unsharded, per-GPU, per-GPU expert) parameters of a rank holding `chunks`.
 
     Each chunk (layer_ids, pre, post) is built with tp = ep = 1 on the meta device (free at any
-    size); a parameter tagged `tp_dim` is split over tp and one tagged `ep_dim` over ep, which is
-    exactly how the sharded layers size their local tensors (divisibility was validated).
+    size); a parameter whose layout record has a tp dim is split over tp and one with an ep dim
+    over ep, which is exactly how the sharded layers size their local tensors (divisibility was
+    validated).
     """
     full = local = expert = 0
     for layer_ids, pre, post in chunks:
         model = build_model(cfg, device="meta", layer_ids=layer_ids, pre=pre, post=post)
-        for param in model.parameters():
-            n = param.numel()
+        for name, rec in model.layouts().items():
+            n = math.prod(rec.global_shape)
             full += n
-            n //= tp if getattr(param, "tp_dim", None) is not None else 1
-            if getattr(param, "ep_dim", None) is not None:
+            n //= tp if rec.tp_dim is not None else 1
+            if rec.expert:
                 n //= ep
                 expert += n
             local += n
@@ -258,14 +260,14 @@ def stage_activation_bytes(cfg: TrainConfig, layout: Layout, n_layers: int, rank
 
 def stage_memory(cfg: TrainConfig, layout: Layout, params: int, expert_params: int,
                  activations: int) -> Memory:
-    """Weights, bf16 copies, gradients and AdamW state for `params` (see the module docstring)."""
+    """Weights, main weights, gradients and AdamW state for `params` (see the module docstring)."""
     dense = params - expert_params
+    owned = params
     if cfg.parallel.zero1:
-        optimizer = _OPTIM_BYTES * (math.ceil(dense / layout.dp) + math.ceil(expert_params / layout.edp))
-    else:
-        optimizer = _OPTIM_BYTES * params
-    copies = 2 * params if cfg.training.precision == "bf16" else 0
-    return Memory(4 * params, copies, 4 * params, optimizer, activations)
+        owned = math.ceil(dense / layout.dp) + math.ceil(expert_params / layout.edp)
+    bf16 = cfg.training.precision == "bf16"
+    return Memory((2 if bf16 else 4) * params, 4 * owned if bf16 else 0, 4 * params, _OPTIM_BYTES * owned,
+                  activations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,8 +290,9 @@ def plan_layout(cfg: TrainConfig, nodes: int = 1, gpus_per_node: int = 1, gpu_me
     step = flops_per_token(active, m.n_layers, m.n_heads * m.dim_head, layout.seq_len) * tokens
     bubble = 0.0 if layout.pp == 1 else bubble_fraction(layout.schedule, layout.pp, layout.vpp,
                                                        layout.n_micro)
-    plan = Plan(cfg, layout, rank_grid(layout.world, layout.tp, layout.pp, layout.dp, layout.ep),
-                group_ranks(layout.world, layout.tp, layout.pp, layout.dp, layout.ep), partition,
+    fold = cfg.parallel.fold_experts
+    plan = Plan(cfg, layout, rank_grid(layout.world, layout.tp, layout.pp, layout.dp, layout.ep, fold),
+                group_ranks(layout.world, layout.tp, layout.pp, layout.dp, layout.ep, fold), partition,
                 costs, first_extra, last_extra, stages, total, active, replica, tokens, step,
                 step / layout.world, bubble, int(gpu_mem_gb * GIB), attention_scores)
     plan.notes.extend(_notes(plan))
@@ -405,7 +408,7 @@ def _format_grid(plan: Plan, pp_rank: int, max_rows: int) -> str:
     shown = _shown_rows(lay.dp, max_rows)
     last_node = None
     for d in range(lay.dp):
-        ranks = [pp_rank * lay.dp * lay.tp + d * lay.tp + t for t in range(lay.tp)]
+        ranks = [rank_of(pp_rank, d, t, lay.dp, lay.tp) for t in range(lay.tp)]
         nodes = sorted({r // g for r in ranks})
         if nodes[0] != last_node and d in shown:
             rows.append(f"  -- node {nodes[0]} --")
@@ -449,17 +452,18 @@ def _format_memory(plan: Plan) -> str:
     unit, name = (GIB, "GiB") if max(s.memory.total for s in plan.stages) >= GIB else (2 ** 20, "MiB")
     rows = [f"Per GPU, by pipeline rank (parameters after tp {lay.tp} / ep {lay.ep} sharding; memory in {name}, "
             f"budget {plan.gpu_mem_bytes / GIB:g} GiB per GPU):",
-            f"  {'rank':>4} {'layers':>6} {'params':>8} {'experts':>8} {'weights':>7} {'bf16':>6} "
+            f"  {'rank':>4} {'layers':>6} {'params':>8} {'experts':>8} {'weights':>7} {'main':>6} "
             f"{'grads':>6} {'optim':>6} {'activ':>7} {'inflight':>8} {'total':>7} {'fits':>4}"]
     for s in plan.stages:
         mem, n_layers = s.memory, sum(len(c) for c in s.chunks)
         rows.append(f"  {s.rank:>4} {n_layers:>6} {_count(s.params):>8} {_count(s.expert_params):>8} "
-                    f"{mem.weights / unit:>7.2f} {mem.bf16_copies / unit:>6.2f} {mem.grads / unit:>6.2f} "
+                    f"{mem.weights / unit:>7.2f} {mem.main / unit:>6.2f} {mem.grads / unit:>6.2f} "
                     f"{mem.optimizer / unit:>6.2f} {mem.activations / unit:>7.2f} {s.in_flight:>8} "
                     f"{mem.total / unit:>7.2f} {'yes' if mem.total <= plan.gpu_mem_bytes else 'NO':>4}")
     rows.append(f"  activations: {activation_formula(lay.tp, lay.sequence_parallel, plan.attention_scores)} "
                 f"bytes per layer per micro-batch [Korthikanti et al. 2022] x layers per schedule unit x "
-                f"units in flight; weights fp32 master, grads fp32, AdamW 2 x fp32")
+                f"units in flight; weights bf16 (fp32 under precision=fp32), main weights fp32 (bf16 "
+                f"only), grads fp32, AdamW 2 x fp32; main and AdamW / dp (experts / edp) under ZeRO-1")
     if plan.tied_replica_params:
         rows.append(f"  the tied LM head is replicated on the last stage (+{plan.tied_replica_params:,} parameters)")
     return "\n".join(rows)

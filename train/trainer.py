@@ -24,21 +24,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe.model import build_model, param_counts
-from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, sync_tied_grads, \
-    tied_embedding_group, tied_embedding_replicas
+from moe.model import Decoder, build_model, load_full_state_dict, param_counts
+from moe.stages import (build_stage_chunks, expert_bias_table, merge_stage_stats, plan_stages,
+                        reduce_loads_over_dp, routing_count_fn, update_expert_biases)
 from parallel.context import ParallelContext
-from parallel.data import GradReducer, Zero1, norm_buckets, tied_replicas
+from parallel.layout import LayoutTable
 from parallel.pipeline import PipelineExecutor
 
 from .checkpoint import resolve_resume_everywhere, restore_training_state, rng_state, save_checkpoint, \
     training_state
 from .config import TrainConfig, check_world, save_config
 from .data import PretrainData, load_tokenizer, resolve_data_paths
+from .init_from import initial_state
 from .metrics import MetricsLogger, Throughput, flops_per_token, format_eta, peak_flops
-from .optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm_
+from .optim import LRSchedule, apply_lr, build_parallel_optimizer
 from .tasks import make_task
-from .weights import load_starting_weights
 
 
 def pick_device(cfg: TrainConfig, ctx: ParallelContext) -> torch.device:
@@ -88,8 +88,7 @@ class Trainer:
                                 first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
         self.chunks = build_stage_chunks(c.model, self.ctx, partition, seed=c.training.seed, device=self.device)
         if c.checkpoint.init_from:
-            load_starting_weights(self.chunks, c.checkpoint.init_from)  # HF directory or checkpoint
-            self._log(f"initialised weights from {c.checkpoint.init_from}")
+            self._init_from(self.chunks, c.checkpoint.init_from)
         for chunk in self.chunks:
             chunk.activation_checkpointing = c.training.activation_checkpointing
             chunk.recompute = c.training.recompute
@@ -106,6 +105,16 @@ class Trainer:
         if p.pp == 1:
             return "1f1b"  # one stage: F0 B0 F1 B1 ..., one micro-batch's activations alive at a time
         return "interleaved" if p.vpp > 1 else p.pp_schedule
+
+    def _init_from(self, chunks: list[Decoder], path: str) -> None:
+        """Start from an HF checkpoint or one of ours (upcycled when checkpoint.upcycle): whole
+        tensors are read on every rank and cut to its shards."""
+        c = self.cfg
+        full = initial_state(path, c.model, c.checkpoint.upcycle, c.training.seed)
+        for chunk in chunks:
+            load_full_state_dict(chunk, full)
+        how = " (upcycled from a dense model)" if c.checkpoint.upcycle else ""
+        self._log(f"initialised weights from {path}{how}")
 
     def _build_data(self) -> tuple[PretrainData, PretrainData]:
         c = self.cfg
@@ -129,25 +138,21 @@ class Trainer:
         return resolve_data_paths(c.data.paths, c.data.cache_dir, tok, max_bytes=c.data.stdlib_max_bytes)
 
     def _build_optimizer(self) -> None:
-        o = self.cfg.optimizer
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        tied = {id(p) for p in tied_embedding_replicas(self.chunks)}  # updated on both stages, not sharded
-        self.zero = Zero1(params, self.ctx, exempt=tied) if self.cfg.parallel.zero1 and self.dp > 1 else None
-        owner = self.zero.owner if self.zero else None
-        only = {id(p) for p in self.zero.local_params()} if self.zero else None
-        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, o.fused,
-                                         only=only)
-        s = self.cfg.schedule
-        decay = s.decay_steps if s.decay_steps is not None else self.cfg.training.max_steps
+        """The layout table of this rank's parameters, then AdamW over float32 main parameters
+        (the model held in bf16 under precision=bf16; ZeRO-1 owners per the table), the schedule
+        and the pipeline executor."""
+        o, c = self.cfg.optimizer, self.cfg
+        self.layout = LayoutTable(self.chunks, self.ctx, zero1=c.parallel.zero1 and self.dp > 1)
+        model_dtype = torch.bfloat16 if c.training.precision == "bf16" else None
+        self.optimizer = build_parallel_optimizer(self.chunks, self.layout, o.lr, o.weight_decay,
+                                                  (o.beta1, o.beta2), o.eps, o.fused, model_dtype)
+        s = c.schedule
+        decay = s.decay_steps if s.decay_steps is not None else c.training.max_steps
         self.schedule = LRSchedule(s.kind, o.lr, min(o.min_lr, o.lr), min(s.warmup_steps, decay), decay)
-        self.reducers = [GradReducer([q for q in chunk.parameters() if q.requires_grad], self.ctx, owner=owner)
-                         for chunk in self.chunks]
-        self.clip_buckets, self.tied_heads = norm_buckets(params, self.ctx, owner), tied_replicas(params)
-        self.tied_group = tied_embedding_group(self.ctx, self.cfg.parallel.timeout_s) \
-            if self.cfg.model.tie_embeddings else None
-        fns = [self.task.chunk_fn(chunk, 1.0 / self.n_micro) for chunk in self.chunks]
-        self.executor = self.make_executor(
-            fns, before_backward=lambda c, last: self.reducers[c].prepare(sync=last))
+        self.step_loads: dict[int, torch.Tensor] = {}  # global_batch scope: refilled before each step
+        fns = [self.task.chunk_fn(c, 1.0 / self.n_micro, self.step_loads) for c in self.chunks]
+        self.executor = self.make_executor(fns, before_backward=self.optimizer.prepare)
+        self._build_load_counter()
 
     def make_executor(self, chunk_fns: list, before_backward=None) -> PipelineExecutor:
         """A PipelineExecutor over this rank's chunks with the run's schedule and activation shape
@@ -157,6 +162,16 @@ class Trainer:
         return PipelineExecutor(chunk_fns, self.ctx, self._schedule_kind(), self.n_micro,
                                 act_shape=(rows, seq, self.cfg.model.d_model),
                                 act_dtype=self._residual_dtype(), before_backward=before_backward)
+
+    def _build_load_counter(self) -> None:
+        """model.aux_loss_scope=global_batch: a second executor over the same chunks that only
+        counts routing (routing_count_fn), run before each step by _count_step_loads."""
+        self.count_executor, self._counted = None, {}
+        if self.cfg.model.n_experts and self.cfg.model.aux_loss_scope == "global_batch":
+            self.count_executor = PipelineExecutor(
+                [routing_count_fn(chunk, self._counted) for chunk in self.chunks], self.ctx,
+                self._schedule_kind(), self.n_micro, act_shape=self.executor.act_shape,
+                act_dtype=self.executor.act_dtype)
 
     # ------------------------------------------------------------ one step
     def _residual_dtype(self) -> torch.dtype:
@@ -176,11 +191,25 @@ class Trainer:
         batch = self.train_data.next_batch().to(self.device, non_blocking=True)
         mb = self.task.micro_batches(batch, self.cfg.training.micro_batch_size)
         with self._autocast():
+            self._count_step_loads(mb.inputs, mb.targets, mb.side)
             result = self.executor.step(mb.inputs, mb.targets, mb.side)
-        for reducer in self.reducers:
-            reducer.finish()
-        sync_tied_grads(self.chunks, self.tied_group)
+        self.optimizer.finish()
         return self._step_stats(result)
+
+    def _count_step_loads(self, inputs, targets, side=None) -> None:
+        """The global_batch balance loss needs the step's routed slots per expert F before the first
+        backward (under 1F1B micro-batch 0's backward precedes micro-batch 1's forward): count them
+        in a no-grad forward of every micro-batch through the same pipeline, sum over dp, and refill
+        step_loads, which the training chunks read. Exact (the weights and inputs are the same)
+        for one extra forward per step; the RNG is forked so training draws the same dropout."""
+        if self.count_executor is None:
+            return
+        self._counted.clear()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.count_executor.forward_only(self.n_micro, inputs, targets, side)
+        self.step_loads.clear()
+        self.step_loads.update(reduce_loads_over_dp(self._counted, self.ctx))
 
     def _step_stats(self, result) -> dict[str, torch.Tensor]:
         """lm, aux, z, dropped (mean over micro-batches and MoE layers) and per-layer expert loads,
@@ -188,40 +217,58 @@ class Trainer:
         m = self.cfg.model
         merged = merge_stage_stats(result.infos, m.n_layers, m.n_experts, self.device)
         lm = sum((loss.float() for loss in result.losses), torch.zeros((), device=self.device))
+        scalars = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]])
         task = self.task.step_sums(result.infos, self.device)  # the task's scalars (none for LM)
-        losses = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]])
-        sums = torch.cat([losses, task])
+        sums = torch.cat([scalars, merged["aux_layers"], task])
         loads = merged["loads"]
         if self.ctx.pp > 1:
             dist.all_reduce(sums, group=self.ctx.pp_group)
             dist.all_reduce(loads, group=self.ctx.pp_group)
         moe_layers = [i for i in range(m.n_layers) if m.is_moe_layer(i)]
         sums[3] /= max(len(moe_layers), 1)
-        lm, aux, z, dropped, *task = (sums / self.n_micro).unbind(0)
-        return {"lm": lm, "aux": aux, "z": z, "dropped": dropped, "task": task,
-                "loads": {i: loads[i].long() for i in moe_layers}}
+        sums /= self.n_micro
+        lm, aux, z, dropped = sums[:4].unbind(0)
+        return {"lm": lm, "aux": aux, "z": z, "dropped": dropped,
+                "loads": {i: loads[i].long() for i in moe_layers},
+                "aux_layers": {i: sums[4 + i] for i in moe_layers},
+                "task": list(sums[4 + m.n_layers:].unbind(0))}
 
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
-        apply_lr(self.optimizer, lr)
+        apply_lr(self.optimizer.adamw, lr)
         stats = self.forward_backward()
-        lm, aux, z, dropped, *task = self._mean_over_dp(stats["lm"], stats["aux"], stats["z"],
-                                                        stats["dropped"], *stats["task"])
-        grad_norm = clip_grad_norm_(self.clip_buckets, self.cfg.optimizer.grad_clip, scale_only=self.tied_heads)
+        per_layer, n_task = stats["aux_layers"], len(stats["task"])
+        lm, aux, z, dropped, *rest = self._mean_over_dp(
+            stats["lm"], stats["aux"], stats["z"], stats["dropped"], *per_layer.values(),
+            *stats["task"])
+        aux_layers, task = rest[:len(rest) - n_task], rest[len(rest) - n_task:]
+        loads = self._sum_loads_over_dp(stats["loads"])
+        grad_norm = self.optimizer.clip(self.cfg.optimizer.grad_clip)
         loss = lm + aux + z
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
-            if self.zero is not None:
-                self.zero.broadcast()
+            update_expert_biases(self.chunks, loads)  # from the step's loads: identical on every rank
             self.bad_steps = 0
         else:
             self._skip_bad_step(loss, grad_norm)
-        self.model.zero_grad(set_to_none=True)  # not optimizer.zero_grad: under ZeRO-1 it only holds owned params
+        self.optimizer.zero_grad()
         self.step += 1
         return {"loss": loss, self.task.loss_key: lm, "aux_loss": aux, "z_loss": z, "lr": lr,
                 "grad_norm": grad_norm, "dropped_fraction": dropped,
-                **dict(zip(self.task.scalar_names, task)),
-                "loads": self._sum_loads_over_dp(stats["loads"])}
+                **dict(zip(self.task.scalar_names, task)), "loads": loads,
+                "expert_bias": self._expert_biases(),
+                **{f"moe/layer{i}/aux_loss": v for i, v in zip(per_layer, aux_layers)}}
+
+    def _expert_biases(self) -> dict[int, torch.Tensor]:
+        """Every layer's expert bias for TensorBoard (gathered over pipeline stages: all ranks take
+        part, the condition being the same everywhere)."""
+        m, log = self.cfg.model, self.cfg.logging
+        if not (m.n_experts and m.expert_bias and log.tensorboard and log.histograms):
+            return {}
+        table = expert_bias_table(self.chunks, m.n_layers, m.n_experts, self.device)
+        if self.ctx.pp > 1:
+            dist.all_reduce(table, group=self.ctx.pp_group)
+        return {i: table[i].cpu() for i in range(m.n_layers) if m.is_moe_layer(i)}
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
         self.bad_steps += 1
@@ -306,7 +353,7 @@ class Trainer:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])
         if self.ctx.world_size > 1:
             flag = flag.to(self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
         return bool(flag.item())
 
     def train(self) -> dict[str, float]:
@@ -339,9 +386,11 @@ class Trainer:
         c = self.cfg
         tok_s, _ = meter.rate()
         mfu = tok_s * self.flops_per_token / (self.peak * self.ctx.world_size) if self.peak else None
-        scalars = {k: v for k, v in s.items() if k != "loads"}
+        scalars = {k: v for k, v in s.items() if k not in ("loads", "expert_bias")}
         scalars.update(tokens_per_s=tok_s, mfu=mfu, memory_gb=memory_gb(self.device))
         self.logger.log(self.step, scalars, s["loads"])
+        biases = {f"moe/layer{i}/expert_bias": b for i, b in s["expert_bias"].items()}
+        self.logger.log_histograms(self.step, biases)
         if self.step % c.logging.interval == 0 or self.step == c.training.max_steps:
             done = self.step - start_step
             eta = (time.perf_counter() - t0) / max(done, 1) * (c.training.max_steps - self.step)

@@ -1,9 +1,10 @@
 """Pipeline parallelism against the single-process model: losses, grad norms and updated weights.
 
 Each case trains 3 AdamW steps (fp32) on gloo ranks with the trainer's recipe - loss / n_micro and
-aux_grad_scale = 1 / n_micro per micro-batch, GradReducer (one per chunk, syncing on the chunk's last
-backward), tied-embedding gradient sum, global-norm clip, AdamW - and the parent repeats it on one
-process with the whole model and the whole global batch (dp * n_micro micro-batches). Every rank's
+aux_grad_scale = 1 / n_micro per micro-batch, ParallelOptimizer (one gradient reducer per chunk,
+syncing on the chunk's last backward; tied-embedding gradient sum; global-norm clip; AdamW) - and the
+parent repeats it on one process with the whole model and the whole global batch (dp * n_micro
+micro-batches), with torch's own AdamW and clip_grad_norm_ as the outside reference. Every rank's
 per-micro-batch losses (last stage), clipped grad norms, MoE aux/z totals and final parameter shards
 must match the reference (losses and norms relative 1e-5, parameters atol 1e-5). The grad norm is
 the scale-sensitive oracle: AdamW and clipping are invariant to a constant factor on all grads.
@@ -17,14 +18,13 @@ import torch
 
 from moe.config import ModelConfig, get_preset
 from moe.model import build_model
-from moe.stages import (build_stage_chunks, merge_stage_stats, plan_stages, stage_chunk_fn, sync_tied_grads,
-                        tied_embedding_group)
+from moe.stages import build_stage_chunks, merge_stage_stats, plan_stages, stage_chunk_fn
 from parallel.context import ParallelContext
-from parallel.data import GradReducer, norm_buckets, tied_replicas
+from parallel.layout import LayoutTable
 from parallel.pipeline import PipelineExecutor
 from parallel.tensor import shard_tensor
 from tests.distributed.harness import run_distributed
-from train.optim import build_optimizer, clip_grad_norm_
+from train.optim import build_optimizer, build_parallel_optimizer
 
 pytestmark = pytest.mark.slow
 SEQ, MB, STEPS, SEED = 8, 2, 3, 0
@@ -54,6 +54,12 @@ CASES_4 = [
     dict(name="pp2_dp2_ep2_moe", model="moe", layout=dict(pp=2, dp=2, ep=2), schedule="1f1b", n_micro=2),
     dict(name="pp2_vpp2_tp2_tied_gpt2", model="gpt2-small-tiny", layout=dict(pp=2, vpp=2, tp=2),
          schedule="interleaved", n_micro=2),
+    dict(name="pp2_tp2_ep2_fold_moe", model="moe", layout=dict(pp=2, tp=2, ep=2, fold_experts=True),
+         schedule="1f1b", n_micro=2),
+]
+CASES_8 = [  # experts folded over tp x dp: each of a stage's 4 GPUs holds one of the 4 experts
+    dict(name="pp2_tp2_dp2_ep4_fold_moe", model="moe", layout=dict(pp=2, tp=2, dp=2, ep=4, fold_experts=True),
+         schedule="1f1b", n_micro=2),
 ]
 
 
@@ -75,31 +81,26 @@ def _train(ctx: ParallelContext, case: dict, data: torch.Tensor) -> dict:
     cfg, m = _config(case), case["n_micro"]
     partition = plan_stages(cfg, ctx.pp, ctx.vpp, SEQ, stage_layers=case.get("stage_layers"))
     chunks = build_stage_chunks(cfg, ctx, partition, seed=SEED)
-    reducers = [GradReducer(list(c.parameters()), ctx) for c in chunks]
-    tied = tied_embedding_group(ctx, timeout_s=60) if cfg.tie_embeddings else None
-    optimizer = build_optimizer(torch.nn.ModuleList(chunks), LR, weight_decay=WD, eps=EPS)
-    params = [p for c in chunks for p in c.parameters()]
-    buckets, tied_heads = norm_buckets(params, ctx), tied_replicas(params)
+    table = LayoutTable(chunks, ctx)
+    optimizer = build_parallel_optimizer(chunks, table, LR, weight_decay=WD, eps=EPS)
     seq_local = SEQ // ctx.tp if ctx.sequence_parallel else SEQ
     executor = PipelineExecutor([stage_chunk_fn(c, 1.0 / m) for c in chunks], ctx, case["schedule"], m,
-                                act_shape=(MB, seq_local, cfg.d_model),
-                                before_backward=lambda c, last: reducers[c].prepare(sync=last))
+                                act_shape=(MB, seq_local, cfg.d_model), before_backward=optimizer.prepare)
     losses, norms, aux = [], [], []
     for batch in data:
         rows = batch.chunk(ctx.dp)[ctx.dp_rank].split(MB)
         result = executor.step([r[:, :-1] for r in rows], [r[:, 1:] for r in rows])
-        for reducer in reducers:
-            reducer.finish()
-        sync_tied_grads(chunks, tied)
-        norms.append(clip_grad_norm_(buckets, CLIP, scale_only=tied_heads))
+        optimizer.finish()
+        norms.append(optimizer.clip(CLIP))
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         stats = merge_stage_stats(result.infos, cfg.n_layers, cfg.n_experts)
         losses.append([float(loss) for loss in result.losses])
         aux.append(float(stats["aux_loss"] + stats["z_loss"]))
-    params = {name: (p.detach().clone(), getattr(p, "tp_dim", None), getattr(p, "ep_dim", None))
+    params = {name: (p.detach().clone(), table[p].tied_to or table[p].name, table[p].tp_dim, table[p].ep_dim)
               for c in chunks for name, p in c.named_parameters()}
-    return dict(coords=tuple(ctx.coords), losses=losses, norms=norms, aux=aux, params=params, partition=partition)
+    return dict(coords=tuple(ctx.coords), losses=losses, norms=norms, aux=aux, params=params, partition=partition,
+                ranks=dict(tp=ctx.tp_rank, ep=ctx.ep_rank))
 
 
 def pipeline_worker(rank: int, world: int, cases: list, data: dict) -> dict:
@@ -119,7 +120,6 @@ def _reference(case: dict, data: torch.Tensor) -> dict:
     n = case["layout"].get("dp", 1) * case["n_micro"]
     model = build_model(cfg, seed=SEED)
     optimizer = build_optimizer(model, LR, weight_decay=WD, eps=EPS)
-    buckets = norm_buckets(list(model.parameters()), ParallelContext.single())
     losses, norms, aux = [], [], []
     for batch in data:
         step_losses, step_aux = [], []
@@ -128,7 +128,7 @@ def _reference(case: dict, data: torch.Tensor) -> dict:
             (out.loss / n).backward()
             step_losses.append(out.loss.item())
             step_aux.append(float(out.aux_loss + out.z_loss))
-        norms.append(clip_grad_norm_(buckets, CLIP))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_losses)
@@ -156,9 +156,9 @@ def _check_case(case: dict, per_rank: list, ref: dict) -> dict:
             got = res["losses"][step]
             assert len(got) == (m if pp_rank == pp - 1 else 0), (case["name"], res["coords"], got)
             worst["loss"] = max([worst["loss"]] + [_rel(g, w) for g, w in zip(got, want)])
-        for name, (value, tp_dim, ep_dim) in res["params"].items():
-            full = ref["params"]["tok_emb.weight" if name == "head.weight" and cfg.tie_embeddings else name]
-            want = shard_tensor(shard_tensor(full, tp_dim, tp_rank, tp), ep_dim, ep_rank, ep)
+        for name, (value, key, tp_dim, ep_dim) in res["params"].items():
+            full = shard_tensor(ref["params"][key], tp_dim, res["ranks"]["tp"], tp)
+            want = shard_tensor(full, ep_dim, res["ranks"]["ep"], ep)
             worst["param"] = max(worst["param"], (value - want).abs().max().item())
             covered.setdefault((dp_rank, tp_rank), set()).add(name)
     expected = set(ref["params"]) | ({"head.weight"} if cfg.tie_embeddings and pp > 1 else set())
@@ -211,6 +211,14 @@ def test_pipeline_world4_matches_single_process():
     results = _run(CASES_4, 4)
     aux = [r["aux"][0] for r in results["pp2_dp2_ep2_moe"]]
     assert all(a > 0 for a in aux), f"every stage holds one MoE block, so every rank reports aux > 0: {aux}"
+    folded = results["pp2_tp2_ep2_fold_moe"]  # the tp pair of a stage holds different experts
+    assert [r["ranks"]["ep"] for r in folded] == [0, 1, 0, 1]
+
+
+def test_pipeline_world8_folded_experts_match_single_process():
+    results = _run(CASES_8, 8)
+    experts = {r["ranks"]["ep"] for r in results["pp2_tp2_dp2_ep4_fold_moe"]}
+    assert experts == {0, 1, 2, 3}, experts
 
 
 # ----------------------------------------------------------------------------- executor on a 4-rank ring

@@ -9,7 +9,9 @@ alone barely shows: exp_avg at step 4 keeps 0.9^2 of the step-2 value.
 
 Layouts: dp2 -> 1, 1 -> tp2, pp2 -> 1 and 1 -> pp2 (tied embeddings: the last stage's head is a
 replica that is not saved and loads from tok_emb.weight), ZeRO-1 dp2 -> dp2 and back (only owners
-save and load AdamW state), tp2 x ep2 -> ep4 (world 4, untied head).
+save and load AdamW state), bf16 ZeRO-1 dp2 -> bf16 dp2 (float32 main weights saved by their owners,
+the bf16 model written from them on load), tp2 x ep2 -> ep4 and folded experts to and from unfolded
+ones (world 4, untied head).
 The tiny MoE model and data are test_launch.py's. One spawn per world size runs every distributed
 job in turn (a spawn costs seconds); single-process runs happen in the test process.
 """
@@ -38,6 +40,7 @@ LOSS_RTOL = 1e-5
 # AdamW divides by sqrt(v) + eps: eps = 1e-6 keeps elements with a near-zero second moment from
 # turning float summation-order noise into visible update differences (see equiv_workers.py).
 ADAM_EPS = 1e-6
+BF16 = ("training.precision=bf16",)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -82,7 +85,8 @@ def _jobs_worker(rank: int, world: int, jobs: list[tuple[str, list[str]]]) -> No
     """Run each (config, overrides) job in turn on this rank, with the layout its overrides name."""
     for config, overrides in jobs:
         p = load_config(config, overrides).parallel
-        ctx = ParallelContext.for_testing(rank, world, tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp, vpp=p.vpp)
+        ctx = ParallelContext.for_testing(rank, world, tp=p.tp, pp=p.pp, ep=p.ep, dp=p.dp, vpp=p.vpp,
+                                          fold_experts=p.fold_experts)
         _train(Path(config), overrides, ctx)
 
 
@@ -106,6 +110,8 @@ def reference(configs, tmp_path_factory) -> dict[str, Path]:
     for kind, config in configs.items():
         runs[kind] = root / kind
         _train_single(config, f"run_dir={runs[kind]}", f"checkpoint.interval={SAVE_AT}")
+    runs["tied_bf16"] = root / "tied_bf16"
+    _train_single(configs["tied"], f"run_dir={runs['tied_bf16']}", f"checkpoint.interval={SAVE_AT}", *BF16)
     return runs
 
 
@@ -121,7 +127,9 @@ def world2(configs, reference, tmp_path_factory) -> Path:
             (tied, _save_at(root / "pp2", "parallel.pp=2")),
             (tied, _save_at(root / "zero1", "parallel.zero1=true")),
             (tied, _resume(root / "zero1_to_dp2", _ckpt(root / "zero1", SAVE_AT))),
-            (tied, _resume(root / "dp2_to_zero1", _ckpt(root / "dp2", SAVE_AT), "parallel.zero1=true"))]
+            (tied, _resume(root / "dp2_to_zero1", _ckpt(root / "dp2", SAVE_AT), "parallel.zero1=true")),
+            (tied, _save_at(root / "zero1_bf16", "parallel.zero1=true", *BF16)),
+            (tied, _resume(root / "zero1_bf16_to_dp2", _ckpt(root / "zero1_bf16", SAVE_AT), *BF16))]
     run_distributed(_jobs_worker, 2, jobs, timeout=300)
     for source in ("dp2", "pp2"):
         _train_single(configs["tied"], *_resume(root / f"{source}_to_1", _ckpt(root / source, SAVE_AT)))
@@ -204,15 +212,38 @@ def test_dp2_resumes_under_zero1(world2, reference):
 
 
 @pytest.mark.slow
-def test_tp2_ep2_resumes_under_ep4(configs, reference, tmp_path):
-    untied = str(configs["untied"])
+def test_bf16_zero1_saves_float32_main_weights_and_resumes(world2, reference):
+    """Under bf16 + ZeRO-1 each float32 main weight lives on its owner only: the owners' pieces make
+    a complete float32 checkpoint equal to the one-process bf16 run's, and a bf16 dp2 run resumes
+    it exactly (the bf16 model written from the loaded main weights)."""
+    saved = load_full_state(_ckpt(world2 / "zero1_bf16", SAVE_AT))
+    assert all(t.dtype == torch.float32 for k, t in saved.items() if k.startswith("model."))
+    _assert_same_state(saved, load_full_state(_ckpt(reference["tied_bf16"], SAVE_AT)))
+    _assert_continues(world2 / "zero1_bf16_to_dp2", reference["tied_bf16"], world2 / "zero1_bf16")
+
+
+FOLD4 = ("parallel.tp=2", "parallel.ep=4", "parallel.fold_experts=true")  # one expert per rank
+
+
+@pytest.mark.slow
+def test_tp2_ep2_resumes_under_ep4_and_folded_experts(configs, reference, tmp_path):
+    """tp2 x ep2 (experts replicated over tp) -> ep4; tp2 x ep2 -> tp2 with the 4 experts folded over
+    all 4 ranks; folded -> ep4 unfolded."""
+    untied, tp2ep2, fold = str(configs["untied"]), _ckpt(tmp_path / "tp2ep2", SAVE_AT), _ckpt(tmp_path / "fold", SAVE_AT)
     jobs = [(untied, _save_at(tmp_path / "tp2ep2", "parallel.tp=2", "parallel.ep=2")),
-            (untied, _resume(tmp_path / "ep4", _ckpt(tmp_path / "tp2ep2", SAVE_AT), "parallel.ep=4"))]
+            (untied, _resume(tmp_path / "ep4", tp2ep2, "parallel.ep=4")),
+            (untied, _resume(tmp_path / "to_fold", tp2ep2, *FOLD4)),
+            (untied, _save_at(tmp_path / "fold", *FOLD4)),
+            (untied, _resume(tmp_path / "fold_to_ep4", fold, "parallel.ep=4"))]
     run_distributed(_jobs_worker, 4, jobs, timeout=300)
-    saved = load_full_state(_ckpt(tmp_path / "tp2ep2", SAVE_AT))
+    saved = load_full_state(tp2ep2)
     assert saved["model.layers.0.mlp.experts.w_in"].shape[0] == 4  # the experts were reassembled whole
     assert "model.head.weight" in saved and "optim.head.weight.exp_avg" in saved
+    assert read_meta(fold)["layout"]["fold_experts"] == 1
+    _assert_same_state(load_full_state(fold), load_full_state(_ckpt(reference["untied"], SAVE_AT)))
     _assert_continues(tmp_path / "ep4", reference["untied"], tmp_path / "tp2ep2")
+    _assert_continues(tmp_path / "to_fold", reference["untied"])
+    _assert_continues(tmp_path / "fold_to_ep4", reference["untied"], tmp_path / "fold")
 
 
 # ---------------------------------------------------------------------------------------------- quick

@@ -56,8 +56,8 @@ def _run(cfg, ctx) -> dict:
     from train.trainer import Trainer
 
     trainer = Trainer(cfg, ctx, log=lambda msg: None)
-    steps = [{k: v for k, v in trainer.train_step().items() if k not in ("loads", "lr")}
-             for _ in range(STEPS)]
+    steps = [{k: float(v) for k, v in trainer.train_step().items()
+              if k != "lr" and isinstance(v, (int, float))} for _ in range(STEPS)]
     return {"steps": steps, "valid": trainer.evaluate()}
 
 

@@ -1,7 +1,7 @@
 """Tensor parallelism against single-process references built from the same full weights.
 
 Workers (gloo, spawned by the harness) build TP layers, load their shards of full tensors made in the
-parent (via shard_tensor and each parameter's tp_dim), run forward/backward, and return outputs and
+parent (via shard_tensor and each parameter's layout record), run forward/backward, and return outputs and
 gradients; the parent recomputes everything with plain torch ops on the full tensors and compares the
 rank's slice. One spawn checks many layouts, since a launch costs seconds.
 """
@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.context import ParallelContext, group_ranks, rank_grid
+from parallel.layout import param_layouts
 from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, copy_to_tp,
                              gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp,
                              scatter_to_sp, scatter_to_tp, shard_tensor, vocab_parallel_cross_entropy)
@@ -57,16 +58,21 @@ def make_data(n_dp: int = 2) -> dict:
 
 def _load(module, full: dict, ctx) -> None:
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(shard_tensor(full[name], p.tp_dim, ctx.tp_rank, ctx.tp))
+        for name, rec in param_layouts(module, ctx).items():
+            module.get_parameter(name).copy_(shard_tensor(full[name], rec.tp_dim, ctx.tp_rank, ctx.tp))
+
+
+def _tp_dims(module, ctx) -> tuple:
+    return tuple(rec.tp_dim for rec in param_layouts(module, ctx).values())
 
 
 def _sum_partial_grads(ctx, *modules) -> None:
-    """What the gradient reducer does for sequence-parallel partial grads (grad_sum_over_tp)."""
-    for p in (p for m in modules for p in m.parameters()):
-        assert getattr(p, "grad_sum_over_tp", False) == (ctx.sequence_parallel and p.tp_dim is None)
-        if getattr(p, "grad_sum_over_tp", False):
-            dist.all_reduce(p.grad, group=ctx.tp_group)
+    """What the gradient reducer does for sequence-parallel partial grads (layout record tp_partial)."""
+    for m in modules:
+        for name, rec in param_layouts(m, ctx).items():
+            assert rec.tp_partial == (ctx.sequence_parallel and rec.tp_dim is None), name
+            if rec.tp_partial:
+                dist.all_reduce(m.get_parameter(name).grad, group=ctx.tp_group)
 
 
 def _seq_local(t: torch.Tensor, ctx) -> torch.Tensor:
@@ -96,7 +102,7 @@ def _run_mlp(ctx, d: dict) -> dict:
     (y * _seq_local(d["gy"][ctx.dp_rank], ctx)).sum().backward()
     _sum_partial_grads(ctx, col, row)
     return dict(init=init, y=y.detach(), dx=x.grad, w1=col.weight.grad, b1=col.bias.grad, w2=row.weight.grad,
-                b2=row.bias.grad, tp_dims=(col.weight.tp_dim, col.bias.tp_dim, row.weight.tp_dim, row.bias.tp_dim))
+                b2=row.bias.grad, tp_dims=_tp_dims(col, ctx) + _tp_dims(row, ctx))
 
 
 def _run_embedding(ctx, d: dict) -> dict:
@@ -104,7 +110,7 @@ def _run_embedding(ctx, d: dict) -> dict:
     _load(emb, {"weight": d["emb"]}, ctx)
     out = emb(d["tokens"][ctx.dp_rank])
     (out * _seq_local(d["gy"][ctx.dp_rank], ctx)).sum().backward()
-    return dict(out=out.detach(), grad=emb.weight.grad, tp_dim=emb.weight.tp_dim)
+    return dict(out=out.detach(), grad=emb.weight.grad, tp_dim=_tp_dims(emb, ctx)[0])
 
 
 def _run_cross_entropy(ctx, d: dict) -> dict:
@@ -290,9 +296,9 @@ def test_tp2_world2_with_and_without_sequence_parallel():
 def groups_and_layers_worker(rank: int, world_size: int, layouts: list, data: dict) -> dict:
     ctx = ParallelContext.from_env(tp=2, dp=2, ep=2, backend="gloo", timeout_s=60)
     members = {}
-    for layout in (dict(tp=2, dp=2, ep=2), dict(pp=2, dp=2, ep=2), dict(dp=4, ep=2)):
-        c = ctx if layout["dp"] == 2 and layout.get("tp") == 2 else ParallelContext.for_testing(rank, 4, **layout)
-        for kind in ("tp", "dp", "pp", "ep", "edp"):
+    for layout in GROUP_LAYOUTS:
+        c = ctx if layout == GROUP_LAYOUTS[0] else ParallelContext.for_testing(rank, 4, **layout)
+        for kind in ("tp", "dp", "pp", "ep", "edp") + (("tied",) if c.pp > 1 else ()):
             group = getattr(c, f"{kind}_group")
             got = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
             dist.all_gather(got, torch.tensor([rank]), group=group)
@@ -302,16 +308,23 @@ def groups_and_layers_worker(rank: int, world_size: int, layouts: list, data: di
     return dict(members=members, layers=layers_worker(rank, world_size, layouts, data))
 
 
+GROUP_LAYOUTS = [dict(tp=2, dp=2, ep=2), dict(pp=2, dp=2, ep=2), dict(dp=4, ep=2),
+                 dict(tp=2, dp=2, ep=4, fold_experts=True), dict(tp=2, dp=2, ep=2, fold_experts=True)]
+
+
 @pytest.mark.slow
 def test_world4_groups_match_rank_grid_and_layers_match():
     layouts = [dict(tp=2, dp=2), dict(tp=4, sequence_parallel=True)]
     data = make_data()
     per_rank = run_distributed(groups_and_layers_worker, 4, layouts, data)
     for rank, res in enumerate(per_rank):
-        for layout in (dict(tp=2, dp=2, ep=2), dict(pp=2, dp=2, ep=2), dict(dp=4, ep=2)):
-            sizes = dict(tp=layout.get("tp", 1), pp=layout.get("pp", 1), dp=layout["dp"], ep=layout["ep"])
+        for layout in GROUP_LAYOUTS:
+            sizes = dict(tp=layout.get("tp", 1), pp=layout.get("pp", 1), dp=layout["dp"], ep=layout["ep"],
+                         fold=layout.get("fold_experts", False))
             grid = rank_grid(4, **sizes)
             for kind, groups in group_ranks(4, **sizes).items():
+                if kind == "tied" and sizes["pp"] == 1:
+                    continue  # no tied pair across stages without pipelining
                 mine = next(g for g in groups if rank in g)
                 assert res["members"][(str(layout), kind)] == mine, (rank, layout, kind)
             assert res["members"][(str(layout), "coords")] == tuple(grid[rank])
@@ -320,8 +333,13 @@ def test_world4_groups_match_rank_grid_and_layers_match():
     # spot-check by hand: tp=2 dp=2 ep=2 -> rank 1 has tp [0, 1], dp = ep [1, 3], pp = edp [1]
     assert [per_rank[1]["members"][("{'tp': 2, 'dp': 2, 'ep': 2}", k)] for k in ("tp", "dp", "ep", "edp")] == \
         [[0, 1], [1, 3], [1, 3], [1]]
-    # pp=2 dp=2: rank 1 is stage 0 of pipeline [1, 3]
+    # pp=2 dp=2: rank 1 is stage 0 of pipeline [1, 3], whose ends share the tied embedding
     assert per_rank[1]["members"][("{'pp': 2, 'dp': 2, 'ep': 2}", "pp_ranks")] == [1, 3]
+    assert per_rank[1]["members"][("{'pp': 2, 'dp': 2, 'ep': 2}", "tied")] == [1, 3]
+    # folded tp=2 dp=2 ep=4: one expert group of all 4 ranks; ep=2: the tp pairs, replicated over dp
+    fold4, fold2 = (str(layout) for layout in GROUP_LAYOUTS[3:])
+    assert [per_rank[1]["members"][(fold4, k)] for k in ("ep", "edp")] == [[0, 1, 2, 3], [1]]
+    assert [per_rank[1]["members"][(fold2, k)] for k in ("ep", "edp")] == [[0, 1], [1, 3]]
     check_all([res["layers"] for res in per_rank], layouts, data)
 
 

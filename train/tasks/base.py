@@ -7,7 +7,7 @@ logging; a Task says what differs between objectives, and nothing else:
     build_data(trainer)         (train, valid) streams: next_batch(), reset(), state_dict()
     micro_batches(batch, m)     a batch -> inputs (first stage), targets (last stage) and side
                                 inputs every stage reads (document ids of packed rows)
-    chunk_fn(chunk, scale)      the executor's chunk(x, target[, side]) -> (output, info); the last
+    chunk_fn(chunk, scale, ..)  the executor's chunk(x, target[, side]) -> (output, info); the last
                                 stage returns the loss, info carries Task.scalar_names' values
     prepare(trainer)            work before the loop (DPO: the reference log-probabilities)
     step_sums / evaluate        what gets logged per step and per validation
@@ -68,7 +68,10 @@ class Task:
     def micro_batches(self, batch, size: int) -> MicroBatches:
         raise NotImplementedError
 
-    def chunk_fn(self, chunk, aux_grad_scale: float, mode: str = "train"):
+    def chunk_fn(self, chunk, aux_grad_scale: float, global_loads: dict | None = None,
+                 mode: str = "train"):
+        """`global_loads`: the step's expert loads (model.aux_loss_scope=global_batch), refilled
+        by the trainer before each step; `mode`: "train" (the loss) or a task's other outputs."""
         raise NotImplementedError
 
     def evaluate(self, trainer) -> dict[str, float]:
@@ -104,8 +107,9 @@ class LMTask(Task):
         micro = batch.split(size)
         return MicroBatches([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro], None)
 
-    def chunk_fn(self, chunk, aux_grad_scale: float, mode: str = "train"):
-        return stage_chunk_fn(chunk, aux_grad_scale)
+    def chunk_fn(self, chunk, aux_grad_scale: float, global_loads: dict | None = None,
+                 mode: str = "train"):
+        return stage_chunk_fn(chunk, aux_grad_scale, global_loads)
 
     def evaluate(self, trainer) -> dict[str, float]:
         return trainer.evaluate_lm()

@@ -6,9 +6,11 @@ final norm applied, for pre-norm models), P(y | x) = softmax(h_l W_y); the objec
 (mean over their next-token targets), lambda = task.lm_coef (0.5 in the paper; 0 leaves L2).
 Input rows are the text's tokens then EOS, the "extract" token whose state is classified; one
 example per row, right-padded. The head lives on the last pipeline stage, replicated over tensor-
-parallel ranks: under sequence parallelism the last block's states are gathered along the
-sequence with a backward that keeps each rank's own chunk (what follows is computed alike on
-every tp rank, so each rank already holds the full gradient).
+parallel ranks. Without sequence parallelism every tp rank holds the whole sequence and computes
+the head alike (full gradients, as for any tp-replicated weight). With it, a rank holds a
+sequence shard: it applies the head to the rows whose extract token is in its shard, zeros the
+others and the logits are summed over tp - so its head gradient is a partial sum over tp, the
+rule parallel.layout applies to every tp-replicated weight under sequence parallelism.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parallel.tensor import gather_from_tp
+from parallel.tensor import reduce_from_tp
 
 from .base import MicroBatches
 from .examples import IGNORE, Batch, Source, TokenSeq, fit, stack_rows, text_field
@@ -41,11 +43,16 @@ def classify_objective(cls_logits: torch.Tensor, labels: torch.Tensor, lm_loss: 
     return l2 + lm_coef * lm_loss, l2
 
 
-def last_token_states(h: torch.Tensor, last: torch.Tensor, ctx) -> torch.Tensor:
-    """h [B, S(/tp), D] -> [B, D]: each row's state at position last[b] (of the full sequence)."""
-    if ctx.sequence_parallel and ctx.tp > 1:
-        h = gather_from_tp(h, ctx.tp_group, dim=1)  # [B, S, D]; backward keeps this rank's chunk
-    return h[torch.arange(h.shape[0], device=h.device), last]
+def classifier_logits(head: nn.Module, h: torch.Tensor, last: torch.Tensor, ctx) -> torch.Tensor:
+    """head(h at each row's position last[b]) [B, C] from h [B, S(/tp), D]; under sequence
+    parallelism from the rank holding that position, summed over tp (see the module docstring)."""
+    rows = torch.arange(h.shape[0], device=h.device)
+    if not (ctx.sequence_parallel and ctx.tp > 1):
+        return head(h[rows, last])
+    local = last - ctx.tp_rank * h.shape[1]  # [B] position in this rank's shard
+    mine = (local >= 0) & (local < h.shape[1])
+    logits = head(h[rows, local.clamp(0, h.shape[1] - 1)]) * mine[:, None]  # [B, C], 0 elsewhere
+    return reduce_from_tp(logits, ctx.tp_group)
 
 
 @dataclass
@@ -115,8 +122,8 @@ class ClassifyTask(ExampleTask):
         return MicroBatches([p["tokens"] for p in parts], targets, None)
 
     def last_stage(self, chunk, out, t: ClassifyTargets, mode: str):
-        states = last_token_states(chunk.norm(out.hidden), t.last, chunk.ctx)  # [B, D]
-        logits = getattr(chunk, HEAD)(states).float()  # [B, C]
+        head = getattr(chunk, HEAD)
+        logits = classifier_logits(head, chunk.norm(out.hidden), t.last, chunk.ctx).float()  # [B, C]
         # L1 is computed even with lm_coef 0, so every weight gets a gradient (zero) in every layout
         tokens = chunk.token_losses(out.logits, t.lm_labels)  # [B, S]
         lm_loss = tokens.sum() / (t.lm_labels != IGNORE).sum().clamp(min=1)

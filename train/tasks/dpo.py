@@ -27,7 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..weights import load_starting_weights
+from moe.model import load_full_state_dict
+
+from ..init_from import initial_state
 from .base import MicroBatches
 from .chat import ChatEncoder
 from .examples import Batch, fit, kept, row_arrays, stack_rows, text_field
@@ -129,8 +131,10 @@ class DPOTask(ExampleTask):
         ref_path = self.cfg.task.reference
         saved = [{k: v.detach().clone() for k, v in c.state_dict().items()} for c in trainer.chunks]
         if ref_path:
-            load_starting_weights(trainer.chunks, ref_path, key="task.reference")
-        fns = [self.chunk_fn(c, 1.0, "reference") for c in trainer.chunks]
+            full = _reference_state(ref_path, trainer.cfg.model)
+            for chunk in trainer.chunks:
+                load_full_state_dict(chunk, full)
+        fns = [self.chunk_fn(c, 1.0, mode="reference") for c in trainer.chunks]
         executor = trainer.make_executor(fns)
         for split in ("train", "valid"):
             logps = self._reference_logps(trainer, executor, split)
@@ -167,6 +171,16 @@ class DPOTask(ExampleTask):
     def _micro(self, trainer, items: list, start: int, m: int) -> MicroBatches:
         ids = [i if i < len(items) else 0 for i in range(start, start + m)]
         return self.micro_batches(self.collate(items, ids, [1.0] * m).to(trainer.device), m)
+
+
+def _reference_state(path: str, cfg) -> dict[str, torch.Tensor]:
+    """The reference's whole-model state (checkpoint.init_from's reader and checks); its errors
+    name task.reference instead of checkpoint.init_from."""
+    try:
+        return initial_state(path, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        text = str(e).replace(f"checkpoint.init_from={path}: ", "")
+        raise type(e)(f"task.reference={path}: {text}") from None
 
 
 def _gather_over_dp(t: torch.Tensor, ctx) -> torch.Tensor:

@@ -64,13 +64,15 @@ class ExampleTask(Task):
         raise NotImplementedError
 
     # ------------------------------------------------------------ the last stage
-    def chunk_fn(self, chunk, aux_grad_scale: float, mode: str = "train"):
+    def chunk_fn(self, chunk, aux_grad_scale: float, global_loads: dict | None = None,
+                 mode: str = "train"):
         """chunk(x, target[, doc_ids]) -> (output, TaskInfo): hidden states on non-last chunks; on
         the last, last_stage's value - the loss ("train"), the eval sums ("eval") or another
         per-row output a task defines - with the MoE aux losses attached where computed."""
 
         def run(x: torch.Tensor, target: Any, doc_ids: torch.Tensor | None = None):
-            out = chunk(x, None, aux_grad_scale=aux_grad_scale, doc_ids=doc_ids)
+            out = chunk(x, None, aux_grad_scale=aux_grad_scale, global_loads=global_loads,
+                        doc_ids=doc_ids)
             info = TaskInfo(logits=None, aux_loss=out.aux_loss, z_loss=out.z_loss, moe=out.moe)
             if not chunk.post:
                 return out.hidden, info
@@ -87,7 +89,7 @@ class ExampleTask(Task):
     def prepare(self, trainer) -> None:
         """Executors for validation (every rank, same order); the truncation report in metrics;
         a validation at step 0 for a fresh run, the baseline the learning is measured against."""
-        fns = [self.chunk_fn(c, 1.0, "eval") for c in trainer.chunks]
+        fns = [self.chunk_fn(c, 1.0, mode="eval") for c in trainer.chunks]
         self.eval_executor = trainer.make_executor(fns)
         fractions = {f"truncated_fraction/{s}": t.fraction for s, t in self.truncation.items()}
         trainer.logger.log(0, fractions, prefix="data")
