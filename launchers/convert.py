@@ -1,6 +1,6 @@
-"""Export a training checkpoint as an HF transformers checkpoint (Llama / GPT-2 / Mixtral):
+"""Export a training checkpoint as an HF transformers checkpoint (the families of docs/hf.md):
 
-    python launchers/convert.py RUN_DIR_OR_CHECKPOINT OUT_DIR [--arch llama|gpt2|mixtral]
+    python launchers/convert.py RUN_DIR_OR_CHECKPOINT OUT_DIR [--arch FAMILY]
 
 OUT_DIR then loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR)`. The other direction needs
 no conversion step: set `checkpoint.init_from=HF_DIR` in a training config (any parallel layout).
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="run_dir (latest checkpoint) or a step_XXXXXXXX directory")
     p.add_argument("out", help="output directory for config.json + model.safetensors")
     p.add_argument("--arch", choices=sorted(ARCHS), default=None,
-                   help="HF architecture; default: mixtral for MoE, gpt2 for learned positions + LayerNorm, else llama")
+                   help="HF model_type; default: the first family that expresses the model "
+                        "exactly (docs/hf.md)")
     args = p.parse_args(argv)
     try:
         ckpt = find_checkpoint(Path(args.checkpoint))

@@ -27,6 +27,7 @@ CHOICES = {
     "expert_backend": ("grouped_mm", "padded", "loop", "megablocks"),
     "score_function": ("softmax", "sigmoid"),
     "aux_loss_scope": ("micro_batch", "sequence", "global_batch"),
+    "qk_norm": ("none", "head", "full"),
 }
 
 
@@ -46,6 +47,7 @@ class ModelConfig:
     norm: str = "rmsnorm"                 # layernorm | rmsnorm
     norm_position: str = "pre"            # pre (GPT-2 onward) | post (GPT-1, original Transformer)
     norm_eps: float = 1e-5                # epsilon inside the norm's square root
+    sandwich_norm: bool = False           # pre-norm only: also normalise each sublayer's output before its residual add (GLM-4's post_self_attn_layernorm / post_mlp_layernorm)
     # --- positions ---
     positions: str = "rope"               # learned | sinusoidal | rope
     rope_theta: float = 10000.0           # RoPE base
@@ -59,6 +61,8 @@ class ModelConfig:
     # --- attention ---
     local_window: int | None = None       # banded (local) attention width in tokens; None = full causal
     local_layers: str = "none"            # which layers use the band: none | all | odd | even (GPT-3 alternates)
+    qk_norm: str = "none"                 # RMSNorm of queries and keys before RoPE: none | head (each head's Dh features, one [Dh] weight per q and k: Qwen3, GLM-4.5 use_qk_norm) | full (the whole projection, [H*Dh] and [K*Dh] weights: OLMoE; under tp its statistics are summed over the tp group)
+    qkv_clip: float | None = None         # clamp q, k and v to [-c, c] after the q/k norms (OLMo / OLMoE clip_qkv); None = off
     # --- MLP / linear layers ---
     mlp: str = "swiglu"                   # gelu (GPT) | swiglu (LLaMA, GLM)
     gelu_approx: str = "tanh"             # tanh (GPT-1/2 "gelu_new") | none (exact erf)
@@ -95,6 +99,7 @@ class ModelConfig:
     expert_bias_update_rate: float = 1e-3  # after each optimizer step: bias += rate * sign(mean load - load), loads over the whole step (every micro-batch and rank); 0 = frozen
     router_input_jitter: float = 0.0      # training only: multiply the router's input by U(1 - eps, 1 + eps) (Switch; Megatron moe_input_jitter_eps); the experts see the clean input; 0 = off
     aux_loss_scope: str = "micro_batch"   # micro_batch (Switch/GShard) | sequence (DeepSeek-V2/V3: per sequence, averaged) | global_batch (f over the whole step: the same loss for every micro-batch size and layout)
+    aux_loss_pool_layers: bool = False    # every MoE layer's balance loss uses f pooled over all MoE layers, as transformers' load_balancing_loss_func does (Mixtral, Qwen-MoE, OLMoE; docs/hf.md); needs aux_loss_scope=global_batch
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,6 +158,11 @@ class ModelConfig:
             return False
         return i % self.moe_every == self.moe_every - 1
 
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The MoE blocks, however the config names them (moe_every, first_k_dense, ...)."""
+        return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
+
     def is_local_layer(self, i: int) -> bool:
         if self.local_window is None or self.local_layers == "none":
             return False
@@ -183,6 +193,11 @@ class ModelConfig:
         _check(self.local_layers == "none" or (self.local_window or 0) >= 1,
                f"model.local_layers ({self.local_layers!r}) needs model.local_window >= 1")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout ({self.dropout}) must be in [0, 1)")
+        _check(self.qkv_clip is None or self.qkv_clip > 0,
+               f"model.qkv_clip ({self.qkv_clip}) must be > 0, or null for no clipping")
+        _check(not self.sandwich_norm or self.norm_position == "pre",
+               f"model.sandwich_norm needs model.norm_position=pre (got {self.norm_position!r}): "
+               f"a post-norm block already normalises each sublayer's sum")
         self._validate_moe()
 
     def _validate_moe(self) -> None:
@@ -250,6 +265,10 @@ class ModelConfig:
                f"(0 = frozen)")
         _check(0.0 <= self.router_input_jitter < 1.0,
                f"model.router_input_jitter ({self.router_input_jitter}) must be in [0, 1)")
+        _check(not self.aux_loss_pool_layers or self.aux_loss_scope == "global_batch",
+               f"model.aux_loss_pool_layers needs model.aux_loss_scope=global_batch (got "
+               f"{self.aux_loss_scope!r}): every layer's loads are counted before the first "
+               f"backward")
 
     # ----- construction -----
     @classmethod
@@ -276,10 +295,13 @@ def _check(ok: bool, message: str) -> None:
 TRAINING_ONLY = frozenset({
     "dropout", "init_std", "expert_backend", "capacity_factor", "aux_loss_coef", "z_loss_coef",
     "vocab_pad_multiple", "max_seq_len", "aux_loss_scope", "expert_bias_update_rate",
-    "router_input_jitter", "forced_routing_imbalance"})
-# Fields whose None means a value derived from others: compared through that derived value.
+    "router_input_jitter", "forced_routing_imbalance", "aux_loss_pool_layers"})
+# Fields compared through a value derived from them (a None that stands for a derived default, or
+# one of several ways of saying which blocks are MoE).
 _DERIVED = {"ffn_dim": "ffn", "n_kv_heads": "kv_heads", "head_dim": "dim_head",
-            "qkv_bias": "use_qkv_bias", "norm_topk_prob": "normalizes_topk"}
+            "qkv_bias": "use_qkv_bias", "norm_topk_prob": "normalizes_topk",
+            **dict.fromkeys(("moe_every", "first_k_dense", "dense_layers", "moe_layers"),
+                            "moe_layer_ids")}
 
 
 def first_difference(a: ModelConfig, b: ModelConfig,

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from parallel.context import ParallelContext
 from parallel.layout import Split
-from parallel.tensor import ColumnParallelLinear, RowParallelLinear, enter_tp_region, fused_column_linear
+from parallel.tensor import ColumnParallelLinear, ParallelRMSNorm, RowParallelLinear, \
+    enter_tp_region, fused_column_linear
 
 from .config import ModelConfig
 from .kernels import rope_triton, swiglu, use_triton
@@ -40,6 +41,29 @@ class LayerNorm(nn.LayerNorm):
     weight and bias in float32 rather than casting them on every call."""
 
     PARAM_SPLITS = {"weight": Split(keep_fp32=True), "bias": Split(keep_fp32=True)}
+
+
+class HeadRMSNorm(RMSNorm):
+    """RMSNorm of each attention head's Dh features with one [Dh] weight shared by the heads
+    (Qwen3 and GLM-4.5 q/k norms), applied to [.., heads, Dh]. Under tensor parallelism a rank
+    holds H/tp heads, so its weight gradient sums only its own heads: a partial sum over the tp
+    group, with or without sequence parallelism (PARAM_SPLITS)."""
+
+    PARAM_SPLITS = {"weight": Split(tp_partial=True)}
+
+    def __init__(self, dim: int, eps: float, ctx: ParallelContext):
+        super().__init__(dim, eps)
+
+
+def make_qk_norms(cfg: ModelConfig, ctx: ParallelContext) -> tuple[nn.Module | None, ...]:
+    """(q norm, k norm) for model.qk_norm: per head ([Dh] weights), over the whole projection
+    ([H*Dh] / [K*Dh] weights, split over tp like the projection's output), or none."""
+    if cfg.qk_norm == "head":
+        return tuple(HeadRMSNorm(cfg.dim_head, cfg.norm_eps, ctx) for _ in "qk")
+    if cfg.qk_norm == "full":
+        return (ParallelRMSNorm(cfg.n_heads * cfg.dim_head, cfg.norm_eps, ctx),
+                ParallelRMSNorm(cfg.kv_heads * cfg.dim_head, cfg.norm_eps, ctx))
+    return None, None
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -163,6 +187,9 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * self.dh, qkv_bias, ctx)
         self.wv = ColumnParallelLinear(cfg.d_model, cfg.kv_heads * self.dh, qkv_bias, ctx)
         self.wo = RowParallelLinear(cfg.n_heads * self.dh, cfg.d_model, cfg.bias, ctx)
+        self.qk_norm = cfg.qk_norm
+        self.q_norm, self.k_norm = make_qk_norms(cfg, ctx)
+        self.clip = cfg.qkv_clip
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,8 +199,7 @@ class Attention(nn.Module):
         B, S = x.shape[:2]  # under sequence parallelism S is now the full sequence
         qkv = fused_column_linear(x, [self.wq, self.wk, self.wv])  # one GEMM: [B, S, (H + 2K) Dh]
         q, k, v = qkv.split([self.h_local * self.dh, self.kv_local * self.dh, self.kv_local * self.dh], dim=-1)
-        q = q.view(B, S, self.h_local, self.dh)  # [B, S, H, Dh]
-        k = k.view(B, S, self.kv_local, self.dh)  # [B, S, K, Dh]
+        q, k, v = self._norm_and_clip(q, k, v, B, S)  # [B, S, H, Dh], [B, S, K, Dh], [B, S, K Dh]
         if rope is not None:
             q, k = rotary(q, *rope, self.interleaved), rotary(k, *rope, self.interleaved)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Dh], [B, K, S, Dh]
@@ -188,6 +214,19 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, S, self.h_local * self.dh))
+
+    def _norm_and_clip(self, q, k, v, B: int, S: int):
+        """q, k as [B, S, heads, Dh] after the q/k norms (over the whole projection before the head
+        view, or per head after it), then q, k, v clamped to [-qkv_clip, qkv_clip] (OLMoE order)."""
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)  # [B, S, H Dh], [B, S, K Dh] (this rank's shard)
+        q = q.view(B, S, self.h_local, self.dh)
+        k = k.view(B, S, self.kv_local, self.dh)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        return q, k, v
 
 
 # ---------------------------------------------------------------- dense MLP

@@ -59,12 +59,18 @@ def selective_recompute_context():
 
 
 class Block(nn.Module):
-    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).  Post-norm (GPT-1): norm(x + attn(x)), ..."""
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).
+    Post-norm (GPT-1): norm(x + attn(x)), then norm(x + mlp(x)).
+    Sandwich (GLM-4, pre-norm): x + norm(attn(norm(x))), then x + norm(mlp(norm(x)))."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, idx: int):
         super().__init__()
         self.pre = cfg.norm_position == "pre"
         self.attn_norm, self.mlp_norm = make_norm(cfg), make_norm(cfg)
+        if cfg.sandwich_norm:
+            self.attn_out_norm, self.mlp_out_norm = make_norm(cfg), make_norm(cfg)
+        else:
+            self.attn_out_norm = self.mlp_out_norm = nn.Identity()
         self.attn = Attention(cfg, ctx, idx)
         self.mlp = MoELayer(cfg, ctx) if cfg.is_moe_layer(idx) else DenseMLP(cfg, ctx)
         self.drop = nn.Dropout(cfg.dropout)
@@ -72,9 +78,9 @@ class Block(nn.Module):
     def forward(self, x, rope, aux_grad_scale: float, global_counts: torch.Tensor | None = None,
                 mask=None) -> tuple[torch.Tensor, MoEStats | None]:
         if self.pre:
-            x = x + self.drop(self.attn(self.attn_norm(x), rope, mask))
+            x = x + self.drop(self.attn_out_norm(self.attn(self.attn_norm(x), rope, mask)))
             m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale, global_counts)
-            return x + self.drop(m), stats
+            return x + self.drop(self.mlp_out_norm(m)), stats
         dtype = x.dtype  # LayerNorm runs in float32 under autocast: keep the stream's dtype
         x = self.attn_norm(x + self.drop(self.attn(x, rope, mask))).to(dtype)
         m, stats = self._mlp(x, aux_grad_scale, global_counts)

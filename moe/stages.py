@@ -203,6 +203,21 @@ def reduce_loads_over_dp(loads: dict[int, torch.Tensor],
     return dict(zip(keys, flat.unbind(0)))
 
 
+def pool_loads_over_layers(loads: dict[int, torch.Tensor], ctx: ParallelContext, n_experts: int,
+                           device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
+    """model.aux_loss_pool_layers: every MoE layer's balance loss takes f from the loads of all MoE
+    layers together, F_e = sum_l C_le / sum_{l,e'} C_le' (transformers' load_balancing_loss_func
+    pools the layers' tokens the same way). `loads` holds this rank's layers (already summed over
+    dp); their [E] total is summed over the pipeline ranks (every pp rank takes part, with or
+    without MoE layers), and each of this rank's layers gets that same total."""
+    total = torch.zeros(n_experts, device=device)
+    for load in loads.values():
+        total = total + load.float().to(device)
+    if ctx.pp > 1:
+        dist.all_reduce(total, group=ctx.pp_group)
+    return {layer: total for layer in loads}
+
+
 @torch.no_grad()
 def update_expert_biases(chunks: list[Decoder], loads: dict[int, torch.Tensor]) -> None:
     """After an optimizer step: each router with an expert bias moves it by its rule (moe/router.py)

@@ -42,6 +42,8 @@ class Split:
     tp_dim: int | None = None      # dim cut into contiguous tp-rank chunks (None = replicated)
     ep_dim: int | None = None      # dim cut over the expert-parallel group (expert weights)
     token_sharded: bool = False    # the layer runs on a 1/tp token shard (MoE router and experts)
+    tp_partial: bool = False       # the layer holds a 1/tp share of what the weight applies to (a
+                                   # per-head norm over H/tp heads): its gradient is a tp partial sum
     keep_fp32: bool = False        # the layer computes with it in float32: a bf16 model keeps it so
 
 
@@ -95,7 +97,7 @@ def _record(name: str, p: torch.Tensor, split: Split, ctx: ParallelContext,
     tokens = split.token_sharded and not (ctx.fold_experts and split.ep_dim is not None)
     return ParamLayout(name=name, global_shape=_global_shape(tuple(p.shape), split, ctx),
                        local_shape=tuple(p.shape), tp_dim=split.tp_dim, ep_dim=split.ep_dim,
-                       tp_partial=ctx.tp > 1 and (tokens or sp_replica),
+                       tp_partial=ctx.tp > 1 and (split.tp_partial or tokens or sp_replica),
                        grad_group="edp" if split.ep_dim is not None else "dp",
                        tied_to=tied.get(name), tied=name in tied, keep_fp32=split.keep_fp32)
 

@@ -416,6 +416,40 @@ class VocabParallelEmbedding(nn.Module):
         return f"{self.num_embeddings} (local {self.weight.shape[0]}), {self.dim}, sp={self.sequence_parallel}"
 
 
+class ParallelRMSNorm(nn.Module):
+    """RMSNorm over a feature dim that tensor parallelism splits: rank r holds features
+    [r*n, (r+1)*n) (n = N/tp) of x and of the weight (tp_dim 0), like a ColumnParallelLinear's
+    output.
+
+        y = x / sqrt(sum_{all N features} x^2 / N + eps) * weight
+
+    The sum of squares is the one statistic that spans the split: each rank sums its own features
+    and the partial sums are all-reduced (OLMoE's q/k norms over the whole projection). Its backward
+    is an all-reduce too: every rank's output depends on the total, so dL/d(partial_r) is the sum of
+    the ranks' dL/d(total), i.e. copy_to_tp then reduce_from_tp. The weight's gradient is complete
+    on each rank (its features see every token), so it needs no reduction over tp.
+    """
+
+    PARAM_SPLITS = {"weight": Split(tp_dim=0)}
+
+    def __init__(self, features: int, eps: float, ctx: ParallelContext):
+        super().__init__()
+        check_divisible("features", features, "parallel.tp", ctx.tp)
+        self.features, self.eps, self.group = features, eps, ctx.tp_group
+        self.weight = _param((features // ctx.tp,))
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # [.., N/tp]
+        sq = xf.square().sum(-1, keepdim=True)  # [.., 1] this rank's partial sum of squares
+        sq = reduce_from_tp(copy_to_tp(sq, self.group), self.group)  # all-reduce fwd and bwd
+        y = xf * torch.rsqrt(sq / self.features + self.eps)
+        return self.weight.to(x.dtype) * y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.features} (local {self.weight.shape[0]}), eps={self.eps}"
+
+
 # ----------------------------------------------------------------------------- vocab-parallel cross-entropy
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

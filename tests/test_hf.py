@@ -125,7 +125,10 @@ def test_config_from_hf_legacy_keys():
     mix = config_from_hf(dict(hf, model_type="mixtral", num_local_experts=8, num_experts_per_tok=2,
                               router_aux_loss_coef=0.02, rope_scaling=None))
     assert (mix.n_experts, mix.top_k, mix.expert_ffn, mix.ffn, mix.moe_every) == (8, 2, 512, 512, 1)
-    assert (mix.aux_loss_coef, mix.z_loss_coef, mix.bias, mix.rope_scaling) == (0.02, 0.0, False, None)
+    # transformers' pooled loss: 0.02 * top_k / MoE layers per layer, f pooled (test_hf_families.py)
+    want = (0.02 * 2 / 3, 0.0, False, None)
+    assert (mix.aux_loss_coef, mix.z_loss_coef, mix.bias, mix.rope_scaling) == want
+    assert (mix.aux_loss_scope, mix.aux_loss_pool_layers) == ("global_batch", True)
     gpt = config_from_hf(dict(model_type="gpt2", vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=16,
                               activation_function="gelu", layer_norm_epsilon=1e-3))
     assert (gpt.gelu_approx, gpt.ffn, gpt.positions, gpt.norm, gpt.tie_embeddings) == ("none", 128, "learned",
@@ -261,7 +264,8 @@ def test_missing_files(tmp_path):
 
 
 def test_unsupported_configs():
-    supported = r"use one of \['llama', 'gpt2', 'mixtral'\]"
+    supported = (r"use one of \['llama', 'gpt2', 'openai-gpt', 'glm4', 'mixtral', 'qwen2_moe', "
+                 r"'qwen3_moe', 'olmoe', 'glm4_moe'\]")
     with pytest.raises(ValueError, match=rf"model_type 'bert' is not supported: {supported}"):
         config_from_hf({"model_type": "bert"})
     dynamic = dict(model_type="llama", rope_scaling={"type": "dynamic", "factor": 2.0}, **SMALL)
@@ -273,6 +277,7 @@ def test_unsupported_configs():
         config_to_hf(ModelConfig(rotary_fraction=0.5), "llama")
     post = ModelConfig(norm="layernorm", positions="learned", mlp="gelu", bias=True, norm_position="post")
     with pytest.raises(ValueError, match="gpt2: model.norm_position"):
-        config_to_hf(post)
+        config_to_hf(post, "gpt2")
+    assert config_to_hf(post)["model_type"] == "openai-gpt"  # inferred: the family expressing it
     with pytest.raises(ValueError, match="mixtral: model.capacity_factor"):
         config_to_hf(ModelConfig(n_experts=4, capacity_factor=1.25))

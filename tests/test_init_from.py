@@ -84,3 +84,47 @@ def test_init_from_hf_sharded_tp2_ep2(tmp_path, mixtral_dir):
     outs = run_distributed(_tp_ep_worker, 4, tmp_path, hf_dir)
     for out in outs:
         assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_imported_balance_loss_is_transformers_over_the_step(tmp_path):
+    """A run started from an HF Qwen2-MoE checkpoint with its imported model fields: step 0's aux
+    loss (and loss) is what transformers computes with output_router_logits=True on the step's whole
+    batch, although the step runs as 4 micro-batches: router_aux_loss_coef 0.02 becomes
+    0.02 * top_k 2 / 3 MoE blocks per block, with f pooled over the blocks and the step."""
+    import json
+
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from parallel.context import ParallelContext
+    from train.trainer import Trainer
+
+    torch.manual_seed(0)
+    hf = randomize(Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=258, max_position_embeddings=64, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        mlp_only_layers=[1], router_aux_loss_coef=0.02, attn_implementation="sdpa")), seed=3)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    imported = config_from_hf(read_hf_config(str(tmp_path / "hf")))
+    assert imported.aux_loss_coef == pytest.approx(0.02 * 2 / 3)
+    fields = {k: v for k, v in imported.to_dict().items() if k not in ("vocab_pad_multiple",)}
+    prefix = tmp_path / "corpus"
+    docs = [np.random.default_rng(0).integers(0, 256, 1000) for _ in range(8)]
+    write_token_file(prefix, docs, vocab_size=257)
+    cfg = load_config(None, [f"model.{k}={json.dumps(v)}" for k, v in fields.items()] + [
+        f"data.paths=[{prefix}]", "data.seq_len=16", "training.precision=fp32",
+        "training.device=cpu", "training.global_batch_size=8", "training.micro_batch_size=2",
+        "logging.tensorboard=false", f"checkpoint.init_from={tmp_path / 'hf'}",
+        f"run_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, ParallelContext.single(), log=lambda m: None)
+    seen = []
+    next_batch = trainer.train_data.next_batch
+    trainer.train_data.next_batch = lambda: seen.append(next_batch()) or seen[-1]
+    stats = trainer.train_step()
+    assert trainer.n_micro == 4 and seen[0].shape == (8, 17)
+    with torch.no_grad():  # HF shifts labels itself: its LM loss from all 17 ids, routing from 16
+        want = 0.02 * hf(seen[0][:, :-1], output_router_logits=True).aux_loss.item()
+        lm = hf(seen[0], labels=seen[0].clone()).loss.item()
+    assert float(stats["aux_loss"]) == pytest.approx(want, rel=1e-5)
+    assert float(stats["lm_loss"]) == pytest.approx(lm, rel=1e-5)
+    assert float(stats["z_loss"]) == 0.0

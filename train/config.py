@@ -89,7 +89,7 @@ class CheckpointConfig:
     keep_last: int = 3                # checkpoints kept (older ones deleted)
     resume: str = "none"              # none | auto (latest in run_dir/checkpoints) | path to a checkpoint
     dir: str | None = None            # null = <run_dir>/checkpoints
-    init_from: str | None = None      # weights that start the run (step 0, fresh optimizer), sharded for any layout: an HF directory (safetensors) or one of our checkpoints (a step_XXXXXXXX directory, or a run_dir: its latest)
+    init_from: str | None = None      # weights that start the run (step 0, fresh optimizer), sharded for any layout: an HF directory (safetensors; a family in docs/hf.md) or one of our checkpoints (a step_XXXXXXXX directory, or a run_dir: its latest)
     upcycle: bool = False             # with init_from: a dense checkpoint becomes this MoE model (each expert a copy or a slice of the dense MLP, router drawn small); the step-0 loss equals the dense model's
 
 

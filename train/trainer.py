@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from moe.model import Decoder, build_model, load_full_state_dict, param_counts
 from moe.stages import (build_stage_chunks, expert_bias_table, merge_stage_stats, plan_stages,
-                        reduce_loads_over_dp, routing_count_fn, update_expert_biases)
+                        pool_loads_over_layers, reduce_loads_over_dp, routing_count_fn,
+                        update_expert_biases)
 from parallel.context import ParallelContext
 from parallel.layout import LayoutTable
 from parallel.pipeline import PipelineExecutor
@@ -210,6 +211,10 @@ class Trainer:
             self.count_executor.forward_only(self.n_micro, inputs, targets, side)
         self.step_loads.clear()
         self.step_loads.update(reduce_loads_over_dp(self._counted, self.ctx))
+        if self.cfg.model.aux_loss_pool_layers:  # one total over every MoE layer (docs/hf.md)
+            loads = pool_loads_over_layers(self.step_loads, self.ctx, self.cfg.model.n_experts,
+                                           self.device)
+            self.step_loads.update(loads)
 
     def _step_stats(self, result) -> dict[str, torch.Tensor]:
         """lm, aux, z, dropped (mean over micro-batches and MoE layers) and per-layer expert loads,

@@ -70,6 +70,13 @@ MODELS: dict[str, tuple[str, dict]] = {
                                   topk_group=1, routed_scaling_factor=2.0, expert_bias=True,
                                   expert_bias_update_rate=0.05, aux_loss_coef=0.0,
                                   first_k_dense=1)),
+    # attention and block features of the HF families: OLMoE's q/k norms over the whole projection
+    # (statistics summed over tp) and clip_qkv (1.5 clips ~13% of the normalised q/k entries),
+    # GLM-4's sandwich norms; Qwen3's per-head q/k norms (weights replicated, gradients summed over
+    # tp); GPT-1's post-norm blocks with no final norm, LayerNorm biases and learned positions
+    "dense_qk": ("tiny", dict(qk_norm="full", qkv_clip=1.5, sandwich_norm=True)),
+    "moe_qk": ("tiny-moe", dict(_MOE, qk_norm="head", shared_expert_ffn_dim=32)),
+    "gpt1": ("gpt1-tiny", dict(n_kv_heads=4, ffn_dim=256)),
 }
 
 

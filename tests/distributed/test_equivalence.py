@@ -58,6 +58,11 @@ WORLD2 = [
     Layout("moe_seq/tp2_sp", "moe_seq", tp=2, sp=True),
     Layout("moe_global/ep2_dp2", "moe_global", ep=2),
     Layout("moe_bias/dp2", "moe_bias"),
+    Layout("dense_qk/tp2", "dense_qk", tp=2),
+    Layout("dense_qk/tp2_sp", "dense_qk", tp=2, sp=True),
+    Layout("moe_qk/tp2", "moe_qk", tp=2),
+    Layout("moe_qk/tp2_sp", "moe_qk", tp=2, sp=True),
+    Layout("gpt1/tp2_sp", "gpt1", tp=2, sp=True),
 ]
 WORLD4 = [
     Layout("dense_h8/tp4", "dense_h8", tp=4),
@@ -171,6 +176,15 @@ def test_balance_references_are_live():
     for key, aux in scoped.items():
         micro = reference_with(key, aux_loss_scope="micro_batch")["losses"][:, 1]
         assert (aux > 0).all() and ((aux - micro).abs() > 1e-5 * aux).all(), key
+
+
+def test_feature_references_are_live():
+    """The HF-family features change the training: q/k clipping bites on the normalised q and k,
+    and the per-head q/k norms and post-norm blocks give other losses than the plain blocks."""
+    for key, off in (("dense_qk", dict(qkv_clip=None)), ("moe_qk", dict(qk_norm="none")),
+                     ("gpt1", dict(norm_position="pre"))):
+        ref, plain = _reference(key)["losses"][:, 0], reference_with(key, **off)["losses"][:, 0]
+        assert (ref[-1] - plain[-1]).abs() > 1e-3 * ref[-1], (key, ref, plain)  # after 2 updates
 
 
 # ----------------------------------------------------------------------------- invalid layouts

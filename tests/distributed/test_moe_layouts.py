@@ -34,6 +34,10 @@ SHAPE = ["model.preset=tiny-moe", "model.n_layers=4", "model.d_model=64", "model
 MODELS = {
     "global": [*SHAPE, "model.n_experts=4", "model.aux_loss_scope=global_batch",
                "model.aux_loss_coef=0.1"],
+    # transformers' balance loss (an imported Mixtral / Qwen-MoE / OLMoE): f pooled over the layers,
+    # which pp 2 splits over two stages
+    "pooled": [*SHAPE, "model.n_experts=4", "model.aux_loss_scope=global_batch",
+               "model.aux_loss_pool_layers=true", "model.aux_loss_coef=0.1"],
     "bias": [*SHAPE, "model.n_experts=8", "model.score_function=sigmoid", "model.n_group=2",
              "model.topk_group=1", "model.expert_bias=true", "model.expert_bias_update_rate=0.01",
              "model.aux_loss_coef=0.0", "model.first_k_dense=1"],
@@ -138,6 +142,8 @@ def test_global_scope_is_live_and_micro_batch_scope_is_not_invariant(runs):
     assert _rel(control4, control8) > 10 * RTOL, (control4, control8)
     glob = _losses(runs / "global_mb8")
     assert (glob[:, 2] > 0).all() and _rel(glob[:, 2], control8[:, 2]) > 10 * RTOL
+    pooled = _losses(runs / "pooled_mb8")  # step 0: same weights and batch, only pooling differs
+    assert pooled[0, 2] > 0 and _rel(pooled[:1, 2], glob[:1, 2]) > 10 * RTOL
 
 
 def test_expert_biases_are_the_same_in_every_layout_and_checkpoint(runs):
