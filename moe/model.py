@@ -165,8 +165,8 @@ class Decoder(nn.Module):
             counts = (global_loads or {}).get(int(key))
             if self.activation_checkpointing and self.training:
                 extra = {"context_fn": selective_recompute_context} if self.recompute == "selective" else {}
-                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, mask, use_reentrant=False,
-                                      **extra)
+                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, mask,
+                                      use_reentrant=False, **extra)
             else:
                 h, stats = block(h, rope, aux_grad_scale, counts, mask)
             if stats is not None:

@@ -179,7 +179,8 @@ def routing_count_fn(chunk: Decoder,
     returns a zero in place of a loss. doc_ids: as for stage_chunk_fn (packed rows route what
     their masked attention produced)."""
 
-    def run(x: torch.Tensor, target: Any, doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+    def run(x: torch.Tensor, target: Any,
+            doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         out = chunk(x, routing_only=True, doc_ids=doc_ids)
         for layer, stats in out.moe.items():
             load = stats.tokens_per_expert.float()

@@ -409,8 +409,8 @@ def test_init_from_our_checkpoint_loads_the_backbone_and_adds_the_head(tmp_path,
         rows = slice(0, vocab) if name in ("tok_emb.weight", "head.weight") else slice(None)
         assert torch.equal(state[name][rows], want[rows]), name
     assert state["cls_head.weight"].shape == (3, 64) and state["cls_head.weight"].std() > 0
-    pattern = (r"init_from=.*run/checkpoints/step_00000002: model\.d_model is 32 here but 64 in that "
-               r"checkpoint: set model\.d_model=64")
+    pattern = (r"init_from=.*run/checkpoints/step_00000002: model\.d_model is 32 here but 64 in "
+               r"that checkpoint: set model\.d_model=64")
     with pytest.raises(ValueError, match=pattern):
         trainer(task_cfg(tmp_path, "classify", f"checkpoint.init_from={pretrained}",
                          "model.d_model=32"))
@@ -480,3 +480,14 @@ def test_finetune_launcher_errors_are_one_line(tmp_path, capsys):
                        f"(task.kind=dpo reads prompt, chosen and rejected)"]
     assert main([str(config), *args, "task.kind=lm"]) == 2
     assert capsys.readouterr().err.startswith("error: task.kind is lm (pretraining): set task.kind")
+
+
+def test_global_batch_prepass_routes_packed_rows_as_training_does(tmp_path):
+    """model.aux_loss_scope=global_batch counts the step's expert loads in a no-grad pre-pass;
+    with packed SFT rows it must see the same document masks as the training pass, so the loads
+    it counts equal the ones training routes."""
+    t = trainer(task_cfg(tmp_path, "sft", "model.aux_loss_scope=global_batch"))
+    stats = t.forward_backward()
+    assert stats["loads"] and set(t.step_loads) == set(stats["loads"])
+    for layer, trained in stats["loads"].items():
+        assert torch.equal(t.step_loads[layer].long(), trained), layer

@@ -123,7 +123,8 @@ class ClassifyTask(ExampleTask):
 
     def last_stage(self, chunk, out, t: ClassifyTargets, mode: str):
         head = getattr(chunk, HEAD)
-        logits = classifier_logits(head, chunk.norm(out.hidden), t.last, chunk.ctx).float()  # [B, C]
+        logits = classifier_logits(head, chunk.norm(out.hidden), t.last, chunk.ctx)  # [B, C]
+        logits = logits.float()
         # L1 is computed even with lm_coef 0, so every weight gets a gradient (zero) in every layout
         tokens = chunk.token_losses(out.logits, t.lm_labels)  # [B, S]
         lm_loss = tokens.sum() / (t.lm_labels != IGNORE).sum().clamp(min=1)
