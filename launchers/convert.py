@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launchers.generate import find_checkpoint, load_model  # noqa: E402
+from launchers.generate import load_model  # noqa: E402
 from moe.hf import ARCHS, save_hf  # noqa: E402
+from train.checkpoint import find_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

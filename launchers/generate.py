@@ -16,23 +16,8 @@ import torch  # noqa: E402
 
 from moe.config import ModelConfig  # noqa: E402
 from moe.model import Decoder, build_empty, load_full_state_dict  # noqa: E402
-from train.checkpoint import (choose_checkpoint, list_checkpoints,  # noqa: E402
-                              load_full_model_state, read_meta)
+from train.checkpoint import find_checkpoint, load_full_model_state, read_meta  # noqa: E402
 from train.data import load_tokenizer  # noqa: E402
-
-
-def find_checkpoint(path: Path) -> Path:
-    """A step_XXXXXXXX directory, or the newest one that verifies under RUN_DIR/checkpoints or the
-    given folder (each newer one that does not is named on stderr)."""
-    if (path / "meta.json").is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        if list_checkpoints(root):
-            choice = choose_checkpoint("auto", root)
-            for name, why in choice.skipped:
-                print(f"warning: skipped checkpoint {name}: {why}", file=sys.stderr)
-            return choice.path
-    raise FileNotFoundError(f"no checkpoint under {path}: pass a run_dir or a step_XXXXXXXX directory")
 
 
 def load_model(ckpt: Path) -> tuple[Decoder, dict]:

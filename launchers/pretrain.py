@@ -32,10 +32,11 @@ EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_REQUEUE = 0, 1, 2, 75
 INPUT_ERRORS = (ValueError, FileNotFoundError)  # configuration, data, run_dir, checkpoints
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pretrain.py",
+def parse_args(argv: list[str] | None = None, description: str = __doc__,
+               prog: str = "pretrain.py") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog,
                                 usage="%(prog)s CONFIG [KEY.SUB=VALUE ...] [--resume]",
-                                description=__doc__.splitlines()[0],
+                                description=description.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", metavar="CONFIG", help="training YAML, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE",
@@ -56,11 +57,16 @@ def build_context(cfg) -> ParallelContext:
                                     backend=backend, timeout_s=p.timeout_s)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, description: str = __doc__, check=None,
+         prog: str = "pretrain.py") -> int:
+    """Parse, load and check the config (`check(cfg)` may raise ValueError), build the context,
+    train."""
+    args = parse_args(argv, description, prog)
     overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
+        if check is not None:
+            check(cfg)
         ctx = build_context(cfg)
     except INPUT_ERRORS as e:  # the same on every rank: one of them says it
         if _launch_rank() == 0:

@@ -123,7 +123,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """apply_rope for x [B, S, H, Dh] with tables for >= S positions: one fused kernel on CUDA when
-    Triton imports, else apply_rope on the [B, H, S, Dh] view."""
+    Triton imports, else apply_rope on the [B, H, S, Dh] view. Tables [B, S, r/2] give every row its
+    own positions (packed documents, see document_layout) and take the torch path."""
+    if cos.dim() == 3:
+        y = apply_rope(x.transpose(1, 2), cos[:, None], sin[:, None], interleaved)  # [B, H, S, Dh]
+        return y.transpose(1, 2)
     if use_triton(x):
         return rope_triton(x, cos, sin, interleaved)
     S = x.shape[1]
@@ -173,6 +177,24 @@ def banded_causal_mask(seq_len: int, window: int, device: torch.device) -> torch
     return (j <= i) & (j > i - window)
 
 
+def document_layout(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-diagonal causal mask and per-document positions for packed sequences.
+
+    doc_ids [B, S]: a label per position; a document is a run of equal neighbours (labels may repeat
+    further on). Returns mask [B, 1, S, S], True where query i may attend key j: same run and
+    j <= i; and positions [B, S]: i minus the start of i's run, so every document sees exactly what
+    it would see alone in its own row (positions 0, 1, ... and no other document)."""
+    B, S = doc_ids.shape
+    idx = torch.arange(S, device=doc_ids.device)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    run = starts.long().cumsum(dim=1)  # [B, S] run index, one per document
+    causal = idx[None, :] <= idx[:, None]  # [S, S]
+    mask = (run[:, :, None] == run[:, None, :]) & causal
+    first = torch.where(starts, idx, 0).cummax(dim=1).values  # [B, S] start of each position's run
+    return mask[:, None], idx - first
+
+
 class Attention(nn.Module):
     """Causal self-attention through scaled_dot_product_attention. GQA/MQA use SDPA's enable_gqa,
     so K/V are never repeated in memory. Under tensor parallelism each rank holds H/tp query heads
@@ -197,7 +219,10 @@ class Attention(nn.Module):
         self.clip = cfg.qkv_clip
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                key: DropoutKey | None = None) -> torch.Tensor:
+                key: DropoutKey | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """key: this call's dropout stream (needed when attention dropout is on); mask: None
+        (causal) or a boolean [B, 1, S, S] that already includes causality (packed documents, see
+        document_layout); a local window is applied on top of either."""
         x = enter_tp_region(x, self.wq.group, self.wq.sequence_parallel)  # one gather for q, k and v
         B, S = x.shape[:2]  # under sequence parallelism S is now the full sequence
         qkv = fused_column_linear(x, [self.wq, self.wk, self.wv])  # one GEMM: [B, S, (H + 2K) Dh]
@@ -213,18 +238,22 @@ class Attention(nn.Module):
                 raise ValueError(f"attention dropout at {self.site} needs a DropoutKey: run blocks "
                                  f"through Decoder.forward, or set model.dropout=0")
             with key.fork(TP_LOCAL, self.site, x.device):
-                y = self._sdpa(q, k, v, p)
+                y = self._sdpa(q, k, v, p, mask)
         else:
-            y = self._sdpa(q, k, v, p)
+            y = self._sdpa(q, k, v, p, mask)
         return self.wo(y.transpose(1, 2).reshape(B, S, self.h_local * self.dh))
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
-        """Causal (or banded) SDPA of q [B, H, S, Dh] over k, v [B, K, S, Dh] -> [B, H, S, Dh]."""
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
+              mask: torch.Tensor | None) -> torch.Tensor:
+        """Causal (or banded, or document-masked) SDPA of q [B, H, S, Dh] over k, v [B, K, S, Dh]
+        -> [B, H, S, Dh]."""
         gqa = self.kv_local != self.h_local
-        if self.window is None:
+        if self.window is not None:
+            band = banded_causal_mask(q.shape[2], self.window, q.device)
+            mask = band if mask is None else mask & band
+        if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
                                                   enable_gqa=gqa)
-        mask = banded_causal_mask(q.shape[2], self.window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
 
     def _norm_and_clip(self, q, k, v, B: int, S: int):

@@ -28,7 +28,7 @@ from parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParal
                              copy_to_tp, vocab_parallel_cross_entropy)
 
 from .config import ModelConfig
-from .layers import Attention, DenseMLP, Dropout, make_norm, rope_cos_sin, sinusoidal_table
+from .layers import Attention, DenseMLP, Dropout, document_layout, make_norm, rope_cos_sin, sinusoidal_table
 from .moe_layer import MoELayer, MoEStats
 
 
@@ -36,7 +36,7 @@ from .moe_layer import MoELayer, MoEStats
 class DecoderOutput:
     logits: torch.Tensor | None          # [B, S, V] (this rank's vocab shard [B, S, V/tp] under tp); None on non-last stages
     loss: torch.Tensor | None = None     # mean LM cross-entropy over non-ignored targets (no aux terms)
-    hidden: torch.Tensor | None = None   # output activations of a non-last pipeline stage
+    hidden: torch.Tensor | None = None   # output of this stage's last block [B, S(/tp), D]
     aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # sum over MoE layers, detached
     z_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))    # sum over MoE layers, detached
     moe: dict[int, MoEStats] = field(default_factory=dict)                  # layer index -> routing statistics
@@ -80,16 +80,18 @@ class Block(nn.Module):
         self.site = f"layers.{idx}"
 
     def forward(self, x, rope, aux_grad_scale: float, global_counts: torch.Tensor | None = None,
-                key: DropoutKey | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        """`key`: this forward's dropout seeds (from Decoder.forward; None when not training)."""
+                key: DropoutKey | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MoEStats | None]:
+        """`key`: this forward's dropout seeds (from Decoder.forward; None when not training);
+        `mask`: packed documents' attention mask (moe.layers.document_layout), None = causal."""
         a_site, m_site = f"{self.site}.attn_out", f"{self.site}.mlp_out"
         if self.pre:
-            a = self.attn_out_norm(self.attn(self.attn_norm(x), rope, key))
+            a = self.attn_out_norm(self.attn(self.attn_norm(x), rope, key, mask))
             x = x + self.drop(a, key, a_site)
             m, stats = self._mlp(self.mlp_norm(x), aux_grad_scale, global_counts)
             return x + self.drop(self.mlp_out_norm(m), key, m_site), stats
         dtype = x.dtype  # LayerNorm runs in float32 under autocast: keep the stream's dtype
-        x = self.attn_norm(x + self.drop(self.attn(x, rope, key), key, a_site)).to(dtype)
+        x = self.attn_norm(x + self.drop(self.attn(x, rope, key, mask), key, a_site)).to(dtype)
         m, stats = self._mlp(x, aux_grad_scale, global_counts)
         return self.mlp_norm(x + self.drop(m, key, m_site)).to(dtype), stats
 
@@ -169,37 +171,39 @@ class Decoder(nn.Module):
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, aux_grad_scale: float = 1.0,
                 global_loads: dict[int, torch.Tensor] | None = None, routing_only: bool = False,
-                ) -> DecoderOutput:
+                doc_ids: torch.Tensor | None = None) -> DecoderOutput:
         """x: token ids [B, S] on the first stage, else the previous stage's hidden [B, S(/tp), D].
         `aux_grad_scale`: the factor applied to this micro-batch's LM loss (e.g. 1/n_micro_batches);
         the MoE auxiliary losses get the same factor in backward. `global_loads`: layer -> [E]
         routed slots over the whole step (model.aux_loss_scope=global_batch). `routing_only`: only
         what the routing statistics need - the last stage stops after its last MoE block, no head,
-        no loss."""
+        no loss. `doc_ids` [B, S] (full sequence, every stage): several documents packed per row
+        attend only within themselves, with positions restarting at each
+        (moe.layers.document_layout); None = one document per row."""
+        mask, positions = document_layout(doc_ids) if doc_ids is not None else (None, None)
         dropout = self.training and self.cfg.dropout > 0
         drop_key = self.rng.next_key(self.rng_chunk) if dropout else None
-        h = self.embed(x, drop_key) if self.pre else x
+        h = self.embed(x, drop_key, positions) if self.pre else x
         if self.pre:  # the residual stream: float32 (fp32 training, model.fp32_residual) or bf16
             compute_dtype = autocast_dtype(h.device.type)
             h = h.float() if self.cfg.fp32_residual or compute_dtype is None else h.to(compute_dtype)
-        rope = self._rope(h) if self.cfg.positions == "rope" else None
+        rope = self._rope(h, positions) if self.cfg.positions == "rope" else None
         out = DecoderOutput(logits=None)
         for key, block in self._blocks(routing_only):
             counts = (global_loads or {}).get(int(key))
             if self.activation_checkpointing and self.training:
                 extra = {"context_fn": selective_recompute_context} if self.recompute == "selective" else {}
-                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, drop_key,
-                                      use_reentrant=False,
-                                      **extra)
+                h, stats = checkpoint(block, h, rope, aux_grad_scale, counts, drop_key, mask,
+                                      use_reentrant=False, **extra)
             else:
-                h, stats = block(h, rope, aux_grad_scale, counts, drop_key)
+                h, stats = block(h, rope, aux_grad_scale, counts, drop_key, mask)
             if stats is not None:
                 out.moe[int(key)] = stats
         if out.moe:
             out.aux_loss = torch.stack([s.aux_loss for s in out.moe.values()]).sum()
             out.z_loss = torch.stack([s.z_loss for s in out.moe.values()]).sum()
+        out.hidden = h
         if not self.post or routing_only:
-            out.hidden = h
             return out
         out.logits = self.logits(h)
         if targets is not None:
@@ -217,21 +221,28 @@ class Decoder(nn.Module):
             blocks = blocks[:moe[-1] + 1] if moe else []
         return blocks
 
-    def embed(self, tokens: torch.Tensor, key: DropoutKey | None = None) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, key: DropoutKey | None = None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token (+ learned or sinusoidal position) embeddings; positions [B, S] for packed rows."""
         if tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         h = self.tok_emb(tokens)  # [B, S(/tp under sequence parallelism), D]
         if self.cfg.positions != "rope":
             start = self.ctx.tp_rank * h.shape[1] if self.ctx.sequence_parallel and self.ctx.tp > 1 else 0
             pos = torch.arange(start, start + h.shape[1], device=h.device)
+            if positions is not None:  # [B, S] -> this rank's sequence shard [B, S(/tp)]
+                pos = positions[:, start:start + h.shape[1]]
             h = h + (self.pos_emb(pos) if self.cfg.positions == "learned" else self.pos_table[pos].to(h.dtype))
         return self.emb_drop(h, key, "embedding")
 
-    def _rope(self, h: torch.Tensor):
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor | None = None):
+        """cos/sin tables [S, r/2], or [B, S, r/2] looked up at `positions` [B, S] (packed rows)."""
         seq = h.shape[1] * (self.ctx.tp if self.ctx.sequence_parallel and self.ctx.tp > 1 else 1)
         cached = getattr(self, "_rope_cache", None)
         if cached is None or cached[0].shape[0] < seq or cached[0].device != h.device:
             self._rope_cache = rope_cos_sin(self.cfg, max(seq, 1), h.device)
+        if positions is not None:
+            return self._rope_cache[0][positions], self._rope_cache[1][positions]
         return self._rope_cache
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -256,10 +267,27 @@ class Decoder(nn.Module):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy over non-ignored targets, vocab-parallel (no rank holds full-vocab logits)."""
-        group = self.ctx.tp_group if self.ctx.tp > 1 else None
-        per_token = vocab_parallel_cross_entropy(logits, targets, group, ignore_index=ignore_index)
+        per_token = self.token_losses(logits, targets, ignore_index)
         n = (targets != ignore_index).sum().clamp(min=1)
         return per_token.sum() / n
+
+    def token_losses(self, logits: torch.Tensor, targets: torch.Tensor,
+                     ignore_index: int = -100) -> torch.Tensor:
+        """Per-token cross-entropy -log p(target) [B, S] in float32 (0 where ignored), computed
+        vocab-parallel."""
+        group = self.ctx.tp_group if self.ctx.tp > 1 else None
+        return vocab_parallel_cross_entropy(logits, targets, group, ignore_index=ignore_index)
+
+    @torch.no_grad()
+    def add_head(self, name: str, head: nn.Module, seed: int) -> None:
+        """Attach a task head (e.g. a classifier on the last stage) as a submodule, so the gradient
+        reducer, clipping, ZeRO-1 and checkpoints treat it like every other weight, initialised the
+        layout-independent way (full tensors from (seed, "name.param") generators). Its parameters
+        are replicated over tp (parallel.layout's default split): without sequence parallelism a
+        head must compute alike on every tp rank, with it each rank's gradient is a partial sum."""
+        self.add_module(name, head)
+        for pname, p in head.named_parameters():
+            p.copy_(self._full_init(f"{name}.{pname}", tuple(p.shape), seed))
 
     # ------------------------------------------------------------ weights
     @torch.no_grad()

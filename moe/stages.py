@@ -120,7 +120,8 @@ def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[l
 def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float,
                    global_loads: dict[int, torch.Tensor] | None = None,
                    ) -> Callable[[torch.Tensor, Any], tuple]:
-    """Adapt a Decoder chunk to the executor's contract chunk(x, target) -> (output, info).
+    """Adapt a Decoder chunk to the executor's contract chunk(x, target[, doc_ids]) -> (output,
+    info).
 
     output: the hidden activations on non-last chunks, the mean LM loss on the last. info: a
     DecoderOutput with only the detached loss, aux_loss, z_loss and MoE statistics (no logits or
@@ -128,10 +129,14 @@ def stage_chunk_fn(chunk: Decoder, aux_grad_scale: float,
     (1 / n_micro), applied to the MoE auxiliary losses in backward as on pp=1. global_loads: a
     dict the caller refills before each step with the step's loads (model.aux_loss_scope
     global_batch, see count_step_loads); read at every call, so one executor serves every step.
+    doc_ids: the executor's per-stage side input for packed rows (Decoder.forward); None = one
+    document a row.
     """
 
-    def run(x: torch.Tensor, target: Any) -> tuple[torch.Tensor, DecoderOutput]:
-        out = chunk(x, target, aux_grad_scale=aux_grad_scale, global_loads=global_loads)
+    def run(x: torch.Tensor, target: Any, doc_ids: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, DecoderOutput]:
+        out = chunk(x, target, aux_grad_scale=aux_grad_scale, global_loads=global_loads,
+                    doc_ids=doc_ids)
         output = out.hidden if not chunk.post else out.loss
         if output is None:
             raise ValueError("the last pipeline stage got no targets: pass targets to PipelineExecutor.step")
@@ -175,10 +180,12 @@ def routing_count_fn(chunk: Decoder,
     """A chunk function for a no-grad pass that only counts routing: runs the chunk with
     routing_only (the last stage stops after its last MoE block: no head, no loss) and adds each
     MoE layer's routed slots per expert into `counted` (layer -> [E] float). The last stage
-    returns a zero in place of a loss."""
+    returns a zero in place of a loss. doc_ids: as for stage_chunk_fn (packed rows route what
+    their masked attention produced)."""
 
-    def run(x: torch.Tensor, target: Any) -> tuple[torch.Tensor, None]:
-        out = chunk(x, routing_only=True)
+    def run(x: torch.Tensor, target: Any,
+            doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        out = chunk(x, routing_only=True, doc_ids=doc_ids)
         for layer, stats in out.moe.items():
             load = stats.tokens_per_expert.float()
             counted[layer] = counted[layer] + load if layer in counted else load

@@ -463,8 +463,9 @@ class StepResult:
 
 
 # chunk(x, target) -> (output, info): output = activations for the next virtual stage, or the
-# scalar loss on the last one (target is None elsewhere); info is kept for logging.
-ChunkFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+# scalar loss on the last one (target is None elsewhere); info is kept for logging. When the step
+# is given side inputs, chunk(x, target, side) on every stage (e.g. document ids for masking).
+ChunkFn = Callable[..., tuple[torch.Tensor, Any]]
 
 
 class PipelineExecutor:
@@ -477,7 +478,10 @@ class PipelineExecutor:
     sequence parallelism), D]; every send is checked against it before it leaves (a size mismatch
     aborts gloo uncatchably). before_backward(chunk, is_last): called before each backward, with
     is_last True for the chunk's last backward of the step - where a gradient reducer starts
-    syncing (GradReducer.prepare(sync=is_last), one reducer per chunk).
+    syncing (GradReducer.prepare(sync=is_last), one reducer per chunk). `side` (step and
+    forward_only): optional per-micro-batch values that every virtual stage reads, not only the
+    first or last (the document ids of packed sequences mask attention in every block); with them
+    each chunk is called chunk(x, target, side[i]). Every rank passes its own copy (no P2P).
     """
 
     def __init__(self, chunks: Sequence[ChunkFn], ctx: ParallelContext, schedule_kind: str, n_micro: int,
@@ -499,17 +503,18 @@ class PipelineExecutor:
             dist.barrier(group=ctx.pp_group)  # first makes the communicator exist before any P2P batch
 
     def step(self, inputs: Sequence[torch.Tensor] | None = None,
-             targets: Sequence[Any] | None = None) -> StepResult:
+             targets: Sequence[Any] | None = None, side: Sequence[Any] | None = None) -> StepResult:
         """Run every action of this rank's schedule; inputs/targets: one entry per micro-batch,
         needed only where this rank holds the first / last virtual stage (else pass None)."""
         self._check_batch("inputs", inputs, 0)
         self._check_batch("targets", targets, self.n_stages - 1)
+        self._check_side(side, self.n_micro)
         stash: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> (input, output)
         result = StepResult([None] * self.n_micro, [[None] * self.n_micro for _ in self.chunks])
 
         def run(t: int, a: Action, inbox: dict, outbox: dict) -> None:
             if a.kind == "F":
-                self._forward(a, inputs, targets, inbox, outbox, stash, result)
+                self._forward(a, inputs, targets, side, inbox, outbox, stash, result)
                 return
             if self.before_backward is not None:
                 self.before_backward(a.chunk, self.last_backward[a.chunk] == t)
@@ -521,12 +526,14 @@ class PipelineExecutor:
 
     @torch.no_grad()
     def forward_only(self, n: int, inputs: Sequence[torch.Tensor] | None = None,
-                     targets: Sequence[Any] | None = None) -> list[torch.Tensor]:
+                     targets: Sequence[Any] | None = None, side: Sequence[Any] | None = None,
+                     ) -> list[torch.Tensor]:
         """Validation: n (<= n_micro) micro-batches through every virtual stage, no backward; the
         last stage's losses come back (empty elsewhere). Every rank runs forward_only_schedule
         ((micro-batch, chunk) in increasing order) through its own checked plan, built on first use."""
         if not 1 <= n <= self.n_micro:
             raise ValueError(f"forward_only: n ({n}) must be between 1 and n_micro ({self.n_micro})")
+        self._check_side(side, n)
         if n not in self._forward_plans:
             schedules = forward_only_schedule(self.ctx.pp, self.ctx.vpp, n)
             self._forward_plans[n] = schedules[self.ctx.pp_rank], _checked_plan(schedules, self.ctx)
@@ -536,7 +543,7 @@ class PipelineExecutor:
             v, i = self._vstage(a.chunk), a.microbatch
             x = inputs[i] if v == 0 else inbox.pop(("F", v - 1, v, i))
             last = v == self.n_stages - 1
-            y, _ = self.chunks[a.chunk](x, targets[i] if last else None)
+            y, _ = self._call(a.chunk, x, targets[i] if last else None, side, i)
             if last:
                 losses.append(y.detach())
             else:
@@ -546,11 +553,18 @@ class PipelineExecutor:
         return losses
 
     # ------------------------------------------------------------ actions
-    def _forward(self, a: Action, inputs, targets, inbox, outbox, stash, result: StepResult) -> None:
+    def _call(self, chunk: int, x: torch.Tensor, target: Any, side,
+              i: int) -> tuple[torch.Tensor, Any]:
+        if side is None:
+            return self.chunks[chunk](x, target)
+        return self.chunks[chunk](x, target, side[i])
+
+    def _forward(self, a: Action, inputs, targets, side, inbox, outbox, stash,
+                 result: StepResult) -> None:
         v, i = self._vstage(a.chunk), a.microbatch
         x = inputs[i] if v == 0 else inbox.pop(("F", v - 1, v, i)).requires_grad_(True)
         last = v == self.n_stages - 1
-        y, info = self.chunks[a.chunk](x, targets[i] if last else None)
+        y, info = self._call(a.chunk, x, targets[i] if last else None, side, i)
         result.infos[a.chunk][i] = info
         if last:
             if y.numel() != 1:
@@ -611,6 +625,11 @@ class PipelineExecutor:
                              f"executor was built for act_shape {self.act_shape} {self.act_dtype}: pass "
                              f"[micro_batch, seq(/tp with sequence parallelism), d_model]")
         return t.contiguous()
+
+    def _check_side(self, side, n: int) -> None:
+        if side is not None and len(side) != n:
+            raise ValueError(f"side has {len(side)} entries but {n} micro-batches run: pass one "
+                             f"entry per micro-batch on every rank, or None")
 
     def _check_batch(self, name: str, values, v: int) -> None:
         if v % self.ctx.pp != self.ctx.pp_rank:

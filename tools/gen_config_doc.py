@@ -19,7 +19,8 @@ from train import config as tc  # noqa: E402
 FIELD_LINE = re.compile(r"^\s+(\w+): [^=]+= (.+?)\s+#\s*(.*)$")
 SECTIONS = [("(top level)", None), ("model", ModelConfig), ("parallel", tc.ParallelConfig), ("data", tc.DataConfig),
             ("optimizer", tc.OptimizerConfig), ("schedule", tc.ScheduleConfig), ("training", tc.TrainingConfig),
-            ("checkpoint", tc.CheckpointConfig), ("logging", tc.LoggingConfig)]
+            ("checkpoint", tc.CheckpointConfig), ("logging", tc.LoggingConfig),
+            ("task", tc.TaskConfig)]
 
 
 def comments(path: Path) -> dict[tuple[str, str], str]:

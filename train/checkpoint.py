@@ -57,6 +57,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import warnings
 import zlib
@@ -156,6 +157,23 @@ def choose_checkpoint(resume: str, root: str | Path, ctx=None,
                          f"{root} verifies ({why}); move them away, or start a new run with "
                          f"checkpoint.overwrite=true (they are moved aside, not deleted)")
     return ResumeChoice(None, skipped)
+
+
+def find_checkpoint(path: str | Path, warn=None) -> Path:
+    """A step_XXXXXXXX directory, or the newest one that verifies under RUN_DIR/checkpoints or the
+    given folder; each newer one that does not is passed to `warn` (default: a line on stderr)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    warn = warn or (lambda line: print(line, file=sys.stderr))
+    for root in (path / "checkpoints", path):
+        if list_checkpoints(root):
+            choice = choose_checkpoint("auto", root)
+            for name, why in choice.skipped:
+                warn(f"warning: skipped checkpoint {name}: {why}")
+            return choice.path
+    raise FileNotFoundError(f"no checkpoint under {path}: pass a run_dir or a step_XXXXXXXX "
+                            f"directory")
 
 
 def on_rank0_for_all(ctx, fn):

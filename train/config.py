@@ -93,7 +93,7 @@ class CheckpointConfig:
     resume: str = "none"              # none | auto (newest checkpoint in run_dir/checkpoints that verifies) | path to a checkpoint
     overwrite: bool = False           # a new run where checkpoints exist moves them to checkpoints/aside/ (never deletes); false = refuse the run
     dir: str | None = None            # null = <run_dir>/checkpoints
-    init_from: str | None = None      # weights that start the run (step 0, fresh optimizer), sharded for any layout: an HF directory (safetensors; a family in docs/hf.md) or one of our step_XXXXXXXX checkpoints
+    init_from: str | None = None      # weights that start the run (step 0, fresh optimizer), sharded for any layout: an HF directory (safetensors; a family in docs/hf.md) or one of our checkpoints (a step_XXXXXXXX directory, or a run_dir: its latest)
     upcycle: bool = False             # with init_from: a dense checkpoint becomes this MoE model (each expert a copy or a slice of the dense MLP, router drawn small); the step-0 loss equals the dense model's
 
 
@@ -103,6 +103,24 @@ class LoggingConfig:
     tensorboard: bool = True          # write <run_dir>/tb/
     histograms: bool = True           # per-layer tokens-per-expert histograms in TensorBoard
     expert_load_images: bool = True   # every logging.interval steps, a picture of all MoE layers x experts (share of routed tokens over those steps) in TensorBoard
+
+
+TASK_KINDS = ("lm", "classify", "sft", "dpo")
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "lm"                  # lm (pretraining on data.paths) | classify (GPT-1: text -> label) | sft (prompt/response or messages) | dpo (prompt/chosen/rejected); see docs/post-training.md
+    data: str = "stdlib"              # classify/sft/dpo: JSONL of examples; "stdlib" = the embedded dataset of this kind, built under data.cache_dir
+    valid_data: str | None = None     # held-out JSONL; null = the last task.valid_fraction of task.data
+    valid_fraction: float = 0.1       # share of task.data held out when task.valid_data is null
+    labels: list | None = None        # classify: label names, list order = class index; null = the sorted labels of task.data
+    lm_coef: float = 0.5              # classify: lambda in L3 = L2 + lambda * L1 (L1 the LM loss on the same text; GPT-1: 0.5); 0 = off
+    chat_template: str = "auto"       # sft/dpo: auto (chat_template of a tokenizer_config.json beside data.tokenizer, else builtin) | builtin | none (prompt + response, no template) | path to a tokenizer_config.json or .jinja file
+    packing: bool = True              # sft: pack several examples per sequence; attention stays inside each, positions restart
+    truncate: bool = True             # cut examples longer than data.seq_len at the end (counted and reported; one left without a response token is dropped and counted); false = an error naming file:line
+    beta: float = 0.1                 # dpo: beta, the weight of the implicit KL penalty towards the reference
+    reference: str | None = None      # dpo: frozen reference model (HF directory or checkpoint); null = the starting weights
 
 
 @dataclass
@@ -116,6 +134,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -161,6 +180,19 @@ def validate(c: TrainConfig) -> None:
            "checkpoint.upcycle needs checkpoint.init_from: the dense checkpoint (ours or HF) to "
            "upcycle")
     _check(c.logging.interval >= 1, f"logging.interval ({c.logging.interval}) must be >= 1")
+    validate_task(c.task)
+
+
+def validate_task(k: TaskConfig) -> None:
+    _check(k.kind in TASK_KINDS, f"task.kind ({k.kind!r}) must be one of {list(TASK_KINDS)}")
+    _check(0.0 < k.valid_fraction < 1.0,
+           f"task.valid_fraction ({k.valid_fraction}) must be in (0, 1)")
+    _check(k.lm_coef >= 0, f"task.lm_coef ({k.lm_coef}) must be >= 0 (0 turns the LM term off)")
+    _check(k.beta > 0, f"task.beta ({k.beta}) must be > 0")
+    labels = k.labels
+    _check(labels is None or (len(labels) >= 2 and len(set(map(str, labels))) == len(labels)),
+           f"task.labels ({labels}) must name at least 2 distinct labels, or be null to take them "
+           f"from task.data")
 
 
 def _check_fp8(t: TrainingConfig) -> None:

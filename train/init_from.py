@@ -1,7 +1,8 @@
 """checkpoint.init_from: the whole-model weights a run starts from (fresh optimizer, step 0).
 
 A source is an HF directory (config.json + safetensors, moe/hf.py) or one of our checkpoints (a
-step_XXXXXXXX directory with meta.json, any layout, read whole by train/checkpoint.py). Without
+step_XXXXXXXX directory with meta.json, or a run_dir / checkpoints folder: its latest; any layout,
+read whole by train/checkpoint.py). Without
 checkpoint.upcycle the source must describe the same network as model (training-only fields may
 differ); with it, the source is a dense model upcycled into model's MoE shape (moe/upcycle.py).
 Every rank reads the whole tensors and cuts its own shards (moe.model.load_full_state_dict).
@@ -17,11 +18,22 @@ import torch
 from moe.config import ModelConfig, first_difference
 from moe.upcycle import upcycle_state
 
-from .checkpoint import load_full_model_state, read_meta
+from .checkpoint import find_checkpoint, load_full_model_state, read_meta
 
 
 def _is_ours(path: str) -> bool:
     return (Path(path) / "meta.json").is_file()
+
+
+def resolve_source(path: str) -> str:
+    """A run_dir or checkpoints folder of ours -> its latest step_XXXXXXXX directory; a checkpoint,
+    an HF directory or anything else (read_source names what it expected) unchanged."""
+    if _is_ours(path) or (Path(path) / "config.json").is_file():
+        return path
+    try:
+        return str(find_checkpoint(path))
+    except FileNotFoundError:
+        return path
 
 
 def read_source(path: str, pad_multiple: int = 1) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -55,6 +67,7 @@ def _repad_vocab(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 def initial_state(path: str, cfg: ModelConfig, upcycle: bool = False,
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """The whole-model state dict that starts a run of model `cfg` from `path`."""
+    path = resolve_source(path)
     source_cfg, state = read_source(path, cfg.vocab_pad_multiple)
     if upcycle:
         return upcycle_state(state, source_cfg, cfg, seed)

@@ -7,7 +7,9 @@ One optimizer step (global batch G sequences, dp data-parallel ranks, micro-batc
     (MoE aux losses get the same 1/n_micro through aux_grad_scale)
     reduce grads (tp partial sums, dp / edp means) -> clip by global norm -> AdamW step
 so every layout computes the gradient of the same objective: the mean LM loss over the G sequences
-(plus the aux losses averaged over micro-batches), exactly what one process computes.
+(plus the aux losses averaged over micro-batches), exactly what one process computes. The objective
+is a Task (train/tasks/): pretraining's LM loss, or a post-training one (classify, sft, dpo) that
+supplies its data, micro-batches, last-stage loss, logged scalars and validation.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.distributed as dist
 
 from moe.model import Decoder, build_model, enable_float8, load_full_state_dict, param_counts
 from moe.stages import (build_stage_chunks, expert_bias_table, merge_stage_stats, plan_stages,
-                        pool_loads_over_layers, reduce_loads_over_dp, routing_count_fn, stage_chunk_fn,
+                        pool_loads_over_layers, reduce_loads_over_dp, routing_count_fn,
                         update_expert_biases)
 from parallel.context import ParallelContext
 from parallel.fp8 import ALIGN, check_float8_device, float8_recipe
@@ -40,6 +42,7 @@ from .init_from import initial_state
 from .metrics import MetricsLogger, Throughput, format_eta, model_flops_per_token, peak_flops
 from .optim import LRSchedule, apply_lr, build_parallel_optimizer
 from .rundir import RunStart, start_run
+from .tasks import make_task
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption (SLURM: #SBATCH --signal=USR1@120)
 
@@ -67,8 +70,10 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.run_start = self._start_run()
         torch.manual_seed(t.seed)
+        self.task = make_task(cfg)  # the objective: pretraining's LM, or a post-training task
         self.model = self._build_model()
-        self.train_data, self.valid_data = self._build_data()
+        self.train_data, self.valid_data = self.task.build_data(self)
+        self.task.attach(self.chunks, t.seed)  # heads (a classifier: one output per label)
         self._build_optimizer()
         self.step = 0
         self.bad_steps = 0
@@ -80,6 +85,7 @@ class Trainer:
         _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)  # matmuls only
         self.peak = peak_flops(self.device)
+        self.task.prepare(self)
         self._maybe_resume()
 
     # ------------------------------------------------------------ setup
@@ -176,14 +182,19 @@ class Trainer:
         s = c.schedule
         decay = s.decay_steps if s.decay_steps is not None else c.training.max_steps
         self.schedule = LRSchedule(s.kind, o.lr, min(o.min_lr, o.lr), min(s.warmup_steps, decay), decay)
-        seq = c.data.seq_len // (self.ctx.tp if self.ctx.sequence_parallel else 1)
         self.step_loads: dict[int, torch.Tensor] = {}  # global_batch scope: refilled before each step
-        self.executor = PipelineExecutor(
-            [stage_chunk_fn(chunk, 1.0 / self.n_micro, self.step_loads) for chunk in self.chunks],
-            self.ctx, self._schedule_kind(), self.n_micro,
-            act_shape=(c.training.micro_batch_size, seq, c.model.d_model),
-            act_dtype=self._residual_dtype(), before_backward=self.optimizer.prepare)
+        fns = [self.task.chunk_fn(c, 1.0 / self.n_micro, self.step_loads) for c in self.chunks]
+        self.executor = self.make_executor(fns, before_backward=self.optimizer.prepare)
         self._build_load_counter()
+
+    def make_executor(self, chunk_fns: list, before_backward=None) -> PipelineExecutor:
+        """A PipelineExecutor over this rank's chunks with the run's schedule and activation shape
+        [micro_batch x the task's rows per example, seq_len (/tp under sequence parallel), D]."""
+        seq = self.cfg.data.seq_len // (self.ctx.tp if self.ctx.sequence_parallel else 1)
+        rows = self.cfg.training.micro_batch_size * self.task.rows_per_example
+        return PipelineExecutor(chunk_fns, self.ctx, self._schedule_kind(), self.n_micro,
+                                act_shape=(rows, seq, self.cfg.model.d_model),
+                                act_dtype=self._residual_dtype(), before_backward=before_backward)
 
     def _build_load_counter(self) -> None:
         """model.aux_loss_scope=global_batch: a second executor over the same chunks that only
@@ -211,12 +222,12 @@ class Trainer:
         pp = 1 simply one after another), reduce gradients, and return the step's loss statistics:
         means over micro-batches, summed over pipeline stages (not yet averaged over dp)."""
         batch = self.train_data.next_batch().to(self.device, non_blocking=True)
-        micro = batch.split(self.cfg.training.micro_batch_size)
+        mb = self.task.micro_batches(batch, self.cfg.training.micro_batch_size)
         self._start_dropout_step()
         with self._autocast():
-            self._count_step_loads([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
+            self._count_step_loads(mb.inputs, mb.targets, mb.side)
             self._start_dropout_step()  # the training pass redraws the counting pass's masks
-            result = self.executor.step([mb[:, :-1] for mb in micro], [mb[:, 1:] for mb in micro])
+            result = self.executor.step(mb.inputs, mb.targets, mb.side)
         self.optimizer.finish()
         return self._step_stats(result)
 
@@ -226,7 +237,7 @@ class Trainer:
         for chunk in self.chunks:
             chunk.rng.start_step(self.step)
 
-    def _count_step_loads(self, inputs, targets) -> None:
+    def _count_step_loads(self, inputs, targets, side=None) -> None:
         """The global_batch balance loss needs the step's routed slots per expert F before the first
         backward (under 1F1B micro-batch 0's backward precedes micro-batch 1's forward): count them
         in a no-grad forward of every micro-batch through the same pipeline, sum over dp, and refill
@@ -237,7 +248,7 @@ class Trainer:
         self._counted.clear()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            self.count_executor.forward_only(self.n_micro, inputs, targets)
+            self.count_executor.forward_only(self.n_micro, inputs, targets, side)
         self.step_loads.clear()
         self.step_loads.update(reduce_loads_over_dp(self._counted, self.ctx))
         if self.cfg.model.aux_loss_pool_layers:  # one total over every MoE layer (docs/hf.md)
@@ -252,7 +263,8 @@ class Trainer:
         merged = merge_stage_stats(result.infos, m.n_layers, m.n_experts, self.device)
         lm = sum((loss.float() for loss in result.losses), torch.zeros((), device=self.device))
         scalars = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]])
-        sums = torch.cat([scalars, merged["aux_layers"]])
+        task = self.task.step_sums(result.infos, self.device)  # the task's scalars (none for LM)
+        sums = torch.cat([scalars, merged["aux_layers"], task])
         loads = merged["loads"]
         if self.ctx.pp > 1:
             dist.all_reduce(sums, group=self.ctx.pp_group)
@@ -264,7 +276,8 @@ class Trainer:
         return {"lm": lm, "aux": aux, "z": z, "dropped": dropped,
                 "loads": {i: loads[i].long() for i in moe_layers},
                 "aux_layers": {i: sums[4 + i] for i in moe_layers},
-                "dropped_layers": self._dropped_per_layer(merged["dropped_layers"], moe_layers)}
+                "dropped_layers": self._dropped_per_layer(merged["dropped_layers"], moe_layers),
+                "task": list(sums[4 + m.n_layers:].unbind(0))}
 
     def _dropped_per_layer(self, dropped: torch.Tensor, moe_layers: list[int]) -> dict[int, float]:
         """Capacity mode only: each MoE layer's dropped share of routed slots, mean over the step's
@@ -283,9 +296,11 @@ class Trainer:
         lr = self.schedule.lr_at(self.step)
         apply_lr(self.optimizer.adamw, lr)
         stats = self.forward_backward()
-        per_layer = stats["aux_layers"]
-        lm, aux, z, dropped, *aux_layers = self._mean_over_dp(
-            stats["lm"], stats["aux"], stats["z"], stats["dropped"], *per_layer.values())
+        per_layer, n_task = stats["aux_layers"], len(stats["task"])
+        lm, aux, z, dropped, *rest = self._mean_over_dp(
+            stats["lm"], stats["aux"], stats["z"], stats["dropped"], *per_layer.values(),
+            *stats["task"])
+        aux_layers, task = rest[:len(rest) - n_task], rest[len(rest) - n_task:]
         loads = self._sum_loads_over_dp(stats["loads"])
         grad_norm = self.optimizer.clip(self.cfg.optimizer.grad_clip)
         loss = lm + aux + z
@@ -297,9 +312,10 @@ class Trainer:
             self._skip_bad_step(loss, grad_norm)
         self.optimizer.zero_grad()
         self.step += 1
-        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "z_loss": z, "lr": lr, "grad_norm": grad_norm,
-                "dropped_fraction": dropped, "loads": loads, "expert_bias": self._expert_biases(),
-                "dropped_layers": stats["dropped_layers"],
+        return {"loss": loss, self.task.loss_key: lm, "aux_loss": aux, "z_loss": z, "lr": lr,
+                "grad_norm": grad_norm, "dropped_fraction": dropped,
+                **dict(zip(self.task.scalar_names, task)), "loads": loads,
+                "expert_bias": self._expert_biases(), "dropped_layers": stats["dropped_layers"],
                 **{f"moe/layer{i}/aux_loss": v for i, v in zip(per_layer, aux_layers)}}
 
     def _expert_biases(self) -> dict[int, torch.Tensor]:
@@ -374,8 +390,13 @@ class Trainer:
         return {k: v.cpu() for k, v in loads.items()}
 
     # ------------------------------------------------------------ validation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """The task's validation metrics (pretraining: evaluate_lm)."""
+        return self.task.evaluate(self)
+
+    @torch.no_grad()
+    def evaluate_lm(self) -> dict[str, float]:
+        """Mean LM loss and perplexity over training.eval_steps validation batches."""
         self.model.eval()
         self.valid_data.reset()
         total = torch.zeros((), device=self.device)
@@ -459,7 +480,8 @@ class Trainer:
         try:
             while self.step < c.training.max_steps:
                 last = self.train_step()
-                meter.add(c.training.global_batch_size * c.data.seq_len)
+                rows = c.training.global_batch_size * self.task.rows_per_example
+                meter.add(rows * c.data.seq_len)
                 self._after_step(last, meter, start_step, t0)
                 if self.bad_steps > c.training.max_bad_steps:
                     self._rollback()
@@ -488,7 +510,8 @@ class Trainer:
         if self.step % c.logging.interval == 0 or self.step == c.training.max_steps:
             done = self.step - start_step
             eta = (time.perf_counter() - t0) / max(done, 1) * (c.training.max_steps - self.step)
-            self._log(f"step {self.step}/{c.training.max_steps} | loss {s['loss']:.4f} | lm {s['lm_loss']:.4f} | "
+            self._log(f"step {self.step}/{c.training.max_steps} | loss {s['loss']:.4f} | "
+                      f"{self.task.console(s)} | "
                       f"lr {s['lr']:.2e} | grad {s['grad_norm']:.3f} | {tok_s / 1e3:.1f}k tok/s | "
                       f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | mem {scalars['memory_gb']:.2f} GB | "
                       f"eta {format_eta(eta)}")
@@ -496,8 +519,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)  # the next line reports this window's peak
         if c.training.eval_interval and self.step % c.training.eval_interval == 0:
             v = self.evaluate()
-            self.logger.log(self.step, {"loss": v["loss"], "perplexity": v["perplexity"]}, prefix="valid")
-            self._log(f"validation at step {self.step}: loss {v['loss']:.4f} | perplexity {v['perplexity']:.2f}")
+            self.logger.log(self.step, v, prefix="valid")
+            self._log(f"validation at step {self.step}: {self.task.describe(v)}")
         if c.checkpoint.interval and self.step % c.checkpoint.interval == 0:
             self.save()
             self.last_saved_step = self.step
