@@ -50,7 +50,10 @@ def pick_device(cfg: TrainConfig, ctx: ParallelContext) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, log=print):
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, log=print, batches=None):
+        """batches: instead of the configured token files, an object whose next_batch() returns
+        this data-parallel rank's [global_batch / dp, seq_len + 1] token ids; such a trainer reads
+        and writes no files (no metrics, no resume); the planner's simulation runs its steps."""
         self.cfg, self.ctx, self.log_fn = cfg, ctx, log
         self.dp = check_world(cfg, ctx.world_size)
         t = cfg.training
@@ -61,18 +64,21 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         torch.manual_seed(t.seed)
         self.model = self._build_model()
-        self.train_data, self.valid_data = self._build_data()
+        in_memory = batches is not None
+        self.train_data, self.valid_data = (batches, batches) if in_memory else self._build_data()
         self._build_optimizer()
         self.step = 0
         self.bad_steps = 0
         self.stop_requested = False
         self.last_saved_step = -1
-        self.logger = MetricsLogger(self.run_dir, self.is_logger, cfg.logging.tensorboard, cfg.logging.histograms)
+        self.logger = MetricsLogger(self.run_dir, self.is_logger and not in_memory,
+                                    cfg.logging.tensorboard, cfg.logging.histograms)
         _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
         self.flops_per_token = flops_per_token(self.active_params, cfg.model.n_layers,
                                                cfg.model.n_heads * cfg.model.dim_head, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
-        self._maybe_resume()
+        if not in_memory:
+            self._maybe_resume()
 
     # ------------------------------------------------------------ setup
     def _build_model(self) -> torch.nn.Module:
