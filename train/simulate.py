@@ -37,6 +37,7 @@ from .config import TrainConfig, check_world
 from .memory import CATEGORIES, WINDOWS, MemoryTracker
 
 _FLOAT_PLACEHOLDER = 1.0
+_SHORT = ("weights", "grads", "optim", "activ", "temp")  # CATEGORIES, as the planner's table names them
 
 
 @dataclass(frozen=True)
@@ -187,5 +188,34 @@ def steady_peak(mode: MemoryTracker) -> tuple[int, dict[str, int]]:
     return best
 
 
-def breakdown_gib(sim: RankSimulation) -> dict[str, float]:
-    return {k: sim.at_peak[k] / 2 ** 30 for k in CATEGORIES}
+def ranks_to_simulate(plan, every_kind: bool = False) -> list[int]:
+    """Global ranks worth simulating for a train.plan.Plan: the heaviest pipeline rank's first GPU
+    (data-parallel rank 0, which also holds expert 0, the busiest under forced routing), or with
+    every_kind one GPU per pipeline rank, plus one on another ep rank when routing is imbalanced
+    (tp ranks, and dp ranks of one ep rank, run the same step)."""
+    lay = plan.layout
+    heaviest = max(plan.stages, key=lambda s: s.memory.total).rank
+    kinds = [(r, 0) for r in range(lay.pp)] if every_kind else [(heaviest, 0)]
+    if every_kind and lay.ep > 1 and (plan.imbalance or 1.0) > 1.0:
+        kinds += [(r, 1) for r in range(lay.pp)]
+    return [next(c.rank for c in plan.grid if (c.pp, c.dp, c.tp) == (r, d, 0)) for r, d in kinds]
+
+
+def format_simulation(plan, sims: list[RankSimulation]) -> str:
+    """The measured peaks beside the planner's, in GiB (MiB for small models), with headroom."""
+    budget = plan.gpu_mem_bytes
+    unit, name = (2 ** 30, "GiB") if max(s.peak for s in sims) >= 2 ** 30 else (2 ** 20, "MiB")
+    routing = "" if sims[0].imbalance is None else f", forced routing imbalance {sims[0].imbalance:g}"
+    rows = [f"Simulated step (fake process group + FakeTensorMode: the real train_step of each rank, "
+            f"nothing allocated{routing}; {name}, budget {budget / 2 ** 30:g} GiB):",
+            f"  {'rank':>5} {'pp':>3} {'dp':>4} {'tp':>3} {'ep':>3} " + " ".join(
+                f"{k:>7}" for k in _SHORT) + f" {'peak':>8} {'planned':>8} {'diff':>6} {'headroom':>8}"]
+    for sim in sims:
+        c, planned = sim.coords, plan.stages[sim.coords.pp].memory.total
+        cells = " ".join(f"{sim.at_peak[k] / unit:>7.2f}" for k in CATEGORIES)
+        rows.append(f"  {c.rank:>5} {c.pp:>3} {c.dp:>4} {c.tp:>3} {c.ep:>3} {cells} {sim.peak / unit:>8.2f} "
+                    f"{planned / unit:>8.2f} {(planned - sim.peak) / sim.peak:>+6.1%} "
+                    f"{1 - sim.peak / budget:>8.1%}")
+    rows.append("  peak: the measured step's highest live bytes (a step after the first: optimizer state "
+                "alive); planned: train/plan.py for that pipeline rank (busiest ep rank)")
+    return "\n".join(rows)

@@ -1,0 +1,378 @@
+"""What one GPU holds during a training step, tensor by tensor: the planner's memory model.
+
+The model follows our own code, not a rule of thumb: for each block it counts the tensors that
+forward leaves for backward (named below after the ops that make them), for each rank it replays
+the pipeline schedule's actions (parallel.pipeline.build_schedule) to find the moment of the peak,
+and at that moment it adds the transient tensors of the loss (forward) or of the first backward op
+(the "spikes"). train/simulate.py measures the same step on fake tensors; tests/test_simulate.py
+checks that the two agree within 3% over a matrix of layouts.
+
+Shapes, per micro-batch on one GPU: b micro-batch, s sequence, T = b s tokens, T_n = T / tp under
+sequence parallelism (else T), D width, H_l = H / tp and K_l = K / tp heads, Dh head dim, F_l = F / tp
+dense width, Fe expert width, E experts (E_l = E / ep local), k top-k, T_r = routed tokens (T / tp
+with tp > 1: each tp rank routes its own share), N = T_r k routed rows sent, M rows received
+(ep > 1; the busiest ep rank under forced routing), V_l = padded vocabulary / tp.
+Bytes: c the compute dtype (4 in float32), 4 for float32 statistics, 8 for int64 indices.
+
+These are the tensors of the torch (CPU) path of our fused ops, which the simulation runs: the
+Triton kernels on CUDA keep less (SwiGLU keeps only its input, RMSNorm its input and 1/rms), so on
+a GPU the figures are an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+from moe.config import ModelConfig
+from moe.router import forced_counts
+from parallel.pipeline import Action, build_schedule
+
+_F32, _I64 = 4, 8
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Per-GPU sizes of one micro-batch (see the module docstring for the symbols)."""
+
+    b: int
+    s: int
+    tp: int
+    sp: bool
+    ep: int
+    c: int          # bytes of the compute dtype
+    rows: int       # sequences this data-parallel rank loads per step (the batch tensor)
+
+    @property
+    def T(self) -> int:
+        return self.b * self.s
+
+    @property
+    def T_n(self) -> int:
+        return self.T // self.tp if self.sp else self.T
+
+    @property
+    def T_r(self) -> int:
+        return self.T // self.tp
+
+
+@dataclass(frozen=True)
+class ChunkFootprint:
+    """One pipeline chunk (virtual stage) as the schedule replay sees it, in bytes."""
+
+    acts: int        # what one micro-batch's forward leaves alive until its backward
+    fwd_spike: int   # transient tensors at the end of a forward (the loss, on the last chunk)
+    bwd_spike: int   # transient tensors early in a backward (beyond what backward frees)
+    grads: int       # the chunk's parameter gradients (created by its first backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: what each piece keeps for backward
+# ---------------------------------------------------------------------------------------------
+
+
+def norm_acts(m: ModelConfig, z: Sizes) -> int:
+    """RMSNorm (torch path: x * rsqrt(mean x^2 + eps), then * w): keeps x * rsqrt [T_n, D] and
+    rsqrt [T_n, 1]; LayerNorm keeps mean and rstd [T_n, 1]. The input is counted where it is
+    made and the output where it is read."""
+    if m.norm == "rmsnorm":
+        return z.T_n * m.d_model * z.c + z.T_n * _F32
+    return 2 * z.T_n * _F32
+
+
+def _tp_input(m: ModelConfig, z: Sizes) -> int:
+    """The input column-parallel GEMMs keep: the all-gathered sequence under sequence parallelism,
+    else the norm's output itself."""
+    return (z.T if z.sp else z.T_n) * m.d_model * z.c
+
+
+def attention_acts(m: ModelConfig, z: Sizes) -> int:
+    """norm, GEMM input, the concatenated q|k|v weight shards [(H_l + 2 K_l) Dh, D] (fused GEMM),
+    q|k|v [T, (H_l + 2 K_l) Dh], RoPE's rotated q and k (a copy each), SDPA's output
+    [T, H_l Dh] and log-sum-exp [b, H_l, s] (float32), the output transposed back to [T, H_l Dh]
+    (a copy when q was contiguous, i.e. after RoPE), and the residual sum [T_n, D]."""
+    h, kv, dh, d = m.n_heads // z.tp, m.kv_heads // z.tp, m.dim_head, m.d_model
+    qkv = (h + 2 * kv) * dh
+    out = norm_acts(m, z) + _tp_input(m, z) + qkv * d * z.c + z.T * qkv * z.c
+    out += qkv * z.c if m.use_qkv_bias else 0
+    if m.positions == "rope":
+        out += z.T * (h + kv) * dh * z.c + z.T * h * dh * z.c
+    out += z.T * h * dh * z.c + z.b * h * z.s * _F32
+    return out + z.T_n * d * z.c
+
+
+def mlp_acts(m: ModelConfig, z: Sizes, width: int, residual: bool = True) -> int:
+    """Dense MLP of `width` (split over tp). SwiGLU: the concatenated gate|up shards [2 F_l, D],
+    gate|up [T, 2 F_l], silu(gate) and the product [T, F_l] each; GELU: W1's output and GELU's
+    [T, F_l] each. Then the residual sum [T_n, D] (not for a shared expert)."""
+    f, d = width // z.tp, m.d_model
+    if m.mlp == "swiglu":
+        out = 2 * f * d * z.c + z.T * 2 * f * z.c + 2 * z.T * f * z.c
+        out += 2 * f * z.c if m.bias else 0
+    else:
+        out = 2 * z.T * f * z.c
+    return out + (z.T_n * d * z.c if residual else 0)
+
+
+def routed_rows(m: ModelConfig, z: Sizes) -> tuple[int, int]:
+    """(N, M): rows this GPU sends to experts and rows its experts receive. Routing is forced
+    (model.forced_routing_imbalance, 1 when unset): every rank routes T_r tokens the same way,
+    so ep rank 0, which holds expert 0 (the busiest), receives ep x its share."""
+    counts = forced_counts(z.T_r, m.n_experts, m.top_k, m.forced_routing_imbalance or 1.0)
+    n_local = m.n_experts // z.ep
+    return z.T_r * m.top_k, z.ep * sum(counts[:n_local])
+
+
+def moe_acts(m: ModelConfig, z: Sizes) -> int:
+    """norm, its output [T_n, D] (the router's input), the router's logits and softmax [T_r, E],
+    log-sum-exp, sum of the top-k and the top-k weights (float32), the choices [T_r, k] (int64),
+    the permutation (three int64 [N] and the float32 weights [N]); the experts' rows, gate|up
+    [rows, 2 Fe], silu and product [rows, Fe] each, where rows is N without expert parallelism or
+    M (plus two int64 [M] orders) with it, and the outputs [N, D] unpermute reads; the shared
+    expert; the residual sum."""
+    d, e, k = m.d_model, m.n_experts, m.top_k
+    n, rows = routed_rows(m, z)
+    out = norm_acts(m, z) + z.T_n * d * z.c
+    out += 2 * z.T_r * e * _F32 + 2 * z.T_r * _F32 + z.T_r * k * (_F32 + _I64)
+    out += n * (3 * _I64 + _F32)
+    width = 2 * m.expert_ffn if m.mlp == "swiglu" else m.expert_ffn
+    out += rows * (d + 2 * width) * z.c + n * d * z.c
+    out += 2 * rows * _I64 if z.ep > 1 else 0
+    if m.shared_expert_ffn_dim:
+        out += (z.T * d * z.c if z.sp else 0) + mlp_acts(m, z, m.shared_expert_ffn_dim, False)
+    return out + z.T_n * d * z.c
+
+
+def block_acts(m: ModelConfig, z: Sizes, layer: int) -> int:
+    """Everything one block's forward keeps: attention, then the MoE or the dense MLP (norm,
+    GEMM input, MLP)."""
+    if m.is_moe_layer(layer):
+        return attention_acts(m, z) + moe_acts(m, z)
+    return attention_acts(m, z) + norm_acts(m, z) + _tp_input(m, z) + mlp_acts(m, z, m.ffn)
+
+
+def selective_acts(m: ModelConfig, z: Sizes, layer: int) -> int:
+    """training.recompute=selective keeps the outputs of the GEMMs and of attention (moe.model's
+    policy) and the block's output: q|k|v, SDPA's output and log-sum-exp, the attention output
+    projection [T, D], then the MLP's GEMM outputs, or the router's logits, the experts' two
+    grouped GEMMs and the weighted combine [T_r, D]."""
+    h, kv, dh, d = m.n_heads // z.tp, m.kv_heads // z.tp, m.dim_head, m.d_model
+    out = z.T * (h + 2 * kv) * dh * z.c + z.T * h * dh * z.c + z.b * h * z.s * _F32 + z.T * d * z.c
+    if m.is_moe_layer(layer):
+        _, rows = routed_rows(m, z)
+        width = 2 * m.expert_ffn if m.mlp == "swiglu" else m.expert_ffn
+        out += z.T_r * m.n_experts * _F32 + rows * (width + d) * z.c + z.T_r * d * z.c
+        if m.shared_expert_ffn_dim:
+            out += _mlp_gemm_outputs(m, z, m.shared_expert_ffn_dim)
+    else:
+        out += _mlp_gemm_outputs(m, z, m.ffn)
+    return out + z.T_n * d * z.c
+
+
+def _mlp_gemm_outputs(m: ModelConfig, z: Sizes, width: int) -> int:
+    f = width // z.tp
+    return z.T * (2 * f if m.mlp == "swiglu" else f) * z.c + z.T * m.d_model * z.c
+
+
+def kept_per_layer(m: ModelConfig, z: Sizes, layer: int, recompute: str | None) -> int:
+    """What a block keeps per micro-batch: everything, only its output (full recompute: the
+    next block's checkpointed input, Korthikanti's 2 s b h), or the selective set."""
+    if recompute == "full":
+        return z.T_n * m.d_model * z.c
+    if recompute == "selective":
+        return selective_acts(m, z, layer)
+    return block_acts(m, z, layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ends of a chunk: its input (the embedding on the first) and the head and loss on the last
+# ---------------------------------------------------------------------------------------------
+
+
+def input_acts(m: ModelConfig, z: Sizes, first: bool) -> int:
+    """The chunk's input [T_n, D], kept by the first block's norm: received from the previous
+    stage, or the embedding's output (with tp > 1 also the local ids [b, s] int64 and the
+    out-of-shard mask; with learned positions the position ids)."""
+    out = z.T_n * m.d_model * z.c
+    if first and z.tp > 1:
+        out += z.T * (_I64 + 1)
+    if first and m.positions == "learned":
+        out += z.s * _I64
+    return out
+
+
+def head_acts(m: ModelConfig, z: Sizes) -> int:
+    """Final norm and its output (or the gathered sequence), the logits [T, V_l] the loss keeps
+    (after the padding mask, which keeps a bool [V_l]), and the loss's targets (int64),
+    log-sum-exp (float32) and ignore mask (bool) per token."""
+    v = m.padded_vocab_size // z.tp
+    out = (norm_acts(m, z) if m.norm_position == "pre" else 0) + _tp_input(m, z)
+    out += z.T * v * z.c + z.T * (_I64 + _F32 + 1)
+    return out + (v if m.padded_vocab_size != m.vocab_size else 0)
+
+
+def loss_fwd_spike(m: ModelConfig, z: Sizes) -> int:
+    """The loss's forward temporaries at their peak: z - max and its exp, [T, V_l] float32 each
+    (plus a float32 copy of the logits when they are not float32)."""
+    v = m.padded_vocab_size // z.tp
+    return (2 + (z.c != _F32)) * z.T * v * _F32
+
+
+def loss_bwd_spike(m: ModelConfig, z: Sizes) -> int:
+    """The loss's gradient [T, V_l] (float32), then its copy through the padding mask."""
+    v = m.padded_vocab_size // z.tp
+    masked = z.T * v * z.c if m.padded_vocab_size != m.vocab_size else 0
+    return z.T * v * _F32 + masked
+
+
+def block_bwd_spike(m: ModelConfig, z: Sizes, layer: int) -> int:
+    """Early in a block's backward, on top of everything forward kept: the incoming gradient
+    [T_n, D], then the combine's backward (three [N, D] float32: the gathered gradient, the
+    rows' gradient and the product for the gate weights) or the dense MLP's: the gradient of the
+    down projection's input [T, F_l], then SwiGLU's of silu and up (GELU's of its input) while
+    that input, silu * up (GELU's output), is freed."""
+    incoming = z.T_n * m.d_model * z.c
+    if m.is_moe_layer(layer):
+        n, _ = routed_rows(m, z)
+        return incoming + 3 * n * m.d_model * _F32
+    f = m.ffn // z.tp
+    return incoming + (2 if m.mlp == "swiglu" else 1) * z.T * f * z.c
+
+
+# ---------------------------------------------------------------------------------------------
+# A rank: its chunks, the schedule replay, and the persistent state
+# ---------------------------------------------------------------------------------------------
+
+
+def chunk_footprint(m: ModelConfig, z: Sizes, layers: list[int], first: bool, last: bool,
+                    recompute: str | None, grads: int) -> ChunkFootprint:
+    """Forward keeps the input, every block's share and (last chunk) the head's tensors. Backward
+    runs the head first, then the blocks from the last: each piece's spike counts against what
+    the pieces before it have already freed; a recomputed block rebuilds what it did not keep."""
+    kept = [kept_per_layer(m, z, i, recompute) for i in layers]
+    acts = input_acts(m, z, first) + sum(kept) + (head_acts(m, z) if last else 0)
+    spike = loss_bwd_spike(m, z) if last else 0
+    freed = head_acts(m, z) if last else 0
+    output = z.T_n * m.d_model * z.c  # a block's output, freed by the backward of its reader
+    for j, (layer, k) in enumerate(zip(reversed(layers), reversed(kept))):
+        read_after = last or j > 0   # a non-last chunk's output stays with the executor
+        rebuilt = block_acts(m, z, layer) - k
+        spike = max(spike, block_bwd_spike(m, z, layer) + rebuilt - freed - output * read_after)
+        freed += k
+    return ChunkFootprint(acts, loss_fwd_spike(m, z) if last else 0, spike, grads)
+
+
+def replay(actions: list[Action], chunks: list[ChunkFootprint]) -> tuple[int, int, int]:
+    """(activations, gradients, transient) bytes at the peak of this rank's schedule.
+
+    Walk the actions: a forward adds its chunk's activations (peak candidate: with the forward
+    spike), a backward is a candidate with its spike before it frees them; gradients exist for
+    the chunks that have run a backward already."""
+    live, grads, best = 0, 0, (0, 0, 0)
+    seen: set[int] = set()
+    for a in actions:
+        c = chunks[a.chunk]
+        if a.kind == "F":
+            live += c.acts
+            best = max(best, (live, grads, c.fwd_spike), key=sum)
+            continue
+        best = max(best, (live, grads, c.bwd_spike), key=sum)
+        live -= c.acts
+        if a.chunk not in seen:
+            seen.add(a.chunk)
+            grads += c.grads
+    return best
+
+
+def zero1_owned(sizes: list[int], n: int, rank: int) -> int:
+    """Elements rank `rank` of n owns under ZeRO-1 (parallel.data.Zero1's rule): parameters in
+    backward order, each to the rank of its midpoint in the running total."""
+    total, done, owned = sum(sizes), 0, 0
+    for size in reversed(sizes):
+        if min(n - 1, (2 * done + size) * n // (2 * max(total, 1))) == rank:
+            owned += size
+        done += size
+    return owned
+
+
+def rank_params(m: ModelConfig, specs: list[tuple[list[int], bool, bool]], tp: int,
+                ep: int) -> list[list[tuple[int, bool, bool]]]:
+    """Per chunk, in the trainer's order (the blocks, then the embedding, then the final norm and
+    head): (elements on this GPU, expert?, tied replica?) of each parameter."""
+    out = []
+    for layers, pre, post in specs:
+        key = dataclasses.astuple(m)
+        sizes = [p for i in layers for p in _piece_params(key, tp, ep, "block", m.is_moe_layer(i))]
+        if pre:
+            sizes += _piece_params(key, tp, ep, "embedding", post)
+        if post:
+            sizes += _piece_params(key, tp, ep, "head", pre)
+        out.append(sizes)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _piece_params(key: tuple, tp: int, ep: int, piece: str, flag: bool) -> tuple:
+    """The parameters of one block (flag: MoE), the embedding (flag: the chunk also holds the
+    head) or the head (flag: the chunk also holds the embedding), from a chunk built on the meta
+    device with tp = ep = 1 and split as the parameters' tp_dim / ep_dim say."""
+    from moe.model import build_model
+
+    m = ModelConfig(*key)
+    if piece == "block":
+        layer = next(i for i in range(m.n_layers) if m.is_moe_layer(i) == flag)
+        chunk = build_model(m, device="meta", layer_ids=[layer], pre=False, post=False)
+    else:
+        chunk = build_model(m, device="meta", layer_ids=[], pre=piece == "embedding" or flag,
+                            post=piece == "head" or flag)
+    sizes = []
+    for name, p in chunk.named_parameters():
+        if piece != "block" and (name.startswith("tok_emb") or name.startswith("pos_emb")) != (
+                piece == "embedding"):
+            continue
+        n = p.numel() // (tp if getattr(p, "tp_dim", None) is not None else 1)
+        expert = getattr(p, "ep_dim", None) is not None
+        tied = getattr(p, "tied_to", None) is not None or (
+            m.tie_embeddings and name == "tok_emb.weight" and not chunk.post)
+        sizes.append((n // ep if expert else n, expert, tied))
+    return tuple(sizes)
+
+
+def optimizer_elements(params: list[tuple[int, bool, bool]], zero1: bool, dp: int, edp: int) -> int:
+    """Elements whose AdamW state this GPU keeps: all, or under ZeRO-1 what data-parallel rank 0
+    owns (dense over dp, experts over edp; tied replicas stay with every rank)."""
+    if not zero1 or dp == 1:
+        return sum(n for n, _, _ in params)
+    dense = [n for n, expert, tied in params if not expert and not tied]
+    expert = [n for n, is_expert, tied in params if is_expert and not tied]
+    tied = sum(n for n, _, t in params if t)
+    return zero1_owned(dense, dp, 0) + zero1_owned(expert, edp, 0) + tied
+
+
+def rank_memory(m: ModelConfig, layout, chunks: list[list[int]], vstages: list[int],
+                n_vstages: int, pp_rank: int, recompute: str | None, zero1: bool,
+                precision: str) -> dict[str, int]:
+    """Bytes by category (train.memory.CATEGORIES) at this rank's peak; `layout` is the
+    planner's Layout (tp, pp, vpp, dp, ep, edp, schedule, n_micro, micro_batch, seq_len,
+    sequence_parallel)."""
+    z = Sizes(layout.micro_batch, layout.seq_len, layout.tp, layout.sequence_parallel, layout.ep,
+              4 if precision == "fp32" else 2, layout.n_micro * layout.micro_batch)
+    specs = [(layers, v == 0, v == n_vstages - 1) for v, layers in zip(vstages, chunks)]
+    params = rank_params(m, specs, layout.tp, layout.ep)
+    flat = [p for chunk in params for p in chunk]
+    weight_bytes = 4
+    foot = [chunk_footprint(m, z, layers, first, last, recompute,
+                            sum(n for n, _, _ in ps) * weight_bytes)
+            for (layers, first, last), ps in zip(specs, params)]
+    kind = "1f1b" if layout.pp == 1 else layout.schedule
+    actions = build_schedule(kind, layout.pp, layout.vpp, layout.n_micro)[pp_rank]
+    acts, grads, spike = replay(actions, foot)
+    n_params = sum(n for n, _, _ in flat)
+    optim = 8 * optimizer_elements(flat, zero1, layout.dp, layout.edp)
+    batch = z.rows * (layout.seq_len + 1) * _I64
+    step = {"parameters": n_params * weight_bytes, "gradients": grads, "optimizer": optim,
+            "activations": acts + batch, "temporaries": spike}
+    after = {"parameters": n_params * weight_bytes, "gradients": n_params * weight_bytes,
+             "optimizer": optim, "activations": batch, "temporaries": 0}
+    return max(step, after, key=lambda d: sum(d.values()))

@@ -1,0 +1,291 @@
+"""Layout search: every (tp, pp, vpp, ep, ZeRO-1, sequence parallel, recompute, micro-batch) that a
+config's model and global batch allow on a cluster, the ones that fit in memory, ranked by a
+predicted step time.
+
+Memory is the planner's (train/plan.py, tensor by tensor in train/footprint.py), checked on the
+first and the last pipeline rank - the first keeps the most micro-batches in flight, the last holds
+the head and the loss - which covers the heaviest rank of every schedule we run; run
+`launchers/plan.py --simulate` on the layout you pick to measure every kind of rank.
+
+Step time, per optimizer step (a model for ranking, not a promise):
+    t_mb   = (3 + r) F_stage / (tp peak eff)                 compute of the slowest stage per micro-batch
+             + tensor-parallel all-reduces  5 per block x 2 (tp-1)/tp T D c / bw(tp group)
+             + expert all-to-alls          4 per MoE block x (ep-1)/ep N D c / bw(ep group)
+             + pipeline send/receive        2 T_n D c / bw(inter-node)
+    t_step = n_micro t_mb / (1 - bubble) + data-parallel gradient reduction 2 (n-1)/n x 4 bytes x
+             gradients / bw(dp or edp group)   (not overlapped: an upper bound)
+F_stage: the heaviest stage's forward FLOPs per micro-batch (moe.stages costs), r = 1 under full
+recompute (forward again), 0.1 under selective (the memory-bound ops again; Korthikanti et al.
+measured 2.7% of a step), 0 otherwise; bubble from parallel.partition.bubble_fraction; a group
+inside one node uses NVLink bandwidth, across nodes the network's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from parallel.partition import bubble_fraction
+
+from .config import TrainConfig
+from .footprint import rank_params
+from .metrics import flops_per_token
+from .plan import GIB, Layout, plan_partition, resolve_layout, sizing_model, stage_memory
+
+PEAK_FLOPS = 989e12        # H100 SXM dense bf16 (float32 runs at half: TF32)
+EFFICIENCY = 0.5           # fraction of peak the GEMMs reach
+INTRA_NODE_BW = 300e9      # bytes/s per GPU inside a node (NVLink, collective algorithm bandwidth)
+INTER_NODE_BW = 40e9       # bytes/s per GPU across nodes (400 Gb/s InfiniBand, effective)
+RECOMPUTE = (None, "selective", "full")
+_RECOMPUTE_COST = {"full": 1.0, "selective": 0.1}  # extra forwards: all of it, or its memory-bound ops
+MICRO_BATCHES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout that fits, with its heaviest checked rank's peak and the predicted step time."""
+
+    tp: int
+    pp: int
+    vpp: int
+    ep: int
+    dp: int
+    zero1: bool
+    sequence_parallel: bool
+    recompute: str | None
+    micro_batch: int
+    peak: int
+    step_s: float
+    mfu: float
+
+    def overrides(self) -> list[str]:
+        """The key=value overrides that select this layout."""
+        out = [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.vpp={self.vpp}",
+               f"parallel.ep={self.ep}", f"parallel.zero1={str(self.zero1).lower()}",
+               f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+               f"training.micro_batch_size={self.micro_batch}",
+               f"training.activation_checkpointing={str(self.recompute is not None).lower()}"]
+        if self.vpp > 1:
+            out.append("parallel.pp_schedule=interleaved")
+        return out + ([f"training.recompute={self.recompute}"] if self.recompute else [])
+
+
+@dataclass
+class Family:
+    """What became of one (tp, pp): how many layouts fit, else the best reason they do not."""
+
+    fits: int = 0
+    least: int | None = None        # the smallest peak over the budget, bytes
+    least_rank: int = 0
+    invalid: str | None = None      # a planner error, when no variant was even valid
+
+    def outcome(self, budget: int) -> str:
+        if self.fits:
+            return f"fits: {self.fits} layout(s)"
+        if self.least is not None:
+            return (f"needs {self.least / GIB:.1f} GiB > {budget / GIB:g} on pipeline rank "
+                    f"{self.least_rank} even with ZeRO-1, full recompute and micro-batch 1")
+        return f"invalid: {self.invalid}"
+
+
+@dataclass
+class Search:
+    cfg: TrainConfig
+    nodes: int
+    gpus_per_node: int
+    budget: int
+    fits: list[Candidate] = field(default_factory=list)
+    families: dict[tuple[int, int], Family] = field(default_factory=dict)   # (tp, pp) -> outcome
+    partitions: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (pp, vpp) -> partition
+    flops: float = 0.0                                                      # model FLOPs of one step
+
+
+def search_layouts(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu_mem_gb: float = 80.0) -> Search:
+    """Every family (tp, pp, vpp, ep) is first tried with the least memory it can use (ZeRO-1,
+    sequence parallelism, full recompute, micro-batch 1); a family that does not fit then is
+    rejected with its peak, one that is invalid with the planner's error, and the variants of
+    the others are sized and timed."""
+    world = nodes * gpus_per_node
+    search = Search(cfg, nodes, gpus_per_node, int(gpu_mem_gb * GIB), flops=model_flops(cfg))
+    for tp, pp, vpp, ep in _families(cfg, world, gpus_per_node):
+        family = search.families.setdefault((tp, pp), Family())
+        lean = _try(_config(cfg, tp, pp, vpp, ep, True, tp > 1, "full", 1), nodes, gpus_per_node, search)
+        if not isinstance(lean, Candidate):
+            _reject(family, lean)
+            continue
+        for variant in _variants(cfg, tp, pp, vpp, ep, lean.dp):
+            result = _try(variant, nodes, gpus_per_node, search)
+            if isinstance(result, Candidate):
+                search.fits.append(result)
+                family.fits += 1
+    search.fits.sort(key=lambda c: (c.step_s, c.peak))
+    return search
+
+
+def _reject(family: Family, why: str | tuple[int, int]) -> None:
+    if isinstance(why, tuple):
+        if family.least is None or why[0] < family.least:
+            family.least, family.least_rank = why
+    elif family.invalid is None:
+        family.invalid = why
+
+
+def _families(cfg: TrainConfig, world: int, gpus_per_node: int):
+    m = cfg.model
+    for tp in (d for d in _divisors(gpus_per_node) if world % d == 0):
+        for pp in (d for d in _divisors(world // tp) if d <= m.n_layers):
+            for vpp in (1, 2, 4) if pp > 1 else (1,):
+                if pp * vpp > m.n_layers:
+                    continue
+                dp = world // (tp * pp)
+                eps = [e for e in _divisors(dp) if m.n_experts % e == 0] if m.n_experts else [1]
+                for ep in eps:
+                    yield tp, pp, vpp, ep
+
+
+def _variants(cfg: TrainConfig, tp: int, pp: int, vpp: int, ep: int, dp: int):
+    rows = cfg.training.global_batch_size // dp
+    for zero1 in ((False, True) if dp > 1 else (False,)):
+        for sp in ((False, True) if tp > 1 else (False,)):
+            for recompute in RECOMPUTE:
+                for micro in (b for b in MICRO_BATCHES if rows % b == 0):
+                    yield _config(cfg, tp, pp, vpp, ep, zero1, sp, recompute, micro)
+
+
+def _config(cfg: TrainConfig, tp, pp, vpp, ep, zero1, sp, recompute, micro) -> TrainConfig | str:
+    """cfg with this layout, or the one-line reason it is not a valid config."""
+    schedule = "interleaved" if vpp > 1 else ("1f1b" if cfg.parallel.pp_schedule == "interleaved"
+                                              else cfg.parallel.pp_schedule)
+    parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=0, zero1=zero1,
+                                   sequence_parallel=sp, pp_schedule=schedule, stage_layers=None,
+                                   first_stage_layers=None, last_stage_layers=None)
+    training = dataclasses.replace(cfg.training, micro_batch_size=micro,
+                                   activation_checkpointing=recompute is not None,
+                                   recompute=recompute or "full")
+    try:
+        return dataclasses.replace(cfg, parallel=parallel, training=training)
+    except ValueError as e:
+        return str(e)
+
+
+def _try(cfg: TrainConfig | str, nodes: int, gpus_per_node: int,
+         search: Search) -> Candidate | str | tuple[int, int]:
+    """The candidate; or why not: the planner's message when invalid, (peak, rank) when too big."""
+    if isinstance(cfg, str):
+        return cfg
+    try:
+        layout = resolve_layout(cfg, nodes, gpus_per_node)
+        key = (layout.pp, layout.vpp)
+        if key not in search.partitions:
+            search.partitions[key] = plan_partition(cfg)
+    except ValueError as e:
+        return str(e)
+    partition, costs, first, last = search.partitions[key]
+    peaks = {r: stage_memory(cfg, layout, partition, r).total for r in sorted({0, layout.pp - 1})}
+    heaviest = max(peaks, key=peaks.get)
+    if peaks[heaviest] > search.budget:
+        return peaks[heaviest], heaviest
+    t = cfg.training
+    step = step_seconds(cfg, layout, partition, costs, first, last)
+    return Candidate(layout.tp, layout.pp, layout.vpp, layout.ep, layout.dp, cfg.parallel.zero1,
+                     layout.sequence_parallel, t.recompute if t.activation_checkpointing else None,
+                     layout.micro_batch, peaks[heaviest], step,
+                     search.flops / (layout.world * step * PEAK_FLOPS))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Step time
+# ---------------------------------------------------------------------------------------------
+
+
+def _bandwidth(span: int, gpus_per_node: int) -> float:
+    """A group of `span` consecutive ranks (its first to its last) stays inside a node or not."""
+    return INTRA_NODE_BW if span <= gpus_per_node else INTER_NODE_BW
+
+
+def step_seconds(cfg: TrainConfig, layout: Layout, partition, costs, first: float, last: float) -> float:
+    """The module docstring's model, for the slowest pipeline stage."""
+    m, lay = sizing_model(cfg), layout
+    c = 4 if cfg.training.precision == "fp32" else 2
+    peak = PEAK_FLOPS / (2 if cfg.training.precision == "fp32" else 1) * EFFICIENCY
+    loads = [sum(costs[i] for i in stage) + (first if v == 0 else 0) + (last if v == len(partition) - 1 else 0)
+             for v, stage in enumerate(partition)]
+    ranks = [sum(loads[v] for v in range(r, len(partition), lay.pp)) for r in range(lay.pp)]
+    slow = max(range(lay.pp), key=lambda r: ranks[r])
+    layers = [i for v in range(slow, len(partition), lay.pp) for i in partition[v]]
+    redo = _RECOMPUTE_COST[cfg.training.recompute] if cfg.training.activation_checkpointing else 0.0
+    t_mb = (3 + redo) * lay.micro_batch * ranks[slow] / lay.tp / peak
+    tokens = lay.micro_batch * lay.seq_len
+    if lay.tp > 1:
+        t_mb += 5 * len(layers) * 2 * (lay.tp - 1) / lay.tp * tokens * m.d_model * c / _bandwidth(
+            lay.tp, lay.gpus_per_node)
+    if lay.ep > 1:
+        rows = tokens // lay.tp * m.top_k
+        n_moe = sum(m.is_moe_layer(i) for i in layers)
+        t_mb += 4 * n_moe * (lay.ep - 1) / lay.ep * rows * m.d_model * c / _bandwidth(
+            lay.tp * lay.ep, lay.gpus_per_node)
+    if lay.pp > 1:
+        t_mb += 2 * tokens // (lay.tp if lay.sequence_parallel else 1) * m.d_model * c / INTER_NODE_BW
+    bubble = bubble_fraction(lay.schedule, lay.pp, lay.vpp, lay.n_micro) if lay.pp > 1 else 0.0
+    return lay.n_micro * t_mb / (1 - bubble) + _grad_reduce_seconds(cfg, lay, partition, slow)
+
+
+def _grad_reduce_seconds(cfg: TrainConfig, lay: Layout, partition, rank: int) -> float:
+    """All-reduce (or reduce + broadcast under ZeRO-1: the same bytes) of the float32 gradients:
+    dense ones over dp, expert ones over edp (both span tp x dp consecutive ranks)."""
+    specs = [(layers, v == 0, v == len(partition) - 1)
+             for v, layers in enumerate(partition) if v % lay.pp == rank]
+    params = [p for chunk in rank_params(cfg.model, specs, lay.tp, lay.ep) for p in chunk]
+    expert = sum(n for n, is_expert, _ in params if is_expert)
+    dense = sum(n for n, _, _ in params) - expert
+    bw = _bandwidth(lay.tp * lay.dp, lay.gpus_per_node)
+    out = 2 * (lay.dp - 1) / lay.dp * 4 * dense / bw
+    return out + 2 * (lay.edp - 1) / lay.edp * 4 * expert / bw
+
+
+def model_flops(cfg: TrainConfig) -> float:
+    """FLOPs of one step: 6 N_active + 12 L d S per token (recompute not counted)."""
+    from moe.model import build_model, param_counts
+
+    m = cfg.model
+    _, active = param_counts(build_model(m, device="meta"))
+    tokens = cfg.training.global_batch_size * cfg.data.seq_len
+    return flops_per_token(active, m.n_layers, m.n_heads * m.dim_head, cfg.data.seq_len) * tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+
+
+def format_search(search: Search, top: int = 15) -> str:
+    """The fitting layouts, fastest first, then each (tp, pp) family's outcome."""
+    m, t = search.cfg.model, search.cfg.training
+    world = search.nodes * search.gpus_per_node
+    rows = [f"Layout search: {m.n_layers} layers, d_model {m.d_model}, "
+            f"{f'{m.n_experts} experts top-{m.top_k}' if m.n_experts else 'dense'}; global batch "
+            f"{t.global_batch_size} x {search.cfg.data.seq_len} tokens, precision {t.precision}; "
+            f"{search.nodes} node(s) x {search.gpus_per_node} GPUs = {world}, "
+            f"{search.budget / GIB:g} GiB each",
+            f"{len(search.fits)} layouts fit; the fastest {min(top, len(search.fits))} by predicted step "
+            f"time (peak: the heavier of the first and last pipeline rank):",
+            f"  {'tp':>3} {'pp':>3} {'vpp':>3} {'ep':>3} {'dp':>4} {'zero1':>5} {'sp':>3} {'recompute':>9} "
+            f"{'micro':>5} {'peak GiB':>8} {'headroom':>8} {'step s':>7} {'MFU':>5}"]
+    for c in search.fits[:top]:
+        rows.append(f"  {c.tp:>3} {c.pp:>3} {c.vpp:>3} {c.ep:>3} {c.dp:>4} {'on' if c.zero1 else 'off':>5} "
+                    f"{'on' if c.sequence_parallel else 'off':>3} {c.recompute or 'none':>9} "
+                    f"{c.micro_batch:>5} {c.peak / GIB:>8.2f} {1 - c.peak / search.budget:>8.1%} "
+                    f"{c.step_s:>7.3g} {c.mfu:>5.1%}")
+    rows.append("By (tp, pp) family (over vpp, ep and the memory options):")
+    for (tp, pp), family in sorted(search.families.items()):
+        rows.append(f"  tp {tp:>2} pp {pp:>3}: {family.outcome(search.budget)}")
+    if search.fits:
+        rows.append("The fastest as overrides: " + " ".join(search.fits[0].overrides()))
+    rows.append(f"Step time: FLOPs at {EFFICIENCY:.0%} of {PEAK_FLOPS / 1e12:g} TFLOP/s, NVLink "
+                f"{INTRA_NODE_BW / 1e9:g} GB/s, network {INTER_NODE_BW / 1e9:g} GB/s per GPU, no "
+                f"overlap (train/search.py); check the pick with --simulate")
+    return "\n".join(rows)
