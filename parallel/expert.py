@@ -153,7 +153,8 @@ class AllToAllDispatcher:
         sends us send_{our ep rank}. That is how a fake-tensor simulation, which has no device
         values to read, learns the sizes of the all-to-all."""
         if host_counts is None:
-            return torch.stack([counts.reshape(self.ep, -1).sum(1), counts_RE.sum(1)]).tolist()
+            send, recv = torch.stack([counts.reshape(self.ep, -1).sum(1), counts_RE.sum(1)]).tolist()
+            return send, recv
         if len(host_counts) != self.n_experts:
             raise ValueError(f"dispatch: host_counts has {len(host_counts)} entries, expected "
                              f"{self.n_experts} (one per global expert, model.n_experts)")

@@ -285,13 +285,13 @@ def replay(actions: list[Action], chunks: list[ChunkFootprint]) -> tuple[int, in
     return best
 
 
-def zero1_owned(sizes: list[int], n: int, rank: int) -> int:
-    """Elements rank `rank` of n owns under ZeRO-1 (parallel.data.Zero1's rule): parameters in
-    backward order, each to the rank of its midpoint in the running total."""
-    total, done, owned = sum(sizes), 0, 0
+def zero1_owned(sizes: list[int], n: int, rank: int) -> list[int]:
+    """The sizes of the parameters rank `rank` of n owns under ZeRO-1 (parallel.data.Zero1's
+    rule): parameters in backward order, each to the rank of its midpoint in the running total."""
+    total, done, owned = sum(sizes), 0, []
     for size in reversed(sizes):
         if min(n - 1, (2 * done + size) * n // (2 * max(total, 1))) == rank:
-            owned += size
+            owned.append(size)
         done += size
     return owned
 
@@ -339,15 +339,17 @@ def _piece_params(key: tuple, tp: int, ep: int, piece: str, flag: bool) -> tuple
     return tuple(sizes)
 
 
-def optimizer_elements(params: list[tuple[int, bool, bool]], zero1: bool, dp: int, edp: int) -> int:
-    """Elements whose AdamW state this GPU keeps: all, or under ZeRO-1 what data-parallel rank 0
-    owns (dense over dp, experts over edp; tied replicas stay with every rank)."""
+def optimizer_bytes(params: list[tuple[int, bool, bool]], zero1: bool, dp: int, edp: int) -> int:
+    """AdamW's state on this GPU: two float32 moments per element and a float32 step count per
+    tensor, for every parameter, or under ZeRO-1 for those data-parallel rank 0 owns (dense over
+    dp, experts over edp; tied replicas stay with every rank)."""
     if not zero1 or dp == 1:
-        return sum(n for n, _, _ in params)
+        return 8 * sum(n for n, _, _ in params) + 4 * len(params)
     dense = [n for n, expert, tied in params if not expert and not tied]
     expert = [n for n, is_expert, tied in params if is_expert and not tied]
-    tied = sum(n for n, _, t in params if t)
-    return zero1_owned(dense, dp, 0) + zero1_owned(expert, edp, 0) + tied
+    tied = [n for n, _, t in params if t]
+    owned = zero1_owned(dense, dp, 0) + zero1_owned(expert, edp, 0) + tied
+    return 8 * sum(owned) + 4 * len(owned)
 
 
 def rank_memory(m: ModelConfig, layout, chunks: list[list[int]], vstages: list[int],
@@ -369,7 +371,7 @@ def rank_memory(m: ModelConfig, layout, chunks: list[list[int]], vstages: list[i
     actions = build_schedule(kind, layout.pp, layout.vpp, layout.n_micro)[pp_rank]
     acts, grads, spike = replay(actions, foot)
     n_params = sum(n for n, _, _ in flat)
-    optim = 8 * optimizer_elements(flat, zero1, layout.dp, layout.edp)
+    optim = optimizer_bytes(flat, zero1, layout.dp, layout.edp)
     batch = z.rows * (layout.seq_len + 1) * _I64
     step = {"parameters": n_params * weight_bytes, "gradients": grads, "optimizer": optim,
             "activations": acts + batch, "temporaries": spike}

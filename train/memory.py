@@ -172,6 +172,9 @@ class MemoryTracker(TorchDispatchMode):
     def _new_peak(self) -> None:
         """Record the live bytes as the window's peak and label the gradients alive now."""
         self.window_peaks[self.window] = (self.live, self.clock)
+        self._mark_grads()
+
+    def _mark_grads(self) -> None:
         for p in self.params + self._optimizer_params():
             if p.grad is not None:
                 rec = self._by_id.get(id(p.grad.untyped_storage()))
@@ -189,6 +192,8 @@ class MemoryTracker(TorchDispatchMode):
 
     def breakdown(self, clock: int | None = None) -> dict[str, int]:
         """Bytes by category alive at `clock` (default: now); they sum to the live total then."""
+        if clock is None:
+            self._mark_grads()
         when = self.clock if clock is None else clock
         out = dict.fromkeys(CATEGORIES, 0)
         for rec in self._records:

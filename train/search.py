@@ -281,11 +281,23 @@ def format_search(search: Search, top: int = 15) -> str:
                     f"{c.micro_batch:>5} {c.peak / GIB:>8.2f} {1 - c.peak / search.budget:>8.1%} "
                     f"{c.step_s:>7.3g} {c.mfu:>5.1%}")
     rows.append("By (tp, pp) family (over vpp, ep and the memory options):")
-    for (tp, pp), family in sorted(search.families.items()):
-        rows.append(f"  tp {tp:>2} pp {pp:>3}: {family.outcome(search.budget)}")
+    rows += _family_rows(search)
     if search.fits:
         rows.append("The fastest as overrides: " + " ".join(search.fits[0].overrides()))
     rows.append(f"Step time: FLOPs at {EFFICIENCY:.0%} of {PEAK_FLOPS / 1e12:g} TFLOP/s, NVLink "
                 f"{INTRA_NODE_BW / 1e9:g} GB/s, network {INTER_NODE_BW / 1e9:g} GB/s per GPU, no "
                 f"overlap (train/search.py); check the pick with --simulate")
     return "\n".join(rows)
+
+
+def _family_rows(search: Search) -> list[str]:
+    """One row per (tp, pp); the pp values of one tp that fail for the same reason share a row."""
+    rows, run = [], []
+    for (tp, pp), family in sorted(search.families.items()) + [((0, 0), None)]:
+        text = family.outcome(search.budget) if family is not None else None
+        if run and (tp != run[0][0] or text != run[0][2] or text.startswith("needs")):
+            pps = f"{run[0][1]}" if len(run) == 1 else f"{run[0][1]}-{run[-1][1]}"
+            rows.append(f"  tp {run[0][0]:>2} pp {pps:>5}: {run[0][2]}")
+            run = []
+        run.append((tp, pp, text))
+    return rows

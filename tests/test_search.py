@@ -1,0 +1,69 @@
+"""Spec for train/search.py (launchers/plan.py --search): what fits is checked again with the
+planner on every pipeline rank and, for the fastest layout, with the simulation of the real step."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.config import load_config
+from train.plan import GIB, plan_layout
+from train.search import format_search, search_layouts
+from train.simulate import simulate_rank
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET_GB = 0.03   # 30.7 MiB: tiny-moe fits only some ways on 4 GPUs
+
+
+@pytest.fixture(scope="module")
+def search():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["training.global_batch_size=32"])
+    return cfg, search_layouts(cfg, 1, 4, BUDGET_GB)
+
+
+def test_every_listed_layout_fits_on_every_rank_fastest_first(search):
+    cfg, result = search
+    assert 10 < len(result.fits) and [c.step_s for c in result.fits] == sorted(c.step_s for c in result.fits)
+    for c in result.fits[:8] + result.fits[-4:]:
+        plan = plan_layout(load_config(ROOT / "configs" / "tiny.yaml",
+                                       ["training.global_batch_size=32", *c.overrides()]), 1, 4, BUDGET_GB)
+        assert max(s.memory.total for s in plan.stages) == c.peak <= BUDGET_GB * GIB
+        assert (plan.layout.tp, plan.layout.pp, plan.layout.ep) == (c.tp, c.pp, c.ep)
+
+
+def test_rejected_families_say_why(search):
+    _, result = search
+    text = format_search(result)
+    assert "tp  4 pp     1: invalid: model.n_kv_heads (2) must be divisible by parallel.tp (4)" in text
+    outcomes = [f.outcome(result.budget) for f in result.families.values()]
+    assert any(o.startswith("fits") for o in outcomes)
+    lean = search_layouts(search[0], 1, 4, 0.005)   # 5 MiB: nothing fits
+    assert not lean.fits and "needs 0.0" in format_search(lean) and "even with ZeRO-1" in format_search(lean)
+
+
+def test_recompute_costs_time_in_the_model(search):
+    _, result = search
+    same = {}
+    for c in result.fits:
+        same.setdefault((c.tp, c.pp, c.vpp, c.ep, c.zero1, c.sequence_parallel, c.micro_batch), {})[c.recompute] = c
+    times = next(v for v in same.values() if len(v) == 3)
+    assert times[None].step_s < times["selective"].step_s < times["full"].step_s
+
+
+@pytest.mark.slow
+def test_the_fastest_layout_fits_in_simulation(search):
+    cfg, result = search
+    best = result.fits[0]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["training.global_batch_size=32", *best.overrides()])
+    plan = plan_layout(cfg, 1, 4, BUDGET_GB)
+    heaviest = max(plan.stages, key=lambda s: s.memory.total).rank
+    sim = simulate_rank(cfg, 1, 4, next(c.rank for c in plan.grid if c.pp == heaviest))
+    assert sim.peak <= BUDGET_GB * GIB and abs(sim.peak - best.peak) <= 0.03 * sim.peak
+
+
+def test_cli_search():
+    out = subprocess.run([sys.executable, str(ROOT / "launchers" / "plan.py"), "configs/tiny.yaml", "--search",
+                          "--gpus-per-node", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "layouts fit; the fastest" in out.stdout and "The fastest as overrides: parallel.tp=" in out.stdout
