@@ -37,21 +37,31 @@ def test_tracker_labels_a_known_step():
     opt = torch.optim.AdamW([w1, w2], foreach=False)
     with MemoryTracker() as mem:
         mem.watch([w1, w2], opt)
-        t = torch.tanh(x @ w1.t())                 # x W1^T [4, 32] is freed; tanh keeps its output
+        a = x @ w1.t()                             # [4, 32]: freed within the forward
+        with_a = mem.clock
+        t = torch.tanh(a)                          # tanh keeps its output for backward
+        del a
         loss = (t @ w2.t()).sum()                  # [4, 8] freed; the scalar loss stays
         after_forward = mem.breakdown()
-        loss.backward()
+        t.register_hook(lambda g: during.append(mem.breakdown()))
+        during = []
+        loss.backward()                            # the hook sees t's gradient [4, 32] alive
         del t
         after_backward = mem.breakdown()
         opt.step()
         after_step = mem.breakdown()
+        live = mem.live
+    assert mem.breakdown(with_a) == {"parameters": 3072, "gradients": 0, "optimizer": 0, "activations": 0,
+                                     "temporaries": 512}
     assert after_forward == {"parameters": 3072, "gradients": 0, "optimizer": 0,
                              "activations": 4 * 32 * 4 + 4, "temporaries": 0}
+    # in backward: W2's gradient [8, 32] and t's [4, 32] (plus the 4-byte seed gradient of the loss)
+    assert during[0]["gradients"] == 1024 and during[0]["temporaries"] == 512
     assert after_backward == {"parameters": 3072, "gradients": 3072, "optimizer": 0,
                               "activations": 4, "temporaries": 0}
     # AdamW: exp_avg and exp_avg_sq per parameter and a float32 step count each
     assert after_step["optimizer"] == 2 * 3072 + 2 * 4 and after_step["gradients"] == 3072
-    assert mem.peak >= max(sum(b.values()) for b in (after_forward, after_backward, after_step))
+    assert live == sum(after_step.values()) and mem.peak >= sum(during[0].values())
     assert mem.created_in_optimizer_and_kept() == 2 * 3072 + 2 * 4
 
 
