@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 from moe.config import ModelConfig
 from moe.router import forced_counts
+from parallel.layout import zero1_ranks
 from parallel.pipeline import Action, build_schedule
 
 _F32, _I64 = 4, 8
@@ -42,7 +44,21 @@ class Sizes:
     sp: bool
     ep: int
     c: int          # bytes of the compute dtype
+    r: int          # bytes of the residual stream (4: fp32, or bf16 with model.fp32_residual)
     rows: int       # sequences this data-parallel rank loads per step (the batch tensor)
+    rms: bool       # RMSNorm (else LayerNorm)
+
+    @property
+    def stream_kept(self) -> bool:
+        """Does a norm keep its input, the residual sum, itself? LayerNorm does (on the CPU path
+        it runs in the stream's dtype), RMSNorm when the stream is float32; RMSNorm computes a
+        bf16 stream in float32 from a copy (counted in norm_acts) and the sum is freed."""
+        return self.r == _F32 or not self.rms
+
+    @property
+    def residual(self) -> int:
+        """Bytes per width of a block's residual sum [T_n, D] left alive (see stream_kept)."""
+        return self.T_n * self.r if self.stream_kept else 0
 
     @property
     def T(self) -> int:
@@ -58,13 +74,22 @@ class Sizes:
 
 
 @dataclass(frozen=True)
+class Param:
+    """One parameter as a GPU holds it (from its parallel.layout record)."""
+
+    n: int          # elements on this GPU
+    expert: bool    # cut over the ep group, its state over edp
+    tied: bool      # a replica of a tied embedding split over pipeline stages
+    fp32: bool      # kept float32 in a bf16 model (its layer computes in float32)
+
+
+@dataclass(frozen=True)
 class ChunkFootprint:
     """One pipeline chunk (virtual stage) as the schedule replay sees it, in bytes."""
 
     acts: int        # what one micro-batch's forward leaves alive until its backward
     fwd_spike: int   # transient tensors at the end of a forward (the loss, on the last chunk)
     bwd_spike: int   # transient tensors early in a backward (beyond what backward frees)
-    grads: int       # the chunk's parameter gradients (created by its first backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,12 +98,14 @@ class ChunkFootprint:
 
 
 def norm_acts(m: ModelConfig, z: Sizes) -> int:
-    """RMSNorm (torch path: x * rsqrt(mean x^2 + eps), then * w): keeps x * rsqrt [T_n, D] and
-    rsqrt [T_n, 1]; LayerNorm keeps mean and rstd [T_n, 1]. The input is counted where it is
-    made and the output where it is read."""
-    if m.norm == "rmsnorm":
-        return z.T_n * m.d_model * z.c + z.T_n * _F32
-    return 2 * z.T_n * _F32
+    """RMSNorm (the torch path: x * rsqrt(mean x^2 + eps) in float32, then * w) keeps a float32
+    copy of a bf16 input [T_n, D], x * rsqrt [T_n, D] float32 and rsqrt [T_n, 1]; LayerNorm keeps
+    mean and rstd [T_n, 1] in the compute dtype. An input kept as is is counted where it is made
+    (the residual sum), the output where it is read."""
+    if not z.rms:
+        return 2 * z.T_n * z.c
+    copy = z.T_n * m.d_model * _F32 if not z.stream_kept else 0
+    return copy + z.T_n * m.d_model * _F32 + z.T_n * _F32
 
 
 def _tp_input(m: ModelConfig, z: Sizes) -> int:
@@ -88,31 +115,28 @@ def _tp_input(m: ModelConfig, z: Sizes) -> int:
 
 
 def attention_acts(m: ModelConfig, z: Sizes) -> int:
-    """norm, GEMM input, the concatenated q|k|v weight shards [(H_l + 2 K_l) Dh, D] (fused GEMM),
-    q|k|v [T, (H_l + 2 K_l) Dh], RoPE's rotated q and k (a copy each), SDPA's output
+    """norm, GEMM input, q|k|v [T, (H_l + 2 K_l) Dh] (one fused GEMM, which keeps no weight copy), RoPE's rotated q and k (a copy each), SDPA's output
     [T, H_l Dh] and log-sum-exp [b, H_l, s] (float32), the output transposed back to [T, H_l Dh]
     (a copy when q was contiguous, i.e. after RoPE), and the residual sum [T_n, D]."""
     h, kv, dh, d = m.n_heads // z.tp, m.kv_heads // z.tp, m.dim_head, m.d_model
     qkv = (h + 2 * kv) * dh
-    out = norm_acts(m, z) + _tp_input(m, z) + qkv * d * z.c + z.T * qkv * z.c
-    out += qkv * z.c if m.use_qkv_bias else 0
+    out = norm_acts(m, z) + _tp_input(m, z) + z.T * qkv * z.c
     if m.positions == "rope":
         out += z.T * (h + kv) * dh * z.c + z.T * h * dh * z.c
     out += z.T * h * dh * z.c + z.b * h * z.s * _F32
-    return out + z.T_n * d * z.c
+    return out + z.residual * d
 
 
 def mlp_acts(m: ModelConfig, z: Sizes, width: int, residual: bool = True) -> int:
-    """Dense MLP of `width` (split over tp). SwiGLU: the concatenated gate|up shards [2 F_l, D],
-    gate|up [T, 2 F_l], silu(gate) and the product [T, F_l] each; GELU: W1's output and GELU's
+    """Dense MLP of `width` (split over tp). SwiGLU: gate|up [T, 2 F_l] (one fused GEMM), silu(gate)
+    and the product [T, F_l] each; GELU: W1's output and GELU's
     [T, F_l] each. Then the residual sum [T_n, D] (not for a shared expert)."""
     f, d = width // z.tp, m.d_model
     if m.mlp == "swiglu":
-        out = 2 * f * d * z.c + z.T * 2 * f * z.c + 2 * z.T * f * z.c
-        out += 2 * f * z.c if m.bias else 0
+        out = z.T * 2 * f * z.c + 2 * z.T * f * z.c
     else:
         out = 2 * z.T * f * z.c
-    return out + (z.T_n * d * z.c if residual else 0)
+    return out + (z.residual * d if residual else 0)
 
 
 def routed_rows(m: ModelConfig, z: Sizes) -> tuple[int, int]:
@@ -125,7 +149,8 @@ def routed_rows(m: ModelConfig, z: Sizes) -> tuple[int, int]:
 
 
 def moe_acts(m: ModelConfig, z: Sizes) -> int:
-    """norm, its output [T_n, D] (the router's input), the router's logits and softmax [T_r, E],
+    """norm, its output [T_n, D] (the router's input; a float32 copy of this rank's tokens
+    [T_r, D] in a bf16 model), the router's logits and softmax [T_r, E],
     log-sum-exp, sum of the top-k and the top-k weights (float32), the choices [T_r, k] (int64),
     the permutation (three int64 [N] and the float32 weights [N]); the experts' rows, gate|up
     [rows, 2 Fe], silu and product [rows, Fe] each, where rows is N without expert parallelism or
@@ -133,15 +158,17 @@ def moe_acts(m: ModelConfig, z: Sizes) -> int:
     expert; the residual sum."""
     d, e, k = m.d_model, m.n_experts, m.top_k
     n, rows = routed_rows(m, z)
-    out = norm_acts(m, z) + z.T_n * d * z.c
+    router_input = z.T_n * d * z.c if z.c == _F32 else z.T_r * d * _F32  # the norm's output, or
+    out = norm_acts(m, z) + router_input                                    # its float32 copy
     out += 2 * z.T_r * e * _F32 + 2 * z.T_r * _F32 + z.T_r * k * (_F32 + _I64)
     out += n * (3 * _I64 + _F32)
     width = 2 * m.expert_ffn if m.mlp == "swiglu" else m.expert_ffn
     out += rows * (d + 2 * width) * z.c + n * d * z.c
     out += 2 * rows * _I64 if z.ep > 1 else 0
-    if m.shared_expert_ffn_dim:
-        out += (z.T * d * z.c if z.sp else 0) + mlp_acts(m, z, m.shared_expert_ffn_dim, False)
-    return out + z.T_n * d * z.c
+    if m.shared_expert_ffn_dim:  # its GEMM keeps the gathered sequence, or the bf16 norm output
+        gemm_input = z.T * d * z.c if z.sp else (z.T_n * d * z.c if z.c != _F32 else 0)
+        out += gemm_input + mlp_acts(m, z, m.shared_expert_ffn_dim, False)
+    return out + z.residual * d
 
 
 def block_acts(m: ModelConfig, z: Sizes, layer: int) -> int:
@@ -167,7 +194,7 @@ def selective_acts(m: ModelConfig, z: Sizes, layer: int) -> int:
             out += _mlp_gemm_outputs(m, z, m.shared_expert_ffn_dim)
     else:
         out += _mlp_gemm_outputs(m, z, m.ffn)
-    return out + z.T_n * d * z.c
+    return out + z.T_n * d * z.r
 
 
 def _mlp_gemm_outputs(m: ModelConfig, z: Sizes, width: int) -> int:
@@ -179,7 +206,7 @@ def kept_per_layer(m: ModelConfig, z: Sizes, layer: int, recompute: str | None) 
     """What a block keeps per micro-batch: everything, only its output (full recompute: the
     next block's checkpointed input, Korthikanti's 2 s b h), or the selective set."""
     if recompute == "full":
-        return z.T_n * m.d_model * z.c
+        return z.T_n * m.d_model * z.r
     if recompute == "selective":
         return selective_acts(m, z, layer)
     return block_acts(m, z, layer)
@@ -190,11 +217,13 @@ def kept_per_layer(m: ModelConfig, z: Sizes, layer: int, recompute: str | None) 
 # ---------------------------------------------------------------------------------------------
 
 
-def input_acts(m: ModelConfig, z: Sizes, first: bool) -> int:
-    """The chunk's input [T_n, D], kept by the first block's norm: received from the previous
-    stage, or the embedding's output (with tp > 1 also the local ids [b, s] int64 and the
-    out-of-shard mask; with learned positions the position ids)."""
-    out = z.T_n * m.d_model * z.c
+def input_acts(m: ModelConfig, z: Sizes, first: bool, recompute: str | None) -> int:
+    """The chunk's input [T_n, D]: received from the previous stage (the executor holds it), or
+    the embedding's output, kept by the first block (its checkpoint, or its norm when that
+    computes in the stream's dtype); with tp > 1 the embedding also keeps the local ids [b, s]
+    int64 and the out-of-shard mask, with learned positions the position ids."""
+    kept = not first or recompute is not None or z.stream_kept
+    out = z.T_n * m.d_model * z.r if kept else 0
     if first and z.tp > 1:
         out += z.T * (_I64 + 1)
     if first and m.positions == "learned":
@@ -213,10 +242,12 @@ def head_acts(m: ModelConfig, z: Sizes) -> int:
 
 
 def loss_fwd_spike(m: ModelConfig, z: Sizes) -> int:
-    """The loss's forward temporaries at their peak: z - max and its exp, [T, V_l] float32 each
-    (plus a float32 copy of the logits when they are not float32)."""
+    """The loss's forward temporaries at their peak: z - max and its exp, [T, V_l] float32 each,
+    plus a float32 copy of bf16 logits and the last block's bf16 output [T_n, D], which the
+    forward still holds (a float32 one is kept anyway, by the final norm)."""
     v = m.padded_vocab_size // z.tp
-    return (2 + (z.c != _F32)) * z.T * v * _F32
+    bf16 = z.c != _F32
+    return (2 + bf16) * z.T * v * _F32 + (z.T_n * m.d_model * z.r if not z.stream_kept else 0)
 
 
 def loss_bwd_spike(m: ModelConfig, z: Sizes) -> int:
@@ -229,13 +260,15 @@ def loss_bwd_spike(m: ModelConfig, z: Sizes) -> int:
 def block_bwd_spike(m: ModelConfig, z: Sizes, layer: int) -> int:
     """Early in a block's backward, on top of everything forward kept: the incoming gradient
     [T_n, D], then the combine's backward (three [N, D] float32: the gathered gradient, the
-    rows' gradient and the product for the gate weights) or the dense MLP's: the gradient of the
+    rows' gradient or a float32 copy of bf16 rows, the product for the gate weights; and the
+    rows' gradient cast back to bf16) or the dense MLP's: the gradient of the
     down projection's input [T, F_l], then SwiGLU's of silu and up (GELU's of its input) while
     that input, silu * up (GELU's output), is freed."""
-    incoming = z.T_n * m.d_model * z.c
+    incoming = z.T_n * m.d_model * z.r
     if m.is_moe_layer(layer):
         n, _ = routed_rows(m, z)
-        return incoming + 3 * n * m.d_model * _F32
+        cast = n * m.d_model * z.c if z.c != _F32 else 0  # the rows' gradient back in bf16
+        return incoming + 3 * n * m.d_model * _F32 + cast
     f = m.ffn // z.tp
     return incoming + (2 if m.mlp == "swiglu" else 1) * z.T * f * z.c
 
@@ -246,12 +279,14 @@ def block_bwd_spike(m: ModelConfig, z: Sizes, layer: int) -> int:
 
 
 def chunk_footprint(m: ModelConfig, z: Sizes, layers: list[int], first: bool, last: bool,
-                    recompute: str | None, grads: int) -> ChunkFootprint:
+                    recompute: str | None) -> ChunkFootprint:
     """Forward keeps the input, every block's share and (last chunk) the head's tensors. Backward
     runs the head first, then the blocks from the last: each piece's spike counts against what
     the pieces before it have already freed; a recomputed block rebuilds what it did not keep."""
     kept = [kept_per_layer(m, z, i, recompute) for i in layers]
-    acts = input_acts(m, z, first) + sum(kept) + (head_acts(m, z) if last else 0)
+    acts = input_acts(m, z, first, recompute) + sum(kept) + (head_acts(m, z) if last else 0)
+    if not last and recompute is None and not z.stream_kept:
+        acts += z.T_n * m.d_model * z.r  # the output the executor holds (its sum is not kept)
     spike = loss_bwd_spike(m, z) if last else 0
     freed = head_acts(m, z) if last else 0
     output = z.T_n * m.d_model * z.c  # a block's output, freed by the backward of its reader
@@ -260,46 +295,29 @@ def chunk_footprint(m: ModelConfig, z: Sizes, layers: list[int], first: bool, la
         rebuilt = block_acts(m, z, layer) - k
         spike = max(spike, block_bwd_spike(m, z, layer) + rebuilt - freed - output * read_after)
         freed += k
-    return ChunkFootprint(acts, loss_fwd_spike(m, z) if last else 0, spike, grads)
+    return ChunkFootprint(acts, loss_fwd_spike(m, z) if last else 0, spike)
 
 
-def replay(actions: list[Action], chunks: list[ChunkFootprint]) -> tuple[int, int, int]:
-    """(activations, gradients, transient) bytes at the peak of this rank's schedule.
-
-    Walk the actions: a forward adds its chunk's activations (peak candidate: with the forward
-    spike), a backward is a candidate with its spike before it frees them; gradients exist for
-    the chunks that have run a backward already."""
-    live, grads, best = 0, 0, (0, 0, 0)
-    seen: set[int] = set()
+def replay(actions: list[Action], chunks: list[ChunkFootprint]) -> tuple[int, int]:
+    """(activations, transient) bytes at the peak of this rank's schedule: a forward adds its
+    chunk's activations (a candidate with the forward spike), a backward is a candidate with its
+    spike before it frees them."""
+    live, best = 0, (0, 0)
     for a in actions:
         c = chunks[a.chunk]
         if a.kind == "F":
             live += c.acts
-            best = max(best, (live, grads, c.fwd_spike), key=sum)
-            continue
-        best = max(best, (live, grads, c.bwd_spike), key=sum)
-        live -= c.acts
-        if a.chunk not in seen:
-            seen.add(a.chunk)
-            grads += c.grads
+            best = max(best, (live, c.fwd_spike), key=sum)
+        else:
+            best = max(best, (live, c.bwd_spike), key=sum)
+            live -= c.acts
     return best
 
 
-def zero1_owned(sizes: list[int], n: int, rank: int) -> list[int]:
-    """The sizes of the parameters rank `rank` of n owns under ZeRO-1 (parallel.data.Zero1's
-    rule): parameters in backward order, each to the rank of its midpoint in the running total."""
-    total, done, owned = sum(sizes), 0, []
-    for size in reversed(sizes):
-        if min(n - 1, (2 * done + size) * n // (2 * max(total, 1))) == rank:
-            owned.append(size)
-        done += size
-    return owned
-
-
 def rank_params(m: ModelConfig, specs: list[tuple[list[int], bool, bool]], tp: int,
-                ep: int) -> list[list[tuple[int, bool, bool]]]:
+                ep: int) -> list[list[Param]]:
     """Per chunk, in the trainer's order (the blocks, then the embedding, then the final norm and
-    head): (elements on this GPU, expert?, tied replica?) of each parameter."""
+    head), each parameter as this GPU holds it."""
     out = []
     for layers, pre, post in specs:
         key = dataclasses.astuple(m)
@@ -313,10 +331,10 @@ def rank_params(m: ModelConfig, specs: list[tuple[list[int], bool, bool]], tp: i
 
 
 @functools.lru_cache(maxsize=256)
-def _piece_params(key: tuple, tp: int, ep: int, piece: str, flag: bool) -> tuple:
+def _piece_params(key: tuple, tp: int, ep: int, piece: str, flag: bool) -> tuple[Param, ...]:
     """The parameters of one block (flag: MoE), the embedding (flag: the chunk also holds the
     head) or the head (flag: the chunk also holds the embedding), from a chunk built on the meta
-    device with tp = ep = 1 and split as the parameters' tp_dim / ep_dim say."""
+    device with tp = ep = 1 and cut as their layout records say."""
     from moe.model import build_model
 
     m = ModelConfig(*key)
@@ -327,29 +345,38 @@ def _piece_params(key: tuple, tp: int, ep: int, piece: str, flag: bool) -> tuple
         chunk = build_model(m, device="meta", layer_ids=[], pre=piece == "embedding" or flag,
                             post=piece == "head" or flag)
     sizes = []
-    for name, p in chunk.named_parameters():
-        if piece != "block" and (name.startswith("tok_emb") or name.startswith("pos_emb")) != (
-                piece == "embedding"):
+    for name, rec in chunk.layouts().items():
+        if piece != "block" and name.startswith(("tok_emb", "pos_emb")) != (piece == "embedding"):
             continue
-        n = p.numel() // (tp if getattr(p, "tp_dim", None) is not None else 1)
-        expert = getattr(p, "ep_dim", None) is not None
-        tied = getattr(p, "tied_to", None) is not None or (
-            m.tie_embeddings and name == "tok_emb.weight" and not chunk.post)
-        sizes.append((n // ep if expert else n, expert, tied))
+        n = math.prod(rec.local_shape) // (tp if rec.tp_dim is not None else 1)
+        sizes.append(Param(n // ep if rec.expert else n, rec.expert, rec.tied or rec.tied_to is not None,
+                           rec.keep_fp32))
     return tuple(sizes)
 
 
-def optimizer_bytes(params: list[tuple[int, bool, bool]], zero1: bool, dp: int, edp: int) -> int:
-    """AdamW's state on this GPU: two float32 moments per element and a float32 step count per
-    tensor, for every parameter, or under ZeRO-1 for those data-parallel rank 0 owns (dense over
-    dp, experts over edp; tied replicas stay with every rank)."""
+def owned(params: list[Param], zero1: bool, dp: int, edp: int) -> list[Param]:
+    """The parameters whose main weights and AdamW state this GPU keeps: all, or under ZeRO-1
+    those data-parallel rank 0 owns (parallel.layout.zero1_ranks: dense over dp, experts over
+    edp; the replicas of a tied embedding stay with every rank)."""
     if not zero1 or dp == 1:
-        return 8 * sum(n for n, _, _ in params) + 4 * len(params)
-    dense = [n for n, expert, tied in params if not expert and not tied]
-    expert = [n for n, is_expert, tied in params if is_expert and not tied]
-    tied = [n for n, _, t in params if t]
-    owned = zero1_owned(dense, dp, 0) + zero1_owned(expert, edp, 0) + tied
-    return 8 * sum(owned) + 4 * len(owned)
+        return list(params)
+    out = [p for p in params if p.tied]
+    for expert, n in ((False, dp), (True, edp)):
+        run = [p for p in params if p.expert == expert and not p.tied]
+        out += [p for p, r in zip(run, zero1_ranks([p.n for p in run], n)) if r == 0]
+    return out
+
+
+def state_bytes(params: list[Param], mine: list[Param], bf16: bool) -> dict[str, int]:
+    """Parameters (bf16 in a bf16 model unless their layer computes in float32), the float32
+    gradient-accumulation buffers (every parameter), and the optimizer's share: float32 main
+    weights (bf16 model only), AdamW's two float32 moments and a float32 step count per tensor."""
+    def model_bytes(p: Param) -> int:
+        return 2 if bf16 and not p.fp32 else 4
+
+    optimizer = sum(8 * p.n + 4 + (4 * p.n if model_bytes(p) == 2 else 0) for p in mine)
+    return {"parameters": sum(model_bytes(p) * p.n for p in params),
+            "gradients": 4 * sum(p.n for p in params), "optimizer": optimizer}
 
 
 def rank_memory(m: ModelConfig, layout, chunks: list[list[int]], vstages: list[int],
@@ -357,24 +384,17 @@ def rank_memory(m: ModelConfig, layout, chunks: list[list[int]], vstages: list[i
                 precision: str) -> dict[str, int]:
     """Bytes by category (train.memory.CATEGORIES) at this rank's peak; `layout` is the
     planner's Layout (tp, pp, vpp, dp, ep, edp, schedule, n_micro, micro_batch, seq_len,
-    sequence_parallel)."""
-    z = Sizes(layout.micro_batch, layout.seq_len, layout.tp, layout.sequence_parallel, layout.ep,
-              4 if precision == "fp32" else 2, layout.n_micro * layout.micro_batch)
+    sequence_parallel). The state (parameters, gradient buffers, optimizer) lives all step; the
+    peak of the forward and backward passes adds the activations and transients the schedule
+    replay finds, plus the batch of token ids."""
+    c = 4 if precision == "fp32" else 2
+    z = Sizes(layout.micro_batch, layout.seq_len, layout.tp, layout.sequence_parallel, layout.ep, c,
+              4 if m.fp32_residual else c, layout.n_micro * layout.micro_batch, m.norm == "rmsnorm")
     specs = [(layers, v == 0, v == n_vstages - 1) for v, layers in zip(vstages, chunks)]
-    params = rank_params(m, specs, layout.tp, layout.ep)
-    flat = [p for chunk in params for p in chunk]
-    weight_bytes = 4
-    foot = [chunk_footprint(m, z, layers, first, last, recompute,
-                            sum(n for n, _, _ in ps) * weight_bytes)
-            for (layers, first, last), ps in zip(specs, params)]
+    params = [p for chunk in rank_params(m, specs, layout.tp, layout.ep) for p in chunk]
+    state = state_bytes(params, owned(params, zero1, layout.dp, layout.edp), precision == "bf16")
+    foot = [chunk_footprint(m, z, layers, first, last, recompute) for layers, first, last in specs]
     kind = "1f1b" if layout.pp == 1 else layout.schedule
-    actions = build_schedule(kind, layout.pp, layout.vpp, layout.n_micro)[pp_rank]
-    acts, grads, spike = replay(actions, foot)
-    n_params = sum(n for n, _, _ in flat)
-    optim = optimizer_bytes(flat, zero1, layout.dp, layout.edp)
+    acts, spike = replay(build_schedule(kind, layout.pp, layout.vpp, layout.n_micro)[pp_rank], foot)
     batch = z.rows * (layout.seq_len + 1) * _I64
-    step = {"parameters": n_params * weight_bytes, "gradients": grads, "optimizer": optim,
-            "activations": acts + batch, "temporaries": spike}
-    after = {"parameters": n_params * weight_bytes, "gradients": n_params * weight_bytes,
-             "optimizer": optim, "activations": batch, "temporaries": 0}
-    return max(step, after, key=lambda d: sum(d.values()))
+    return {**state, "activations": acts + batch, "temporaries": spike}

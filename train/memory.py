@@ -88,9 +88,13 @@ class MemoryTracker(TorchDispatchMode):
         self._hooks = []
 
     # ------------------------------------------------------------ entry / exit
-    def watch(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Label the parameters and the optimizer's state, hook its step, start the peaks anew."""
+    def watch(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None = None,
+              gradients: list[torch.Tensor] = ()) -> None:
+        """Label the parameters, the optimizer's state and any gradient buffers kept between
+        steps (e.g. float32 accumulation buffers), hook the optimizer's step, start the peaks anew."""
         self.params, self.optimizer = list(params), optimizer
+        for g in gradients:
+            self._track(g, fixed="gradients")
         owned = {id(p) for p in self.params}
         for p in self.params:
             self._track(p, fixed="parameters")

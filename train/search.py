@@ -1,4 +1,4 @@
-"""Layout search: every (tp, pp, vpp, ep, ZeRO-1, sequence parallel, recompute, micro-batch) that a
+"""Layout search: every (tp, pp, vpp, ep and folding, ZeRO-1, sequence parallel, recompute, micro-batch) that a
 config's model and global batch allow on a cluster, the ones that fit in memory, ranked by a
 predicted step time.
 
@@ -49,6 +49,7 @@ class Candidate:
     pp: int
     vpp: int
     ep: int
+    fold: bool
     dp: int
     zero1: bool
     sequence_parallel: bool
@@ -61,7 +62,8 @@ class Candidate:
     def overrides(self) -> list[str]:
         """The key=value overrides that select this layout."""
         out = [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.vpp={self.vpp}",
-               f"parallel.ep={self.ep}", f"parallel.zero1={str(self.zero1).lower()}",
+               f"parallel.ep={self.ep}", f"parallel.fold_experts={str(self.fold).lower()}",
+               f"parallel.zero1={str(self.zero1).lower()}",
                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
                f"training.micro_batch_size={self.micro_batch}",
                f"training.activation_checkpointing={str(self.recompute is not None).lower()}"]
@@ -107,13 +109,13 @@ def search_layouts(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu_mem_gb:
     the others are sized and timed."""
     world = nodes * gpus_per_node
     search = Search(cfg, nodes, gpus_per_node, int(gpu_mem_gb * GIB), flops=model_flops(cfg))
-    for tp, pp, vpp, ep in _families(cfg, world, gpus_per_node):
-        family = search.families.setdefault((tp, pp), Family())
-        lean = _try(_config(cfg, tp, pp, vpp, ep, True, tp > 1, "full", 1), nodes, gpus_per_node, search)
+    for fam in _families(cfg, world, gpus_per_node):
+        family = search.families.setdefault(fam[:2], Family())
+        lean = _try(_config(cfg, fam, True, fam[0] > 1, "full", 1), nodes, gpus_per_node, search)
         if not isinstance(lean, Candidate):
             _reject(family, lean)
             continue
-        for variant in _variants(cfg, tp, pp, vpp, ep, lean.dp):
+        for variant in _variants(cfg, fam, lean.dp):
             result = _try(variant, nodes, gpus_per_node, search)
             if isinstance(result, Candidate):
                 search.fits.append(result)
@@ -131,6 +133,7 @@ def _reject(family: Family, why: str | tuple[int, int]) -> None:
 
 
 def _families(cfg: TrainConfig, world: int, gpus_per_node: int):
+    """(tp, pp, vpp, ep, fold): ep divides dp, or with folding (tp > 1) tp x dp."""
     m = cfg.model
     for tp in (d for d in _divisors(gpus_per_node) if world % d == 0):
         for pp in (d for d in _divisors(world // tp) if d <= m.n_layers):
@@ -138,27 +141,31 @@ def _families(cfg: TrainConfig, world: int, gpus_per_node: int):
                 if pp * vpp > m.n_layers:
                     continue
                 dp = world // (tp * pp)
-                eps = [e for e in _divisors(dp) if m.n_experts % e == 0] if m.n_experts else [1]
-                for ep in eps:
-                    yield tp, pp, vpp, ep
+                for fold in ((False, True) if tp > 1 and m.n_experts else (False,)):
+                    domain = dp * tp if fold else dp
+                    eps = [e for e in _divisors(domain) if m.n_experts % e == 0] if m.n_experts else [1]
+                    for ep in eps:
+                        yield tp, pp, vpp, ep, fold
 
 
-def _variants(cfg: TrainConfig, tp: int, pp: int, vpp: int, ep: int, dp: int):
+def _variants(cfg: TrainConfig, fam: tuple, dp: int):
     rows = cfg.training.global_batch_size // dp
     for zero1 in ((False, True) if dp > 1 else (False,)):
-        for sp in ((False, True) if tp > 1 else (False,)):
+        for sp in ((False, True) if fam[0] > 1 else (False,)):
             for recompute in RECOMPUTE:
                 for micro in (b for b in MICRO_BATCHES if rows % b == 0):
-                    yield _config(cfg, tp, pp, vpp, ep, zero1, sp, recompute, micro)
+                    yield _config(cfg, fam, zero1, sp, recompute, micro)
 
 
-def _config(cfg: TrainConfig, tp, pp, vpp, ep, zero1, sp, recompute, micro) -> TrainConfig | str:
+def _config(cfg: TrainConfig, fam: tuple, zero1: bool, sp: bool, recompute: str | None,
+            micro: int) -> TrainConfig | str:
     """cfg with this layout, or the one-line reason it is not a valid config."""
+    tp, pp, vpp, ep, fold = fam
     schedule = "interleaved" if vpp > 1 else ("1f1b" if cfg.parallel.pp_schedule == "interleaved"
                                               else cfg.parallel.pp_schedule)
-    parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=0, zero1=zero1,
-                                   sequence_parallel=sp, pp_schedule=schedule, stage_layers=None,
-                                   first_stage_layers=None, last_stage_layers=None)
+    parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=0, fold_experts=fold,
+                                   zero1=zero1, sequence_parallel=sp, pp_schedule=schedule,
+                                   stage_layers=None, first_stage_layers=None, last_stage_layers=None)
     training = dataclasses.replace(cfg.training, micro_batch_size=micro,
                                    activation_checkpointing=recompute is not None,
                                    recompute=recompute or "full")
@@ -187,8 +194,9 @@ def _try(cfg: TrainConfig | str, nodes: int, gpus_per_node: int,
         return peaks[heaviest], heaviest
     t = cfg.training
     step = step_seconds(cfg, layout, partition, costs, first, last)
-    return Candidate(layout.tp, layout.pp, layout.vpp, layout.ep, layout.dp, cfg.parallel.zero1,
-                     layout.sequence_parallel, t.recompute if t.activation_checkpointing else None,
+    return Candidate(layout.tp, layout.pp, layout.vpp, layout.ep, cfg.parallel.fold_experts, layout.dp,
+                     cfg.parallel.zero1, layout.sequence_parallel,
+                     t.recompute if t.activation_checkpointing else None,
                      layout.micro_batch, peaks[heaviest], step,
                      search.flops / (layout.world * step * PEAK_FLOPS))
 
@@ -226,8 +234,9 @@ def step_seconds(cfg: TrainConfig, layout: Layout, partition, costs, first: floa
     if lay.ep > 1:
         rows = tokens // lay.tp * m.top_k
         n_moe = sum(m.is_moe_layer(i) for i in layers)
+        span = lay.ep if cfg.parallel.fold_experts else lay.tp * lay.ep  # consecutive ranks it covers
         t_mb += 4 * n_moe * (lay.ep - 1) / lay.ep * rows * m.d_model * c / _bandwidth(
-            lay.tp * lay.ep, lay.gpus_per_node)
+            span, lay.gpus_per_node)
     if lay.pp > 1:
         t_mb += 2 * tokens // (lay.tp if lay.sequence_parallel else 1) * m.d_model * c / INTER_NODE_BW
     bubble = bubble_fraction(lay.schedule, lay.pp, lay.vpp, lay.n_micro) if lay.pp > 1 else 0.0
@@ -240,8 +249,8 @@ def _grad_reduce_seconds(cfg: TrainConfig, lay: Layout, partition, rank: int) ->
     specs = [(layers, v == 0, v == len(partition) - 1)
              for v, layers in enumerate(partition) if v % lay.pp == rank]
     params = [p for chunk in rank_params(cfg.model, specs, lay.tp, lay.ep) for p in chunk]
-    expert = sum(n for n, is_expert, _ in params if is_expert)
-    dense = sum(n for n, _, _ in params) - expert
+    expert = sum(p.n for p in params if p.expert)
+    dense = sum(p.n for p in params) - expert
     bw = _bandwidth(lay.tp * lay.dp, lay.gpus_per_node)
     out = 2 * (lay.dp - 1) / lay.dp * 4 * dense / bw
     return out + 2 * (lay.edp - 1) / lay.edp * 4 * expert / bw
@@ -272,15 +281,16 @@ def format_search(search: Search, top: int = 15) -> str:
             f"{search.nodes} node(s) x {search.gpus_per_node} GPUs = {world}, "
             f"{search.budget / GIB:g} GiB each",
             f"{len(search.fits)} layouts fit; the fastest {min(top, len(search.fits))} by predicted step "
-            f"time (peak: the heavier of the first and last pipeline rank):",
-            f"  {'tp':>3} {'pp':>3} {'vpp':>3} {'ep':>3} {'dp':>4} {'zero1':>5} {'sp':>3} {'recompute':>9} "
+            f"time (peak: the heavier of the first and last pipeline rank; ep 16f: folded over tp x dp):",
+            f"  {'tp':>3} {'pp':>3} {'vpp':>3} {'ep':>4} {'dp':>4} {'zero1':>5} {'sp':>3} {'recompute':>9} "
             f"{'micro':>5} {'peak GiB':>8} {'headroom':>8} {'step s':>7} {'MFU':>5}"]
     for c in search.fits[:top]:
-        rows.append(f"  {c.tp:>3} {c.pp:>3} {c.vpp:>3} {c.ep:>3} {c.dp:>4} {'on' if c.zero1 else 'off':>5} "
+        ep = f"{c.ep}{'f' if c.fold else ''}"
+        rows.append(f"  {c.tp:>3} {c.pp:>3} {c.vpp:>3} {ep:>4} {c.dp:>4} {'on' if c.zero1 else 'off':>5} "
                     f"{'on' if c.sequence_parallel else 'off':>3} {c.recompute or 'none':>9} "
                     f"{c.micro_batch:>5} {c.peak / GIB:>8.2f} {1 - c.peak / search.budget:>8.1%} "
                     f"{c.step_s:>7.3g} {c.mfu:>5.1%}")
-    rows.append("By (tp, pp) family (over vpp, ep and the memory options):")
+    rows.append("By (tp, pp) family (over vpp, ep, folding and the memory options):")
     rows += _family_rows(search)
     if search.fits:
         rows.append("The fastest as overrides: " + " ".join(search.fits[0].overrides()))

@@ -150,7 +150,7 @@ def simulate_rank(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int,
     finally:
         dist.destroy_process_group()
     p = cfg.parallel
-    coords = rank_grid(world, p.tp, p.pp, p.dp, p.ep)[rank]
+    coords = rank_grid(world, p.tp, p.pp, p.dp, p.ep, p.fold_experts)[rank]
     peak, at_peak = steady_peak(mode)
     return RankSimulation(coords, peak, at_peak, mode.breakdown(), cfg.model.forced_routing_imbalance,
                           time.perf_counter() - start, mode.ops)
@@ -162,13 +162,16 @@ def _run_step(cfg: TrainConfig, world: int, rank: int, warmup: bool) -> _Simulat
 
     p = cfg.parallel
     ctx = ParallelContext(world_size=world, rank=rank, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, vpp=p.vpp,
-                          sequence_parallel=p.sequence_parallel, timeout_s=p.timeout_s)
+                          sequence_parallel=p.sequence_parallel, fold_experts=p.fold_experts,
+                          timeout_s=p.timeout_s)
     rows = cfg.training.global_batch_size // ctx.dp
     with _SimulationMode() as mode:  # from the build on: buffers made there are counted too
         trainer = Trainer(cfg, ctx, log=lambda msg: None, batches=_SyntheticBatches(rows, cfg.data.seq_len))
         if warmup:
             trainer.train_step()
-        mode.watch(list(trainer.model.parameters()), trainer.optimizer)
+        opt = trainer.optimizer  # parallel.optimizer.ParallelOptimizer: AdamW over main weights
+        buffers = [b.buffer for r in opt.reducers for b in r.buckets]  # float32 gradient accumulation
+        mode.watch(list(trainer.model.parameters()), opt.adamw, buffers)
         trainer.train_step()
     return mode
 
@@ -190,15 +193,15 @@ def steady_peak(mode: MemoryTracker) -> tuple[int, dict[str, int]]:
 
 def ranks_to_simulate(plan, every_kind: bool = False) -> list[int]:
     """Global ranks worth simulating for a train.plan.Plan: the heaviest pipeline rank's first GPU
-    (data-parallel rank 0, which also holds expert 0, the busiest under forced routing), or with
-    every_kind one GPU per pipeline rank, plus one on another ep rank when routing is imbalanced
-    (tp ranks, and dp ranks of one ep rank, run the same step)."""
+    (data-parallel rank 0, on ep rank 0, which holds expert 0, the busiest under forced routing),
+    or with every_kind the first GPU of each pipeline rank, plus one on ep rank 1 when routing is
+    imbalanced (the other GPUs of a pipeline rank run the same step as one of these)."""
     lay = plan.layout
     heaviest = max(plan.stages, key=lambda s: s.memory.total).rank
     kinds = [(r, 0) for r in range(lay.pp)] if every_kind else [(heaviest, 0)]
     if every_kind and lay.ep > 1 and (plan.imbalance or 1.0) > 1.0:
         kinds += [(r, 1) for r in range(lay.pp)]
-    return [next(c.rank for c in plan.grid if (c.pp, c.dp, c.tp) == (r, d, 0)) for r, d in kinds]
+    return [next(c.rank for c in plan.grid if (c.pp, c.ep) == (r, e)) for r, e in kinds]
 
 
 def format_simulation(plan, sims: list[RankSimulation]) -> str:
