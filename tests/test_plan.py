@@ -28,9 +28,14 @@ def load(path, overrides=()):
     return load_config(path, list(overrides))
 
 
+UNFOLDED = ["parallel.fold_experts=false", "parallel.zero1=false", "parallel.sequence_parallel=false"]
+
+
 @pytest.fixture(scope="module")
 def moe16x():
-    cfg = load(MOE16X)
+    """moe16x's shapes on its 4 x 8 grid with experts sharded over dp only (ep 8 = dp, edp 1), no
+    ZeRO-1 and no sequence parallelism: the plain layout the references below are written for."""
+    cfg = load(MOE16X, UNFOLDED)
     return cfg, plan_layout(cfg, nodes=4, gpus_per_node=8)
 
 
@@ -118,7 +123,7 @@ def test_moe16x_partition_is_the_pipeline_builders(moe16x):
 
 def test_moe16x_zero1_and_sequence_parallel(moe16x):
     _, base = moe16x
-    cfg = load(MOE16X, ["parallel.zero1=true", "parallel.sequence_parallel=true"])
+    cfg = load(MOE16X, [*UNFOLDED, "parallel.zero1=true", "parallel.sequence_parallel=true"])
     plan = plan_layout(cfg, nodes=4, gpus_per_node=8)
     for s, b in zip(plan.stages, base.stages):
         dense, expert = s.params - s.expert_params, s.expert_params

@@ -241,7 +241,7 @@ def test_config_yaml_parses_and_its_preset_builds_on_meta(path):
 
 
 ALLOWED = {"run_dir": None, "model": {"preset"},
-           "parallel": {"tp", "pp", "ep", "vpp", "pp_schedule", "zero1", "sequence_parallel"},
+           "parallel": {"tp", "pp", "ep", "vpp", "pp_schedule", "zero1", "sequence_parallel", "fold_experts"},
            "data": {"paths", "seq_len"},
            "training": {"global_batch_size", "micro_batch_size", "precision", "max_steps", "activation_checkpointing",
                         "recompute"},
@@ -270,4 +270,5 @@ def test_moe16x_yaml_fits_four_nodes_of_eight():
     d = yaml.safe_load((CONFIG_DIR / "moe16x.yaml").read_text())["parallel"]
     world = 4 * 8
     dp = world // (d["tp"] * d["pp"])
-    assert d["tp"] * d["pp"] * dp == world and dp % d["ep"] == 0 and 16 % d["ep"] == 0 and d["ep"] > 1
+    domain = dp * d["tp"] if d.get("fold_experts") else dp   # folded experts shard tp x dp
+    assert d["tp"] * d["pp"] * dp == world and domain % d["ep"] == 0 and 16 % d["ep"] == 0 and d["ep"] > 1

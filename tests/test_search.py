@@ -67,3 +67,22 @@ def test_cli_search():
                           "--gpus-per-node", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "layouts fit; the fastest" in out.stdout and "The fastest as overrides: parallel.tp=" in out.stdout
+
+
+def test_uneven_partitions_check_the_heaviest_rank():
+    """10 blocks on 4 pipeline stages: the partitioner gives the first and last stages (embedding,
+    head) fewer blocks, so the heaviest rank can be a middle one, which the search must find."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.preset=tiny", "model.n_layers=10",
+                                                       "training.global_batch_size=32"])
+    result = search_layouts(cfg, 1, 4, 1.0)
+    piped = [c for c in result.fits if c.pp == 4]
+    assert piped
+    heaviest = set()
+    for c in piped[:6]:
+        plan = plan_layout(load_config(ROOT / "configs" / "tiny.yaml", ["model.preset=tiny", "model.n_layers=10",
+                                                                        "training.global_batch_size=32",
+                                                                        *c.overrides()]), 1, 4)
+        peaks = [s.memory.total for s in plan.stages]
+        assert c.peak == max(peaks)
+        heaviest.add(peaks.index(max(peaks)))
+    assert heaviest - {0, 3}   # a middle rank is the heaviest somewhere

@@ -3,9 +3,9 @@ config's model and global batch allow on a cluster, the ones that fit in memory,
 predicted step time.
 
 Memory is the planner's (train/plan.py, tensor by tensor in train/footprint.py), checked on the
-first and the last pipeline rank - the first keeps the most micro-batches in flight, the last holds
-the head and the loss - which covers the heaviest rank of every schedule we run; run
-`launchers/plan.py --simulate` on the layout you pick to measure every kind of rank.
+first pipeline rank of each kind (the same blocks per chunk, the embedding, the head): the
+schedules keep the most micro-batches in flight on the lowest rank of a kind. Run
+`launchers/plan.py --simulate` on the layout you pick to measure it on the real step.
 
 Step time, per optimizer step (a model for ranking, not a promise):
     t_mb   = (3 + r) F_stage / (tp peak eff)                 compute of the slowest stage per micro-batch
@@ -188,7 +188,7 @@ def _try(cfg: TrainConfig | str, nodes: int, gpus_per_node: int,
     except ValueError as e:
         return str(e)
     partition, costs, first, last = search.partitions[key]
-    peaks = {r: stage_memory(cfg, layout, partition, r).total for r in sorted({0, layout.pp - 1})}
+    peaks = {r: stage_memory(cfg, layout, partition, r).total for r in _distinct_ranks(cfg, partition, layout.pp)}
     heaviest = max(peaks, key=peaks.get)
     if peaks[heaviest] > search.budget:
         return peaks[heaviest], heaviest
@@ -199,6 +199,20 @@ def _try(cfg: TrainConfig | str, nodes: int, gpus_per_node: int,
                      t.recompute if t.activation_checkpointing else None,
                      layout.micro_batch, peaks[heaviest], step,
                      search.flops / (layout.world * step * PEAK_FLOPS))
+
+
+def _distinct_ranks(cfg: TrainConfig, partition: list[list[int]], pp: int) -> list[int]:
+    """The first pipeline rank of each kind: ranks whose chunks hold the same blocks (and no
+    embedding or head) keep the same tensors, and the schedules keep the most micro-batches in
+    flight on the lowest rank, so it is the heaviest of its kind."""
+    seen, ranks = set(), []
+    for r in range(pp):
+        chunks = partition[r::pp]
+        kind = (r == 0, r == pp - 1, tuple(tuple(cfg.model.is_moe_layer(i) for i in c) for c in chunks))
+        if kind not in seen:
+            seen.add(kind)
+            ranks.append(r)
+    return ranks
 
 
 def _divisors(n: int) -> list[int]:
@@ -281,7 +295,7 @@ def format_search(search: Search, top: int = 15) -> str:
             f"{search.nodes} node(s) x {search.gpus_per_node} GPUs = {world}, "
             f"{search.budget / GIB:g} GiB each",
             f"{len(search.fits)} layouts fit; the fastest {min(top, len(search.fits))} by predicted step "
-            f"time (peak: the heavier of the first and last pipeline rank; ep 16f: folded over tp x dp):",
+            f"time (peak: the heaviest pipeline rank; ep 16f: folded over tp x dp):",
             f"  {'tp':>3} {'pp':>3} {'vpp':>3} {'ep':>4} {'dp':>4} {'zero1':>5} {'sp':>3} {'recompute':>9} "
             f"{'micro':>5} {'peak GiB':>8} {'headroom':>8} {'step s':>7} {'MFU':>5}"]
     for c in search.fits[:top]:
