@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launchers import plan as plan_cli
 from train.config import load_config
 from train.memory import MemoryTracker
 from train.plan import plan_layout
@@ -126,7 +127,8 @@ def test_planner_agrees_with_the_simulation(world, rank, overrides):
     sim = simulate_rank(cfg, 1, world, rank)
     planned = plan_layout(cfg, 1, world).stages[sim.coords.pp].memory
     assert abs(planned.total - sim.peak) <= 0.03 * sim.peak, (planned, sim.at_peak)
-    assert planned.parameters == sim.at_peak["parameters"] and planned.optimizer == sim.at_peak["optimizer"]
+    for kind in ("parameters", "gradients", "optimizer"):  # the state, exactly, in its categories
+        assert getattr(planned, kind) == sim.at_peak[kind], kind
 
 
 def test_ranks_to_simulate():
@@ -174,7 +176,10 @@ def test_cli_simulate():
     (["--simulate", "--rank", "x"], "error: --rank ('x') must be a global rank (an integer) or 'all'"),
     (["model.preset=tiny", "--imbalance", "2"], "error: --imbalance applies to MoE models"),
     (["--imbalance", "9"], "error: model.forced_routing_imbalance (9.0) must be in [1, n_experts / top_k = 4]"),
+    (["parallel.tp=2", "parallel.ep=3", "parallel.fold_experts=true", "--gpus-per-node", "4", "--simulate"],
+     "error: parallel.tp (2) * parallel.dp (2) = 4 must be divisible by parallel.ep (3) (folded experts"),
 ])
-def test_cli_bad_flags_exit_2_with_one_line(args, message):
-    out = _cli("configs/tiny.yaml", *args)
-    assert out.returncode == 2 and out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+def test_cli_bad_flags_exit_2_with_one_line(args, message, capsys):
+    code = plan_cli.main([str(ROOT / "configs" / "tiny.yaml"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
