@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--search", action="store_true",
                    help="list the layouts of this model and batch that fit the cluster, fastest first, "
                         "and why each rejected family does not")
+    p.add_argument("--headroom", type=float, default=0.0,
+                   help="with --search: the fraction of each GPU's memory to leave free, e.g. 0.05")
     return p.parse_intermixed_args(argv)
 
 
@@ -61,6 +63,8 @@ def _checked(args: argparse.Namespace) -> list[str]:
     """The overrides to apply, after the flag combinations are checked (one-line errors)."""
     if args.rank is not None and not args.simulate:
         raise ValueError("--rank needs --simulate: e.g. --simulate --rank 0")
+    if args.headroom and not args.search:
+        raise ValueError("--headroom needs --search: e.g. --search --headroom 0.05")
     if args.rank is not None and args.rank != "all" and not args.rank.lstrip("-").isdigit():
         raise ValueError(f"--rank ({args.rank!r}) must be a global rank (an integer) or 'all'")
     if args.imbalance is None:
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.search:
             from train.search import format_search, search_layouts
 
-            print(format_search(search_layouts(cfg, args.nodes, gpus, args.gpu_mem_gb)))
+            print(format_search(search_layouts(cfg, args.nodes, gpus, args.gpu_mem_gb, args.headroom)))
             return 0
         plan = plan_layout(cfg, args.nodes, gpus, args.gpu_mem_gb)
         ranks = _ranks(plan, args.rank) if args.simulate else []

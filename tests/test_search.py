@@ -86,3 +86,14 @@ def test_uneven_partitions_check_the_heaviest_rank():
         assert c.peak == max(peaks)
         heaviest.add(peaks.index(max(peaks)))
     assert heaviest - {0, 3}   # a middle rank is the heaviest somewhere
+
+
+def test_headroom_keeps_a_share_of_memory_free(search):
+    cfg, result = search
+    half = search_layouts(cfg, 1, 4, BUDGET_GB, headroom=0.5)
+    assert 0 < len(half.fits) < len(result.fits)
+    assert all(c.peak <= 0.5 * BUDGET_GB * GIB for c in half.fits)
+    assert {c.overrides().__str__() for c in half.fits} < {c.overrides().__str__() for c in result.fits}
+    assert "less 50% headroom" in format_search(half)
+    with pytest.raises(ValueError, match=r"--headroom \(1.0\) must be a fraction in \[0, 1\)"):
+        search_layouts(cfg, 1, 4, BUDGET_GB, headroom=1.0)

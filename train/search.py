@@ -100,15 +100,20 @@ class Search:
     families: dict[tuple[int, int], Family] = field(default_factory=dict)   # (tp, pp) -> outcome
     partitions: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (pp, vpp) -> partition
     flops: float = 0.0                                                      # model FLOPs of one step
+    headroom: float = 0.0                                                   # kept free of the GPU
 
 
-def search_layouts(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu_mem_gb: float = 80.0) -> Search:
-    """Every family (tp, pp, vpp, ep) is first tried with the least memory it can use (ZeRO-1,
+def search_layouts(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu_mem_gb: float = 80.0,
+                   headroom: float = 0.0) -> Search:
+    """Layouts whose heaviest rank fits gpu_mem_gb less `headroom` (a fraction). Every family (tp, pp, vpp, ep) is first tried with the least memory it can use (ZeRO-1,
     sequence parallelism, full recompute, micro-batch 1); a family that does not fit then is
     rejected with its peak, one that is invalid with the planner's error, and the variants of
     the others are sized and timed."""
     world = nodes * gpus_per_node
-    search = Search(cfg, nodes, gpus_per_node, int(gpu_mem_gb * GIB), flops=model_flops(cfg))
+    if not 0.0 <= headroom < 1.0:
+        raise ValueError(f"--headroom ({headroom}) must be a fraction in [0, 1), e.g. 0.05")
+    search = Search(cfg, nodes, gpus_per_node, int(gpu_mem_gb * (1 - headroom) * GIB), flops=model_flops(cfg),
+                    headroom=headroom)
     for fam in _families(cfg, world, gpus_per_node):
         family = search.families.setdefault(fam[:2], Family())
         lean = _try(_config(cfg, fam, True, fam[0] > 1, "full", 1), nodes, gpus_per_node, search)
@@ -293,7 +298,8 @@ def format_search(search: Search, top: int = 15) -> str:
             f"{f'{m.n_experts} experts top-{m.top_k}' if m.n_experts else 'dense'}; global batch "
             f"{t.global_batch_size} x {search.cfg.data.seq_len} tokens, precision {t.precision}; "
             f"{search.nodes} node(s) x {search.gpus_per_node} GPUs = {world}, "
-            f"{search.budget / GIB:g} GiB each",
+            f"{search.budget / (1 - search.headroom) / GIB:g} GiB each"
+            + (f" less {search.headroom:.0%} headroom" if search.headroom else ""),
             f"{len(search.fits)} layouts fit; the fastest {min(top, len(search.fits))} by predicted step "
             f"time (peak: the heaviest pipeline rank; ep 16f: folded over tp x dp):",
             f"  {'tp':>3} {'pp':>3} {'vpp':>3} {'ep':>4} {'dp':>4} {'zero1':>5} {'sp':>3} {'recompute':>9} "
@@ -302,7 +308,8 @@ def format_search(search: Search, top: int = 15) -> str:
         ep = f"{c.ep}{'f' if c.fold else ''}"
         rows.append(f"  {c.tp:>3} {c.pp:>3} {c.vpp:>3} {ep:>4} {c.dp:>4} {'on' if c.zero1 else 'off':>5} "
                     f"{'on' if c.sequence_parallel else 'off':>3} {c.recompute or 'none':>9} "
-                    f"{c.micro_batch:>5} {c.peak / GIB:>8.2f} {1 - c.peak / search.budget:>8.1%} "
+                    f"{c.micro_batch:>5} {c.peak / GIB:>8.2f} "
+                    f"{1 - c.peak * (1 - search.headroom) / search.budget:>8.1%} "
                     f"{c.step_s:>7.3g} {c.mfu:>5.1%}")
     rows.append("By (tp, pp) family (over vpp, ep, folding and the memory options):")
     rows += _family_rows(search)
