@@ -1,4 +1,4 @@
-"""Plan a layout: `python launchers/plan.py CONFIG [key.sub=value ...] [--nodes N --gpus-per-node G]`.
+"""Plan a layout: `python launchers/plan.py CONFIG [key=value ...] [--nodes N --gpus-per-node G]`.
 
 Prints, without starting any process or touching a GPU: the rank grid and process groups, each
 pipeline stage's layers (MoE / dense), parameters and memory per GPU at its peak, FLOPs per step
@@ -29,23 +29,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="training YAML, e.g. configs/moe16x.yaml")
-    p.add_argument("overrides", nargs="*", help="field overrides such as parallel.tp=4 training.micro_batch_size=2")
+    p.add_argument("overrides", nargs="*",
+                   help="field overrides such as parallel.tp=4 training.micro_batch_size=2")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="GPUs per node; default: the smallest world the config allows, tp x pp x (dp or ep)")
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+                   help="GPUs per node; default: the smallest world the config allows, "
+                        "tp x pp x (dp or ep)")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0,
+                   help="memory per GPU in GiB (default 80)")
     p.add_argument("--simulate", action="store_true",
-                   help="run the real training step of one rank on fake tensors and print its measured "
-                        "peak memory by category beside the plan (minutes for the largest presets)")
+                   help="run the real training step of one rank on fake tensors and print its "
+                        "measured peak memory by category beside the plan (minutes for the "
+                        "largest presets)")
     p.add_argument("--rank", default=None,
-                   help="with --simulate: a global rank, or 'all' for one rank of each kind (default: the "
-                        "rank the planner expects heaviest)")
+                   help="with --simulate: a global rank, or 'all' for one rank of each kind "
+                        "(default: the rank the planner expects heaviest)")
     p.add_argument("--imbalance", type=float, default=None,
-                   help="MoE: size for forced routing with the busiest expert at F times its fair share "
-                        "(sets model.forced_routing_imbalance; default 1, balanced)")
+                   help="MoE: size for forced routing with the busiest expert at F times its fair "
+                        "share (sets model.forced_routing_imbalance; default 1, balanced)")
     p.add_argument("--search", action="store_true",
-                   help="list the layouts of this model and batch that fit the cluster, fastest first, "
-                        "and why each rejected family does not")
+                   help="list the layouts of this model and batch that fit the cluster, fastest "
+                        "first, and why each rejected family does not")
     p.add_argument("--headroom", type=float, default=0.0,
                    help="with --search: the fraction of each GPU's memory to leave free, e.g. 0.05")
     return p.parse_intermixed_args(argv)
@@ -54,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_gpus_per_node(cfg, nodes: int) -> int:
     """Without --gpus-per-node: one node holding the smallest world the config accepts."""
     if nodes != 1:
-        raise ValueError(f"--gpus-per-node is required with --nodes {nodes}: e.g. --gpus-per-node 8")
+        raise ValueError(f"--gpus-per-node is required with --nodes {nodes}: "
+                         f"e.g. --gpus-per-node 8")
     p = cfg.parallel
     return p.tp * p.pp * (p.dp or p.ep)
 
@@ -78,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, _checked(args))
         if args.imbalance is not None and not cfg.model.n_experts:
             raise ValueError("--imbalance applies to MoE models (model.n_experts > 0)")
-        gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus_per_node(cfg, args.nodes)
+        gpus = args.gpus_per_node
+        if gpus is None:
+            gpus = default_gpus_per_node(cfg, args.nodes)
         if args.search:
             from train.search import format_search, search_layouts
 
-            print(format_search(search_layouts(cfg, args.nodes, gpus, args.gpu_mem_gb, args.headroom)))
+            found = search_layouts(cfg, args.nodes, gpus, args.gpu_mem_gb, args.headroom)
+            print(format_search(found))
             return 0
         plan = plan_layout(cfg, args.nodes, gpus, args.gpu_mem_gb)
         ranks = _ranks(plan, args.rank) if args.simulate else []
@@ -91,15 +99,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_plan(plan))
     if ranks:
-        from train.simulate import format_simulation, simulate_rank
-
-        sims = []
-        for rank in ranks:
-            sims.append(simulate_rank(cfg, args.nodes, gpus, rank))
-            print(f"  simulated rank {rank} in {sims[-1].seconds:.0f} s", file=sys.stderr, flush=True)
         print()
-        print(format_simulation(plan, sims))
+        print(_simulate(cfg, plan, args.nodes, gpus, ranks))
     return 0
+
+
+def _simulate(cfg, plan, nodes: int, gpus: int, ranks: list[int]) -> str:
+    """Simulate each rank in turn (progress on stderr) and format them beside the plan."""
+    from train.simulate import format_simulation, simulate_rank
+
+    sims = []
+    for rank in ranks:
+        sims.append(simulate_rank(cfg, nodes, gpus, rank))
+        print(f"  simulated rank {rank} in {sims[-1].seconds:.0f} s", file=sys.stderr, flush=True)
+    return format_simulation(plan, sims)
 
 
 def _ranks(plan, spec: str | None) -> list[int]:

@@ -447,8 +447,9 @@ PRESET_TABLE: dict[str, tuple[dict[str, Any], float | None]] = {
     # The GPT-4 description in our source material: 120 blocks of shared (dense) MHA attention, 84
     # heads of 128 (~55B over all blocks), 16 SwiGLU experts of width 28672 (~111B each over all
     # blocks), top-2, 8K context, a ~100K vocabulary: ~1.83T total, ~280B active. No published size.
-    "gpt4-moe": (dict(_LLAMA, vocab_size=100277, vocab_pad_multiple=128, max_seq_len=8192, rope_theta=500000.0,
-                      n_experts=16, top_k=2, expert_ffn_dim=28672, **_shape(120, 10752, 84)), None),
+    "gpt4-moe": (dict(_LLAMA, vocab_size=100277, vocab_pad_multiple=128, max_seq_len=8192,
+                      rope_theta=500000.0, n_experts=16, top_k=2, expert_ffn_dim=28672,
+                      **_shape(120, 10752, 84)), None),
     # CPU-sized defaults for the quick start and tests.
     "tiny": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, **_shape(4, 128, 4, n_kv_heads=2, ffn_dim=344)), None),
     "tiny-moe": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, n_experts=8, top_k=2, expert_ffn_dim=128,

@@ -117,8 +117,10 @@ class AllToAllDispatcher:
         send_RE = counts.reshape(self.ep, self.n_local_experts).to(torch.int64).contiguous()
         return _all_to_all(send_RE, [1] * self.ep, [1] * self.ep, self.group, "count exchange")
 
-    def dispatch(self, x_sorted: torch.Tensor, counts: torch.Tensor, host_counts: Sequence[int] | None = None):
-        """x_sorted [N, D] expert-major, counts [E] -> (x_local [M, D] expert-major, counts_local [E_l], meta).
+    def dispatch(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                 host_counts: Sequence[int] | None = None):
+        """x_sorted [N, D] expert-major, counts [E] -> (x_local [M, D] expert-major,
+        counts_local [E_l], meta).
 
         host_counts: `counts` already known on the host, the same on every rank of the group
         (forced routing: equal token counts routed by one formula); the split sizes then come
@@ -153,7 +155,8 @@ class AllToAllDispatcher:
         sends us send_{our ep rank}. That is how a fake-tensor simulation, which has no device
         values to read, learns the sizes of the all-to-all."""
         if host_counts is None:
-            send, recv = torch.stack([counts.reshape(self.ep, -1).sum(1), counts_RE.sum(1)]).tolist()
+            sizes = torch.stack([counts.reshape(self.ep, -1).sum(1), counts_RE.sum(1)])
+            send, recv = sizes.tolist()
             return send, recv
         if len(host_counts) != self.n_experts:
             raise ValueError(f"dispatch: host_counts has {len(host_counts)} entries, expected "

@@ -96,7 +96,7 @@ def test_split_sizes_from_host_counts_equal_the_device_read():
         d = AllToAllDispatcher(8, dist.new_group([0, 1, 2, 3]), 4)
         for host in ([3, 1, 0, 4, 2, 2, 5, 0], [9, 1, 1, 1, 1, 1, 1, 1]):
             counts = torch.tensor(host)
-            counts_RE = counts.view(4, 2)[2].repeat(4, 1)  # every source rank sends our experts the same
+            counts_RE = counts.view(4, 2)[2].repeat(4, 1)  # every source sends our experts the same
             assert d.split_sizes(counts, counts_RE, host) == d.split_sizes(counts, counts_RE, None)
         with pytest.raises(ValueError, match="host_counts has 3 entries"):
             d.split_sizes(counts, counts_RE, [1, 2, 3])

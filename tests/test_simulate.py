@@ -16,7 +16,7 @@ import torch
 
 from launchers import plan as plan_cli
 from train.config import load_config
-from train.memory import MemoryTracker
+from train.memory import CATEGORIES, MemoryTracker
 from train.plan import plan_layout
 from train.simulate import ranks_to_simulate, simulate_rank
 
@@ -52,14 +52,14 @@ def test_tracker_labels_a_known_step():
         opt.step()
         after_step = mem.breakdown()
         live = mem.live
-    assert mem.breakdown(with_a) == {"parameters": 3072, "gradients": 0, "optimizer": 0, "activations": 0,
-                                     "temporaries": 512}
-    assert after_forward == {"parameters": 3072, "gradients": 0, "optimizer": 0,
-                             "activations": 4 * 32 * 4 + 4, "temporaries": 0}
-    # in backward: W2's gradient [8, 32] and t's [4, 32] (plus the 4-byte seed gradient of the loss)
+    def sizes(params, grads, optim, acts, temps):
+        return dict(zip(CATEGORIES, (params, grads, optim, acts, temps)))
+
+    assert mem.breakdown(with_a) == sizes(3072, 0, 0, 0, 512)
+    assert after_forward == sizes(3072, 0, 0, 4 * 32 * 4 + 4, 0)
+    # in backward: W2's gradient [8, 32] and t's [4, 32] (the loss's 4-byte seed gradient aside)
     assert during[0]["gradients"] == 1024 and during[0]["temporaries"] == 512
-    assert after_backward == {"parameters": 3072, "gradients": 3072, "optimizer": 0,
-                              "activations": 4, "temporaries": 0}
+    assert after_backward == sizes(3072, 3072, 0, 4, 0)
     # AdamW: exp_avg and exp_avg_sq per parameter and a float32 step count each
     assert after_step["optimizer"] == 2 * 3072 + 2 * 4 and after_step["gradients"] == 3072
     assert live == sum(after_step.values()) and mem.peak >= sum(during[0].values())
@@ -82,46 +82,47 @@ def test_simulation_runs_the_step_and_agrees_with_the_planner():
 def test_one_step_equals_a_measured_second_step():
     """The optimizer state that a first step creates is added before its optimizer step; a real
     second step (warmup=True) must measure the same peak."""
-    for overrides, world, rank in [((), 1, 0), (("parallel.pp=2", "parallel.zero1=true", "parallel.ep=2",
-                                                  "training.global_batch_size=64"), 8, 4)]:
+    piped = ("parallel.pp=2", "parallel.zero1=true", "parallel.ep=2",
+             "training.global_batch_size=64")
+    for overrides, world, rank in [((), 1, 0), (piped, 8, 4)]:
         cfg = _cfg(*overrides)
-        one, two = simulate_rank(cfg, 1, world, rank), simulate_rank(cfg, 1, world, rank, warmup=True)
+        one = simulate_rank(cfg, 1, world, rank)
+        two = simulate_rank(cfg, 1, world, rank, warmup=True)
         assert one.peak == two.peak and one.at_peak == two.at_peak
 
 
 BF16 = "training.precision=bf16"
+G32, PP2, TP2 = "training.global_batch_size=32", "parallel.pp=2", "parallel.tp=2"
+SP, RECOMPUTE = "parallel.sequence_parallel=true", "training.activation_checkpointing=true"
+FOLD, DENSE = "parallel.fold_experts=true", "model.preset=tiny"
 MATRIX = [  # (world, rank, overrides): dense and MoE; tp, pp, vpp, ep (folded too), dp, ZeRO-1, SP,
     # recompute full / selective; float32 (the default here) and bf16
-    (1, 0, ["model.preset=tiny"]),
+    (1, 0, [DENSE]),
     (1, 0, [BF16]),
-    (2, 0, ["parallel.tp=2"]),
-    (2, 1, ["parallel.tp=2", "parallel.sequence_parallel=true", "model.preset=tiny", BF16]),
-    (2, 0, ["parallel.ep=2", "training.global_batch_size=32", BF16]),
-    (4, 0, ["parallel.ep=2", "parallel.zero1=true", "training.global_batch_size=32",
-            "model.forced_routing_imbalance=2.5"]),
-    (4, 0, ["parallel.tp=2", "parallel.ep=2", "training.global_batch_size=32", BF16, "parallel.zero1=true"]),
-    (4, 1, ["parallel.tp=2", "parallel.ep=4", "parallel.fold_experts=true", "training.global_batch_size=32"]),
-    (8, 0, ["parallel.pp=2", "parallel.tp=2", "parallel.ep=2", "parallel.fold_experts=true", BF16,
-            "training.global_batch_size=32", "model.forced_routing_imbalance=3"]),
-    (2, 0, ["parallel.pp=2", "training.global_batch_size=32"]),
-    (2, 1, ["parallel.pp=2", "training.global_batch_size=32", "model.preset=tiny", BF16]),
-    (4, 2, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "training.global_batch_size=32"]),
-    (4, 0, ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved", "model.n_layers=8",
-            "training.global_batch_size=32", "training.micro_batch_size=4", BF16]),
-    (2, 0, ["parallel.pp=2", "parallel.pp_schedule=gpipe", "training.global_batch_size=32"]),
-    (1, 0, ["training.activation_checkpointing=true"]),
-    (1, 0, ["training.activation_checkpointing=true", "training.recompute=selective", "model.preset=tiny", BF16]),
-    (2, 0, ["parallel.tp=2", "parallel.sequence_parallel=true", "training.activation_checkpointing=true", BF16]),
-    (2, 0, ["parallel.pp=2", "training.global_batch_size=32", "training.activation_checkpointing=true",
-            "training.recompute=selective"]),
-    (2, 1, ["model.preset=gpt2-small-tiny", "data.seq_len=64", "parallel.pp=2", "training.global_batch_size=32",
-            BF16]),
-    (2, 0, ["parallel.pp=2", "training.global_batch_size=32", BF16, "model.fp32_residual=true"]),
+    (2, 0, [TP2]),
+    (2, 1, [TP2, SP, DENSE, BF16]),
+    (2, 0, ["parallel.ep=2", G32, BF16]),
+    (4, 0, ["parallel.ep=2", "parallel.zero1=true", G32, "model.forced_routing_imbalance=2.5"]),
+    (4, 0, [TP2, "parallel.ep=2", G32, BF16, "parallel.zero1=true"]),
+    (4, 1, [TP2, "parallel.ep=4", FOLD, G32]),
+    (8, 0, [PP2, TP2, "parallel.ep=2", FOLD, BF16, G32, "model.forced_routing_imbalance=3"]),
+    (2, 0, [PP2, G32]),
+    (2, 1, [PP2, G32, DENSE, BF16]),
+    (4, 2, [PP2, TP2, SP, G32]),
+    (4, 0, [PP2, "parallel.vpp=2", "parallel.pp_schedule=interleaved", "model.n_layers=8", G32,
+            "training.micro_batch_size=4", BF16]),
+    (2, 0, [PP2, "parallel.pp_schedule=gpipe", G32]),
+    (1, 0, [RECOMPUTE]),
+    (1, 0, [RECOMPUTE, "training.recompute=selective", DENSE, BF16]),
+    (2, 0, [TP2, SP, RECOMPUTE, BF16]),
+    (2, 0, [PP2, G32, RECOMPUTE, "training.recompute=selective"]),
+    (2, 1, ["model.preset=gpt2-small-tiny", "data.seq_len=64", PP2, G32, BF16]),
+    (2, 0, [PP2, G32, BF16, "model.fp32_residual=true"]),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, rank, overrides", MATRIX, ids=[" ".join(o) for _, _, o in MATRIX])
+@pytest.mark.parametrize("world, rank, overrides", MATRIX, ids=[" ".join(o) for *_, o in MATRIX])
 def test_planner_agrees_with_the_simulation(world, rank, overrides):
     cfg = _cfg(*overrides)
     sim = simulate_rank(cfg, 1, world, rank)
@@ -137,10 +138,11 @@ def test_ranks_to_simulate():
     plan = plan_layout(cfg, 1, 8)  # tp 1, pp 2, dp 4: pipeline rank r starts at global rank 4 r
     heaviest = max(plan.stages, key=lambda s: s.memory.total).rank
     assert ranks_to_simulate(plan) == [4 * heaviest]
-    assert ranks_to_simulate(plan, every_kind=True) == [0, 4, 1, 5]   # + ep rank 1 (imbalanced routing)
+    assert ranks_to_simulate(plan, every_kind=True) == [0, 4, 1, 5]   # + ep rank 1 (imbalanced)
     folded = plan_layout(_cfg("parallel.tp=2", "parallel.ep=4", "parallel.fold_experts=true",
-                              "training.global_batch_size=64", "model.forced_routing_imbalance=2.0"), 1, 4)
-    assert ranks_to_simulate(folded, every_kind=True) == [0, 1]  # ep = (dp, tp) folded: tp rank 1
+                              "training.global_batch_size=64",
+                              "model.forced_routing_imbalance=2.0"), 1, 4)
+    assert ranks_to_simulate(folded, every_kind=True) == [0, 1]  # ep over (dp, tp): tp rank 1
 
 
 # ------------------------------------------------------------------ bad input, one line each
@@ -166,18 +168,19 @@ def test_cli_simulate():
     assert out.returncode == 0, out.stderr
     table = out.stdout[out.stdout.index("Simulated step"):]
     assert "forced routing imbalance 2" in table and "headroom" in table
-    row = table.splitlines()[2].split()
-    assert row[:5] == ["0", "0", "0", "0", "0"] and abs(float(row[-2].rstrip("%"))) <= 3.0  # planned vs measured
+    row = table.splitlines()[2].split()   # rank pp dp tp ep, 5 categories, peak, planned, diff, ..
+    assert row[:5] == ["0", "0", "0", "0", "0"] and abs(float(row[-2].rstrip("%"))) <= 3.0
 
 
 @pytest.mark.parametrize("args, message", [
     (["--simulate", "--rank", "3"], "error: --rank (3) must be a global rank in [0, 1)"),
     (["--rank", "0"], "error: --rank needs --simulate"),
-    (["--simulate", "--rank", "x"], "error: --rank ('x') must be a global rank (an integer) or 'all'"),
+    (["--simulate", "--rank", "x"], "error: --rank ('x') must be a global rank (an integer)"),
     (["model.preset=tiny", "--imbalance", "2"], "error: --imbalance applies to MoE models"),
-    (["--imbalance", "9"], "error: model.forced_routing_imbalance (9.0) must be in [1, n_experts / top_k = 4]"),
-    (["parallel.tp=2", "parallel.ep=3", "parallel.fold_experts=true", "--gpus-per-node", "4", "--simulate"],
-     "error: parallel.tp (2) * parallel.dp (2) = 4 must be divisible by parallel.ep (3) (folded experts"),
+    (["--imbalance", "9"], "error: model.forced_routing_imbalance (9.0) must be in [1, n_experts"),
+    (["--headroom", "0.1"], "error: --headroom needs --search"),
+    (["parallel.tp=2", "parallel.ep=3", "parallel.fold_experts=true", "--gpus-per-node", "4",
+      "--simulate"], "error: parallel.tp (2) * parallel.dp (2) = 4 must be divisible by"),
 ])
 def test_cli_bad_flags_exit_2_with_one_line(args, message, capsys):
     code = plan_cli.main([str(ROOT / "configs" / "tiny.yaml"), *args])

@@ -8,9 +8,10 @@ and at that moment it adds the transient tensors of the loss (forward) or of the
 checks that the two agree within 3% over a matrix of layouts.
 
 Shapes, per micro-batch on one GPU: b micro-batch, s sequence, T = b s tokens, T_n = T / tp under
-sequence parallelism (else T), D width, H_l = H / tp and K_l = K / tp heads, Dh head dim, F_l = F / tp
-dense width, Fe expert width, E experts (E_l = E / ep local), k top-k, T_r = routed tokens (T / tp
-with tp > 1: each tp rank routes its own share), N = T_r k routed rows sent, M rows received
+sequence parallelism (else T), D width, H_l = H / tp and K_l = K / tp heads, Dh head dim,
+F_l = F / tp dense width, Fe expert width, E experts (E_l = E / ep local), k top-k, T_r = routed
+tokens (T / tp with tp > 1: each tp rank routes its own share), N = T_r k routed rows sent, M rows
+received
 (ep > 1; the busiest ep rank under forced routing), V_l = padded vocabulary / tp.
 Bytes: c the compute dtype (4 in float32), 4 for float32 statistics, 8 for int64 indices.
 
@@ -115,9 +116,10 @@ def _tp_input(m: ModelConfig, z: Sizes) -> int:
 
 
 def attention_acts(m: ModelConfig, z: Sizes) -> int:
-    """norm, GEMM input, q|k|v [T, (H_l + 2 K_l) Dh] (one fused GEMM, which keeps no weight copy), RoPE's rotated q and k (a copy each), SDPA's output
-    [T, H_l Dh] and log-sum-exp [b, H_l, s] (float32), the output transposed back to [T, H_l Dh]
-    (a copy when q was contiguous, i.e. after RoPE), and the residual sum [T_n, D]."""
+    """norm, GEMM input, q|k|v [T, (H_l + 2 K_l) Dh] (one fused GEMM, which keeps no weight copy),
+    RoPE's rotated q and k (a copy each), SDPA's output [T, H_l Dh] and log-sum-exp [b, H_l, s]
+    (float32), the output transposed back to [T, H_l Dh] (a copy when q was contiguous, i.e.
+    after RoPE), and the residual sum [T_n, D]."""
     h, kv, dh, d = m.n_heads // z.tp, m.kv_heads // z.tp, m.dim_head, m.d_model
     qkv = (h + 2 * kv) * dh
     out = norm_acts(m, z) + _tp_input(m, z) + z.T * qkv * z.c
@@ -349,8 +351,8 @@ def _piece_params(key: tuple, tp: int, ep: int, piece: str, flag: bool) -> tuple
         if piece != "block" and name.startswith(("tok_emb", "pos_emb")) != (piece == "embedding"):
             continue
         n = math.prod(rec.local_shape) // (tp if rec.tp_dim is not None else 1)
-        sizes.append(Param(n // ep if rec.expert else n, rec.expert, rec.tied or rec.tied_to is not None,
-                           rec.keep_fp32))
+        tied = rec.tied or rec.tied_to is not None
+        sizes.append(Param(n // ep if rec.expert else n, rec.expert, tied, rec.keep_fp32))
     return tuple(sizes)
 
 

@@ -91,7 +91,8 @@ class MemoryTracker(TorchDispatchMode):
     def watch(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer | None = None,
               gradients: list[torch.Tensor] = ()) -> None:
         """Label the parameters, the optimizer's state and any gradient buffers kept between
-        steps (e.g. float32 accumulation buffers), hook the optimizer's step, start the peaks anew."""
+        steps (e.g. float32 accumulation buffers), hook the optimizer's step, start the peaks
+        anew."""
         self.params, self.optimizer = list(params), optimizer
         for g in gradients:
             self._track(g, fixed="gradients")

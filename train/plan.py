@@ -74,7 +74,8 @@ class Memory:
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.temporaries
+        return (self.parameters + self.gradients + self.optimizer + self.activations
+                + self.temporaries)
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,9 @@ def stage_memory(cfg: TrainConfig, layout: Layout, partition: list[list[int]], r
     t = cfg.training
     recompute = t.recompute if t.activation_checkpointing else None
     vstages = list(range(rank, len(partition), layout.pp))
-    mem = rank_memory(sizing_model(cfg), layout, chunks_of_rank(partition, layout.pp, rank), vstages,
-                      len(partition), rank, recompute, cfg.parallel.zero1, t.precision)
+    chunks = chunks_of_rank(partition, layout.pp, rank)
+    mem = rank_memory(sizing_model(cfg), layout, chunks, vstages, len(partition), rank, recompute,
+                      cfg.parallel.zero1, t.precision)
     return Memory(**mem)
 
 
@@ -257,7 +259,8 @@ def plan_layout(cfg: TrainConfig, nodes: int = 1, gpus_per_node: int = 1,
     return plan
 
 
-def _stage_plan(cfg: TrainConfig, layout: Layout, partition: list[list[int]], rank: int) -> StagePlan:
+def _stage_plan(cfg: TrainConfig, layout: Layout, partition: list[list[int]],
+                rank: int) -> StagePlan:
     """Layers, parameter counts and memory of pipeline rank `rank`."""
     n_vstages = len(partition)
     vstages = list(range(rank, n_vstages, layout.pp))
@@ -265,8 +268,9 @@ def _stage_plan(cfg: TrainConfig, layout: Layout, partition: list[list[int]], ra
     specs = [(layers, v == 0, v == n_vstages - 1) for v, layers in zip(vstages, chunks)]
     full, local, expert = stage_param_counts(cfg.model, specs, layout.tp, layout.ep)
     layers = [i for chunk in chunks for i in chunk]
-    return StagePlan(rank, vstages, chunks, [i for i in layers if cfg.model.is_moe_layer(i)], full,
-                     local, expert, _in_flight(layout, rank), stage_memory(cfg, layout, partition, rank))
+    moe_layers = [i for i in layers if cfg.model.is_moe_layer(i)]
+    return StagePlan(rank, vstages, chunks, moe_layers, full, local, expert,
+                     _in_flight(layout, rank), stage_memory(cfg, layout, partition, rank))
 
 
 def _notes(plan: Plan) -> list[str]:
@@ -405,16 +409,18 @@ def _format_memory(plan: Plan) -> str:
     """Per-GPU parameters and memory at each pipeline rank's peak, in GiB (MiB for small models)."""
     lay = plan.layout
     unit, name = (GIB, "GiB") if max(s.memory.total for s in plan.stages) >= GIB else (2 ** 20, "MiB")
-    rows = [f"Per GPU at its peak, by pipeline rank (parameters after tp {lay.tp} / ep {lay.ep} sharding; "
-            f"memory in {name}, budget {plan.gpu_mem_bytes / GIB:g} GiB per GPU):",
+    rows = [f"Per GPU at its peak, by pipeline rank (parameters after tp {lay.tp} / ep {lay.ep} "
+            f"sharding; memory in {name}, budget {plan.gpu_mem_bytes / GIB:g} GiB per GPU):",
             f"  {'rank':>4} {'layers':>6} {'params':>8} {'experts':>8} {'weights':>7} {'grads':>6} "
             f"{'optim':>6} {'activ':>7} {'temp':>6} {'inflight':>8} {'total':>7} {'fits':>4}"]
     for s in plan.stages:
         mem, n_layers = s.memory, sum(len(c) for c in s.chunks)
+        widths = ((mem.parameters, 7), (mem.gradients, 6), (mem.optimizer, 6),
+                  (mem.activations, 7), (mem.temporaries, 6))
+        cells = " ".join(f"{v / unit:>{w}.2f}" for v, w in widths)
+        fits = "yes" if mem.total <= plan.gpu_mem_bytes else "NO"
         rows.append(f"  {s.rank:>4} {n_layers:>6} {_count(s.params):>8} {_count(s.expert_params):>8} "
-                    f"{mem.parameters / unit:>7.2f} {mem.gradients / unit:>6.2f} {mem.optimizer / unit:>6.2f} "
-                    f"{mem.activations / unit:>7.2f} {mem.temporaries / unit:>6.2f} {s.in_flight:>8} "
-                    f"{mem.total / unit:>7.2f} {'yes' if mem.total <= plan.gpu_mem_bytes else 'NO':>4}")
+                    f"{cells} {s.in_flight:>8} {mem.total / unit:>7.2f} {fits:>4}")
     routing = "" if plan.imbalance is None else (f"; MoE sized for forced routing, imbalance "
                                                  f"{plan.imbalance:g}, on the busiest ep rank")
     rows.append(f"  tensor by tensor (train/footprint.py): activations alive at the peak of the "

@@ -1,6 +1,6 @@
-"""Layout search: every (tp, pp, vpp, ep and folding, ZeRO-1, sequence parallel, recompute, micro-batch) that a
-config's model and global batch allow on a cluster, the ones that fit in memory, ranked by a
-predicted step time.
+"""Layout search: every (tp, pp, vpp, ep and folding, ZeRO-1, sequence parallel, recompute,
+micro-batch) that a config's model and global batch allow on a cluster, the ones that fit in
+memory, ranked by a predicted step time.
 
 Memory is the planner's (train/plan.py, tensor by tensor in train/footprint.py), checked on the
 first pipeline rank of each kind (the same blocks per chunk, the embedding, the head): the
@@ -8,7 +8,7 @@ schedules keep the most micro-batches in flight on the lowest rank of a kind. Ru
 `launchers/plan.py --simulate` on the layout you pick to measure it on the real step.
 
 Step time, per optimizer step (a model for ranking, not a promise):
-    t_mb   = (3 + r) F_stage / (tp peak eff)                 compute of the slowest stage per micro-batch
+    t_mb   = (3 + r) F_stage / (tp peak eff)       the slowest stage's compute per micro-batch
              + tensor-parallel all-reduces  5 per block x 2 (tp-1)/tp T D c / bw(tp group)
              + expert all-to-alls          4 per MoE block x (ep-1)/ep N D c / bw(ep group)
              + pipeline send/receive        2 T_n D c / bw(inter-node)
@@ -37,7 +37,7 @@ EFFICIENCY = 0.5           # fraction of peak the GEMMs reach
 INTRA_NODE_BW = 300e9      # bytes/s per GPU inside a node (NVLink, collective algorithm bandwidth)
 INTER_NODE_BW = 40e9       # bytes/s per GPU across nodes (400 Gb/s InfiniBand, effective)
 RECOMPUTE = (None, "selective", "full")
-_RECOMPUTE_COST = {"full": 1.0, "selective": 0.1}  # extra forwards: all of it, or its memory-bound ops
+_RECOMPUTE_COST = {"full": 1.0, "selective": 0.1}  # extra forwards: all, or the memory-bound ops
 MICRO_BATCHES = (1, 2, 4, 8)
 
 
@@ -98,22 +98,23 @@ class Search:
     budget: int
     fits: list[Candidate] = field(default_factory=list)
     families: dict[tuple[int, int], Family] = field(default_factory=dict)   # (tp, pp) -> outcome
-    partitions: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (pp, vpp) -> partition
-    flops: float = 0.0                                                      # model FLOPs of one step
-    headroom: float = 0.0                                                   # kept free of the GPU
+    partitions: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (pp, vpp) -> split
+    flops: float = 0.0       # model FLOPs of one step
+    headroom: float = 0.0    # the share of each GPU kept free
 
 
 def search_layouts(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu_mem_gb: float = 80.0,
                    headroom: float = 0.0) -> Search:
-    """Layouts whose heaviest rank fits gpu_mem_gb less `headroom` (a fraction). Every family (tp, pp, vpp, ep) is first tried with the least memory it can use (ZeRO-1,
-    sequence parallelism, full recompute, micro-batch 1); a family that does not fit then is
-    rejected with its peak, one that is invalid with the planner's error, and the variants of
-    the others are sized and timed."""
+    """Layouts whose heaviest rank fits gpu_mem_gb less `headroom` (a fraction). Every family
+    (tp, pp, vpp, ep, folding) is first tried with the least memory it can use (ZeRO-1, sequence
+    parallelism, full recompute, micro-batch 1); a family that does not fit then is rejected with
+    its peak, one that is invalid with the planner's error, and the variants of the others are
+    sized and timed."""
     world = nodes * gpus_per_node
     if not 0.0 <= headroom < 1.0:
         raise ValueError(f"--headroom ({headroom}) must be a fraction in [0, 1), e.g. 0.05")
-    search = Search(cfg, nodes, gpus_per_node, int(gpu_mem_gb * (1 - headroom) * GIB), flops=model_flops(cfg),
-                    headroom=headroom)
+    budget = int(gpu_mem_gb * (1 - headroom) * GIB)
+    search = Search(cfg, nodes, gpus_per_node, budget, flops=model_flops(cfg), headroom=headroom)
     for fam in _families(cfg, world, gpus_per_node):
         family = search.families.setdefault(fam[:2], Family())
         lean = _try(_config(cfg, fam, True, fam[0] > 1, "full", 1), nodes, gpus_per_node, search)
@@ -147,10 +148,15 @@ def _families(cfg: TrainConfig, world: int, gpus_per_node: int):
                     continue
                 dp = world // (tp * pp)
                 for fold in ((False, True) if tp > 1 and m.n_experts else (False,)):
-                    domain = dp * tp if fold else dp
-                    eps = [e for e in _divisors(domain) if m.n_experts % e == 0] if m.n_experts else [1]
-                    for ep in eps:
+                    for ep in _expert_sizes(m.n_experts, dp * tp if fold else dp):
                         yield tp, pp, vpp, ep, fold
+
+
+def _expert_sizes(n_experts: int, domain: int) -> list[int]:
+    """ep sizes that divide the expert domain (dp, or tp x dp folded) and the experts."""
+    if not n_experts:
+        return [1]
+    return [e for e in _divisors(domain) if n_experts % e == 0]
 
 
 def _variants(cfg: TrainConfig, fam: tuple, dp: int):
@@ -166,11 +172,13 @@ def _config(cfg: TrainConfig, fam: tuple, zero1: bool, sp: bool, recompute: str 
             micro: int) -> TrainConfig | str:
     """cfg with this layout, or the one-line reason it is not a valid config."""
     tp, pp, vpp, ep, fold = fam
-    schedule = "interleaved" if vpp > 1 else ("1f1b" if cfg.parallel.pp_schedule == "interleaved"
-                                              else cfg.parallel.pp_schedule)
-    parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=0, fold_experts=fold,
-                                   zero1=zero1, sequence_parallel=sp, pp_schedule=schedule,
-                                   stage_layers=None, first_stage_layers=None, last_stage_layers=None)
+    schedule = cfg.parallel.pp_schedule
+    if vpp > 1 or schedule == "interleaved":  # interleaving needs vpp > 1; vpp 1 runs 1F1B
+        schedule = "interleaved" if vpp > 1 else "1f1b"
+    parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, vpp=vpp, ep=ep, dp=0,
+                                   fold_experts=fold, zero1=zero1, sequence_parallel=sp,
+                                   pp_schedule=schedule, stage_layers=None,
+                                   first_stage_layers=None, last_stage_layers=None)
     training = dataclasses.replace(cfg.training, micro_batch_size=micro,
                                    activation_checkpointing=recompute is not None,
                                    recompute=recompute or "full")
@@ -193,14 +201,15 @@ def _try(cfg: TrainConfig | str, nodes: int, gpus_per_node: int,
     except ValueError as e:
         return str(e)
     partition, costs, first, last = search.partitions[key]
-    peaks = {r: stage_memory(cfg, layout, partition, r).total for r in _distinct_ranks(cfg, partition, layout.pp)}
+    ranks = _distinct_ranks(cfg, partition, layout.pp)
+    peaks = {r: stage_memory(cfg, layout, partition, r).total for r in ranks}
     heaviest = max(peaks, key=peaks.get)
     if peaks[heaviest] > search.budget:
         return peaks[heaviest], heaviest
     t = cfg.training
     step = step_seconds(cfg, layout, partition, costs, first, last)
-    return Candidate(layout.tp, layout.pp, layout.vpp, layout.ep, cfg.parallel.fold_experts, layout.dp,
-                     cfg.parallel.zero1, layout.sequence_parallel,
+    return Candidate(layout.tp, layout.pp, layout.vpp, layout.ep, cfg.parallel.fold_experts,
+                     layout.dp, cfg.parallel.zero1, layout.sequence_parallel,
                      t.recompute if t.activation_checkpointing else None,
                      layout.micro_batch, peaks[heaviest], step,
                      search.flops / (layout.world * step * PEAK_FLOPS))
@@ -213,7 +222,8 @@ def _distinct_ranks(cfg: TrainConfig, partition: list[list[int]], pp: int) -> li
     seen, ranks = set(), []
     for r in range(pp):
         chunks = partition[r::pp]
-        kind = (r == 0, r == pp - 1, tuple(tuple(cfg.model.is_moe_layer(i) for i in c) for c in chunks))
+        blocks = tuple(tuple(cfg.model.is_moe_layer(i) for i in c) for c in chunks)
+        kind = (r == 0, r == pp - 1, blocks)
         if kind not in seen:
             seen.add(kind)
             ranks.append(r)
@@ -234,32 +244,40 @@ def _bandwidth(span: int, gpus_per_node: int) -> float:
     return INTRA_NODE_BW if span <= gpus_per_node else INTER_NODE_BW
 
 
-def step_seconds(cfg: TrainConfig, layout: Layout, partition, costs, first: float, last: float) -> float:
+def step_seconds(cfg: TrainConfig, layout: Layout, partition, costs, first: float,
+                 last: float) -> float:
     """The module docstring's model, for the slowest pipeline stage."""
-    m, lay = sizing_model(cfg), layout
-    c = 4 if cfg.training.precision == "fp32" else 2
-    peak = PEAK_FLOPS / (2 if cfg.training.precision == "fp32" else 1) * EFFICIENCY
-    loads = [sum(costs[i] for i in stage) + (first if v == 0 else 0) + (last if v == len(partition) - 1 else 0)
-             for v, stage in enumerate(partition)]
-    ranks = [sum(loads[v] for v in range(r, len(partition), lay.pp)) for r in range(lay.pp)]
-    slow = max(range(lay.pp), key=lambda r: ranks[r])
-    layers = [i for v in range(slow, len(partition), lay.pp) for i in partition[v]]
+    lay, fp32 = layout, cfg.training.precision == "fp32"
+    peak = PEAK_FLOPS / (2 if fp32 else 1) * EFFICIENCY
+    n = len(partition)
+    loads = [sum(costs[i] for i in stage) for stage in partition]
+    loads[0], loads[-1] = loads[0] + first, loads[-1] + last   # embedding, head
+    per_rank = [sum(loads[v] for v in range(r, n, lay.pp)) for r in range(lay.pp)]
+    slow = max(range(lay.pp), key=lambda r: per_rank[r])
+    layers = [i for v in range(slow, n, lay.pp) for i in partition[v]]
     redo = _RECOMPUTE_COST[cfg.training.recompute] if cfg.training.activation_checkpointing else 0.0
-    t_mb = (3 + redo) * lay.micro_batch * ranks[slow] / lay.tp / peak
-    tokens = lay.micro_batch * lay.seq_len
-    if lay.tp > 1:
-        t_mb += 5 * len(layers) * 2 * (lay.tp - 1) / lay.tp * tokens * m.d_model * c / _bandwidth(
-            lay.tp, lay.gpus_per_node)
-    if lay.ep > 1:
-        rows = tokens // lay.tp * m.top_k
-        n_moe = sum(m.is_moe_layer(i) for i in layers)
-        span = lay.ep if cfg.parallel.fold_experts else lay.tp * lay.ep  # consecutive ranks it covers
-        t_mb += 4 * n_moe * (lay.ep - 1) / lay.ep * rows * m.d_model * c / _bandwidth(
-            span, lay.gpus_per_node)
-    if lay.pp > 1:
-        t_mb += 2 * tokens // (lay.tp if lay.sequence_parallel else 1) * m.d_model * c / INTER_NODE_BW
+    t_mb = (3 + redo) * lay.micro_batch * per_rank[slow] / lay.tp / peak
+    t_mb += _comm_per_micro_batch(cfg, lay, layers, 4 if fp32 else 2)
     bubble = bubble_fraction(lay.schedule, lay.pp, lay.vpp, lay.n_micro) if lay.pp > 1 else 0.0
     return lay.n_micro * t_mb / (1 - bubble) + _grad_reduce_seconds(cfg, lay, partition, slow)
+
+
+def _comm_per_micro_batch(cfg: TrainConfig, lay: Layout, layers: list[int], c: int) -> float:
+    """Tensor-parallel all-reduces, expert all-to-alls and pipeline sends of one micro-batch
+    through `layers` (forward and backward; see the module docstring)."""
+    m, gpn = sizing_model(cfg), lay.gpus_per_node
+    width = lay.micro_batch * lay.seq_len * m.d_model * c     # bytes of [T, D]
+    out = 0.0
+    if lay.tp > 1:
+        out += 5 * len(layers) * 2 * (lay.tp - 1) / lay.tp * width / _bandwidth(lay.tp, gpn)
+    if lay.ep > 1:
+        n_moe = sum(m.is_moe_layer(i) for i in layers)
+        span = lay.ep if cfg.parallel.fold_experts else lay.tp * lay.ep  # consecutive ranks
+        rows = width // lay.tp * m.top_k                                  # N D c bytes
+        out += 4 * n_moe * (lay.ep - 1) / lay.ep * rows / _bandwidth(span, gpn)
+    if lay.pp > 1:
+        out += 2 * width // (lay.tp if lay.sequence_parallel else 1) / INTER_NODE_BW
+    return out
 
 
 def _grad_reduce_seconds(cfg: TrainConfig, lay: Layout, partition, rank: int) -> float:
@@ -293,24 +311,19 @@ def model_flops(cfg: TrainConfig) -> float:
 def format_search(search: Search, top: int = 15) -> str:
     """The fitting layouts, fastest first, then each (tp, pp) family's outcome."""
     m, t = search.cfg.model, search.cfg.training
-    world = search.nodes * search.gpus_per_node
-    rows = [f"Layout search: {m.n_layers} layers, d_model {m.d_model}, "
-            f"{f'{m.n_experts} experts top-{m.top_k}' if m.n_experts else 'dense'}; global batch "
+    world, gpu = search.nodes * search.gpus_per_node, search.budget / (1 - search.headroom)
+    kind = f"{m.n_experts} experts top-{m.top_k}" if m.n_experts else "dense"
+    less = f" less {search.headroom:.0%} headroom" if search.headroom else ""
+    rows = [f"Layout search: {m.n_layers} layers, d_model {m.d_model}, {kind}; global batch "
             f"{t.global_batch_size} x {search.cfg.data.seq_len} tokens, precision {t.precision}; "
-            f"{search.nodes} node(s) x {search.gpus_per_node} GPUs = {world}, "
-            f"{search.budget / (1 - search.headroom) / GIB:g} GiB each"
-            + (f" less {search.headroom:.0%} headroom" if search.headroom else ""),
-            f"{len(search.fits)} layouts fit; the fastest {min(top, len(search.fits))} by predicted step "
-            f"time (peak: the heaviest pipeline rank; ep 16f: folded over tp x dp):",
-            f"  {'tp':>3} {'pp':>3} {'vpp':>3} {'ep':>4} {'dp':>4} {'zero1':>5} {'sp':>3} {'recompute':>9} "
-            f"{'micro':>5} {'peak GiB':>8} {'headroom':>8} {'step s':>7} {'MFU':>5}"]
-    for c in search.fits[:top]:
-        ep = f"{c.ep}{'f' if c.fold else ''}"
-        rows.append(f"  {c.tp:>3} {c.pp:>3} {c.vpp:>3} {ep:>4} {c.dp:>4} {'on' if c.zero1 else 'off':>5} "
-                    f"{'on' if c.sequence_parallel else 'off':>3} {c.recompute or 'none':>9} "
-                    f"{c.micro_batch:>5} {c.peak / GIB:>8.2f} "
-                    f"{1 - c.peak * (1 - search.headroom) / search.budget:>8.1%} "
-                    f"{c.step_s:>7.3g} {c.mfu:>5.1%}")
+            f"{search.nodes} node(s) x {search.gpus_per_node} GPUs = {world}, {gpu / GIB:g} GiB "
+            f"each{less}",
+            f"{len(search.fits)} layouts fit; the fastest {min(top, len(search.fits))} by "
+            f"predicted step time (peak: the heaviest pipeline rank; ep 16f: folded over tp x dp):",
+            f"  {'tp':>3} {'pp':>3} {'vpp':>3} {'ep':>4} {'dp':>4} {'zero1':>5} {'sp':>3} "
+            f"{'recompute':>9} {'micro':>5} {'peak GiB':>8} {'headroom':>8} {'step s':>7} "
+            f"{'MFU':>5}"]
+    rows += [_candidate_row(c, gpu) for c in search.fits[:top]]
     rows.append("By (tp, pp) family (over vpp, ep, folding and the memory options):")
     rows += _family_rows(search)
     if search.fits:
@@ -319,6 +332,16 @@ def format_search(search: Search, top: int = 15) -> str:
                 f"{INTRA_NODE_BW / 1e9:g} GB/s, network {INTER_NODE_BW / 1e9:g} GB/s per GPU, no "
                 f"overlap (train/search.py); check the pick with --simulate")
     return "\n".join(rows)
+
+
+def _candidate_row(c: Candidate, gpu: float) -> str:
+    def on(flag: bool) -> str:
+        return "on" if flag else "off"
+
+    ep = f"{c.ep}{'f' if c.fold else ''}"
+    return (f"  {c.tp:>3} {c.pp:>3} {c.vpp:>3} {ep:>4} {c.dp:>4} {on(c.zero1):>5} "
+            f"{on(c.sequence_parallel):>3} {c.recompute or 'none':>9} {c.micro_batch:>5} "
+            f"{c.peak / GIB:>8.2f} {1 - c.peak / gpu:>8.1%} {c.step_s:>7.3g} {c.mfu:>5.1%}")
 
 
 def _family_rows(search: Search) -> list[str]:

@@ -37,7 +37,7 @@ from .config import TrainConfig, check_world
 from .memory import CATEGORIES, WINDOWS, MemoryTracker
 
 _FLOAT_PLACEHOLDER = 1.0
-_SHORT = ("weights", "grads", "optim", "activ", "temp")  # CATEGORIES, as the planner's table names them
+_SHORT = ("weights", "grads", "optim", "activ", "temp")  # CATEGORIES, as the plan prints them
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,9 @@ class _SimulationMode(MemoryTracker):
         if func is torch.ops.aten._local_scalar_dense.default:
             if args[0].is_floating_point():
                 return _FLOAT_PLACEHOLDER
-            raise RuntimeError("the simulation read an integer from a tensor: a size that depends on "
-                               "data; this path cannot be simulated (use forced, dropless routing)")
+            raise RuntimeError("the simulation read an integer from a tensor: a size that depends "
+                               "on data; this path cannot be simulated (use forced, dropless "
+                               "routing)")
         if func is torch.ops.aten._grouped_mm.default and args[0].dtype == torch.float32:
             out = _grouped_mm_float32(func, args, kwargs)
         else:
@@ -80,8 +81,11 @@ class _SimulationMode(MemoryTracker):
 
 def _grouped_mm_float32(func, args, kwargs) -> torch.Tensor:
     """A float32 grouped_mm under fake tensors: the shape from bf16 stand-ins, the dtype float32."""
-    stand_ins = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args]
+    def stand_in(a):
+        floating = isinstance(a, torch.Tensor) and a.is_floating_point()
+        return a.to(torch.bfloat16) if floating else a
+
+    stand_ins = [stand_in(a) for a in args]
     shaped = func(*stand_ins, **kwargs)
     return shaped.new_empty_strided(shaped.shape, shaped.stride(), dtype=torch.float32)
 
@@ -103,12 +107,13 @@ def simulation_config(cfg: TrainConfig, imbalance: float | None) -> TrainConfig:
     """
     m = cfg.model
     if m.n_experts and m.capacity_factor is not None:
-        raise ValueError(f"model.capacity_factor ({m.capacity_factor}) cannot be simulated: capacity "
-                         f"dropping compacts tokens by data-dependent sizes; simulate with "
-                         f"model.capacity_factor=null (dropless is the upper bound)")
+        raise ValueError(f"model.capacity_factor ({m.capacity_factor}) cannot be simulated: "
+                         f"capacity dropping compacts tokens by data-dependent sizes; simulate "
+                         f"with model.capacity_factor=null (dropless is the upper bound)")
     if m.n_experts and m.expert_backend != "grouped_mm":
-        raise ValueError(f"model.expert_backend ({m.expert_backend!r}) cannot be simulated (it reads "
-                         f"expert sizes on the host): simulate with model.expert_backend=grouped_mm")
+        raise ValueError(f"model.expert_backend ({m.expert_backend!r}) cannot be simulated (it "
+                         f"reads expert sizes on the host): simulate with "
+                         f"model.expert_backend=grouped_mm")
     model = m
     if m.n_experts:
         forced = imbalance if imbalance is not None else (m.forced_routing_imbalance or 1.0)
@@ -152,8 +157,8 @@ def simulate_rank(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int,
     p = cfg.parallel
     coords = rank_grid(world, p.tp, p.pp, p.dp, p.ep, p.fold_experts)[rank]
     peak, at_peak = steady_peak(mode)
-    return RankSimulation(coords, peak, at_peak, mode.breakdown(), cfg.model.forced_routing_imbalance,
-                          time.perf_counter() - start, mode.ops)
+    return RankSimulation(coords, peak, at_peak, mode.breakdown(),
+                          cfg.model.forced_routing_imbalance, time.perf_counter() - start, mode.ops)
 
 
 def _run_step(cfg: TrainConfig, world: int, rank: int, warmup: bool) -> _SimulationMode:
@@ -161,16 +166,17 @@ def _run_step(cfg: TrainConfig, world: int, rank: int, warmup: bool) -> _Simulat
     from .trainer import Trainer  # the runtime, imported only when a simulation runs
 
     p = cfg.parallel
-    ctx = ParallelContext(world_size=world, rank=rank, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, vpp=p.vpp,
-                          sequence_parallel=p.sequence_parallel, fold_experts=p.fold_experts,
-                          timeout_s=p.timeout_s)
+    ctx = ParallelContext(world_size=world, rank=rank, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep,
+                          vpp=p.vpp, sequence_parallel=p.sequence_parallel,
+                          fold_experts=p.fold_experts, timeout_s=p.timeout_s)
     rows = cfg.training.global_batch_size // ctx.dp
     with _SimulationMode() as mode:  # from the build on: buffers made there are counted too
-        trainer = Trainer(cfg, ctx, log=lambda msg: None, batches=_SyntheticBatches(rows, cfg.data.seq_len))
+        batches = _SyntheticBatches(rows, cfg.data.seq_len)
+        trainer = Trainer(cfg, ctx, log=lambda msg: None, batches=batches)
         if warmup:
             trainer.train_step()
         opt = trainer.optimizer  # parallel.optimizer.ParallelOptimizer: AdamW over main weights
-        buffers = [b.buffer for r in opt.reducers for b in r.buckets]  # float32 gradient accumulation
+        buffers = [b.buffer for r in opt.reducers for b in r.buckets]  # float32 accumulation
         mode.watch(list(trainer.model.parameters()), opt.adamw, buffers)
         trainer.train_step()
     return mode
@@ -208,17 +214,19 @@ def format_simulation(plan, sims: list[RankSimulation]) -> str:
     """The measured peaks beside the planner's, in GiB (MiB for small models), with headroom."""
     budget = plan.gpu_mem_bytes
     unit, name = (2 ** 30, "GiB") if max(s.peak for s in sims) >= 2 ** 30 else (2 ** 20, "MiB")
-    routing = "" if sims[0].imbalance is None else f", forced routing imbalance {sims[0].imbalance:g}"
-    rows = [f"Simulated step (fake process group + FakeTensorMode: the real train_step of each rank, "
-            f"nothing allocated{routing}; {name}, budget {budget / 2 ** 30:g} GiB):",
-            f"  {'rank':>5} {'pp':>3} {'dp':>4} {'tp':>3} {'ep':>3} " + " ".join(
-                f"{k:>7}" for k in _SHORT) + f" {'peak':>8} {'planned':>8} {'diff':>6} {'headroom':>8}"]
+    imb = sims[0].imbalance
+    routing = "" if imb is None else f", forced routing imbalance {imb:g}"
+    head = " ".join(f"{k:>7}" for k in _SHORT)
+    rows = [f"Simulated step (fake process group + FakeTensorMode: the real train_step of each "
+            f"rank, nothing allocated{routing}; {name}, budget {budget / 2 ** 30:g} GiB):",
+            f"  {'rank':>5} {'pp':>3} {'dp':>4} {'tp':>3} {'ep':>3} {head} {'peak':>8} "
+            f"{'planned':>8} {'diff':>6} {'headroom':>8}"]
     for sim in sims:
         c, planned = sim.coords, plan.stages[sim.coords.pp].memory.total
         cells = " ".join(f"{sim.at_peak[k] / unit:>7.2f}" for k in CATEGORIES)
-        rows.append(f"  {c.rank:>5} {c.pp:>3} {c.dp:>4} {c.tp:>3} {c.ep:>3} {cells} {sim.peak / unit:>8.2f} "
-                    f"{planned / unit:>8.2f} {(planned - sim.peak) / sim.peak:>+6.1%} "
-                    f"{1 - sim.peak / budget:>8.1%}")
-    rows.append("  peak: the measured step's highest live bytes (a step after the first: optimizer state "
-                "alive); planned: train/plan.py for that pipeline rank (busiest ep rank)")
+        rows.append(f"  {c.rank:>5} {c.pp:>3} {c.dp:>4} {c.tp:>3} {c.ep:>3} {cells} "
+                    f"{sim.peak / unit:>8.2f} {planned / unit:>8.2f} "
+                    f"{(planned - sim.peak) / sim.peak:>+6.1%} {1 - sim.peak / budget:>8.1%}")
+    rows.append("  peak: the measured step's highest live bytes (a step after the first: optimizer "
+                "state alive); planned: train/plan.py for that pipeline rank (busiest ep rank)")
     return "\n".join(rows)
