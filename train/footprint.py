@@ -16,8 +16,9 @@ received
 Bytes: c the compute dtype (4 in float32), 4 for float32 statistics, 8 for int64 indices.
 
 These are the tensors of the torch (CPU) path of our fused ops, which the simulation runs: the
-Triton kernels on CUDA keep less (SwiGLU keeps only its input, RMSNorm its input and 1/rms), so on
-a GPU the figures are an upper bound.
+Triton kernels keep less on CUDA (SwiGLU only its input, RoPE only its tables), as does the fused
+RMSNorm there (its input and 1/rms), while CUDA autocast runs LayerNorm in float32: a GPU run
+differs by these, mostly downward.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@
 nodes x gpus_per_node (collectives return at once; Megatron's --fake-init-process-group does the
 same), builds the trainer exactly as training does (its stage chunks, pipeline executor under the
 configured schedule, gradient reducer, clipping, AdamW, ZeRO-1) under FakeTensorMode, feeds it
-synthetic token batches through the trainer's `batches` hook, and runs `Trainer.train_step` twice:
-the first creates the optimizer state, the second is measured. A `MemoryTracker` follows every
-storage at the dispatcher (see train/memory.py), so the peak by category is that of the real code
-on this rank, for any model size, on a CPU.
+synthetic token batches through the trainer's `batches` hook, and runs one `Trainer.train_step`
+under a `MemoryTracker` that follows every storage at the dispatcher (train/memory.py), from the
+build on. The state the first AdamW step creates is added before that step, where every later
+step holds it (`steady_peak`; warmup=True measures a real second step instead, the same answer).
+So the peak by category is that of the real code on this rank, for any model size, on a CPU.
 
 Data-dependent steps have to be known on the host, because fake tensors hold no values:
   * routing is forced (model.forced_routing_imbalance: 1 = every expert its fair share, F = the
@@ -18,7 +19,9 @@ Data-dependent steps have to be known on the host, because fake tensors hold no 
   * grouped_mm's fake kernel accepts only bf16 (a CUDA rule); float32 calls, which the CPU path
     makes, take their output shape from bf16 stand-ins.
 The simulated device is the CPU (fake CUDA tensors cannot carry autograd on a CPU-only torch), so
-the operators are the CPU path's; their saved tensors match the CUDA path's for our ops.
+the operators are the CPU path's: the torch paths of our fused ops keep more than the Triton
+kernels (SwiGLU keeps silu's output, RMSNorm x * rsqrt, RoPE its inputs), while CPU autocast
+runs LayerNorm in bf16 where CUDA's runs it in float32: a CUDA run differs by these, mostly down.
 """
 
 from __future__ import annotations
