@@ -211,6 +211,20 @@ def stage_memory(cfg: TrainConfig, layout: Layout, partition: list[list[int]], r
     return Memory(**mem)
 
 
+def rank_kinds(m: ModelConfig, partition: list[list[int]], pp: int) -> list[int]:
+    """The first pipeline rank of each kind. Ranks whose chunks hold the same blocks (MoE or dense,
+    and neither the embedding nor the head) keep the same tensors, and every schedule keeps the
+    most micro-batches in flight on the lowest of them, so it is the heaviest of its kind."""
+    seen, ranks = set(), []
+    for r in range(pp):
+        blocks = tuple(tuple(m.is_moe_layer(i) for i in chunk) for chunk in partition[r::pp])
+        kind = (r == 0, r == pp - 1, blocks)
+        if kind not in seen:
+            seen.add(kind)
+            ranks.append(r)
+    return ranks
+
+
 def _in_flight(layout: Layout, rank: int) -> int:
     """Schedule units alive at the peak: with pp = 1 the trainer runs each micro-batch's backward
     right after its forward, so one."""

@@ -30,7 +30,8 @@ from parallel.partition import bubble_fraction
 from .config import TrainConfig
 from .footprint import rank_params
 from .metrics import flops_per_token
-from .plan import GIB, Layout, plan_partition, resolve_layout, sizing_model, stage_memory
+from .plan import (GIB, Layout, plan_partition, rank_kinds, resolve_layout, sizing_model,
+                   stage_memory)
 
 PEAK_FLOPS = 989e12        # H100 SXM dense bf16 (float32 runs at half: TF32)
 EFFICIENCY = 0.5           # fraction of peak the GEMMs reach
@@ -201,7 +202,7 @@ def _try(cfg: TrainConfig | str, nodes: int, gpus_per_node: int,
     except ValueError as e:
         return str(e)
     partition, costs, first, last = search.partitions[key]
-    ranks = _distinct_ranks(cfg, partition, layout.pp)
+    ranks = rank_kinds(cfg.model, partition, layout.pp)
     peaks = {r: stage_memory(cfg, layout, partition, r).total for r in ranks}
     heaviest = max(peaks, key=peaks.get)
     if peaks[heaviest] > search.budget:
@@ -213,21 +214,6 @@ def _try(cfg: TrainConfig | str, nodes: int, gpus_per_node: int,
                      t.recompute if t.activation_checkpointing else None,
                      layout.micro_batch, peaks[heaviest], step,
                      search.flops / (layout.world * step * PEAK_FLOPS))
-
-
-def _distinct_ranks(cfg: TrainConfig, partition: list[list[int]], pp: int) -> list[int]:
-    """The first pipeline rank of each kind: ranks whose chunks hold the same blocks (and no
-    embedding or head) keep the same tensors, and the schedules keep the most micro-batches in
-    flight on the lowest rank, so it is the heaviest of its kind."""
-    seen, ranks = set(), []
-    for r in range(pp):
-        chunks = partition[r::pp]
-        blocks = tuple(tuple(cfg.model.is_moe_layer(i) for i in c) for c in chunks)
-        kind = (r == 0, r == pp - 1, blocks)
-        if kind not in seen:
-            seen.add(kind)
-            ranks.append(r)
-    return ranks
 
 
 def _divisors(n: int) -> list[int]:

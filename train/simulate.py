@@ -38,6 +38,7 @@ from parallel.context import ParallelContext, RankCoords, rank_grid
 
 from .config import TrainConfig, check_world
 from .memory import CATEGORIES, WINDOWS, MemoryTracker
+from .plan import rank_kinds
 
 _FLOAT_PLACEHOLDER = 1.0
 _SHORT = ("weights", "grads", "optim", "activ", "temp")  # CATEGORIES, as the plan prints them
@@ -203,13 +204,15 @@ def steady_peak(mode: MemoryTracker) -> tuple[int, dict[str, int]]:
 def ranks_to_simulate(plan, every_kind: bool = False) -> list[int]:
     """Global ranks worth simulating for a train.plan.Plan: the heaviest pipeline rank's first GPU
     (data-parallel rank 0, on ep rank 0, which holds expert 0, the busiest under forced routing),
-    or with every_kind the first GPU of each pipeline rank, plus one on ep rank 1 when routing is
+    or with every_kind the first GPU of the first pipeline rank of each kind (train.plan.rank_kinds:
+    the heaviest of the ranks holding the same blocks), plus one on ep rank 1 when routing is
     imbalanced (the other GPUs of a pipeline rank run the same step as one of these)."""
     lay = plan.layout
     heaviest = max(plan.stages, key=lambda s: s.memory.total).rank
-    kinds = [(r, 0) for r in range(lay.pp)] if every_kind else [(heaviest, 0)]
+    pipeline = rank_kinds(plan.cfg.model, plan.partition, lay.pp) if every_kind else [heaviest]
+    kinds = [(r, 0) for r in pipeline]
     if every_kind and lay.ep > 1 and (plan.imbalance or 1.0) > 1.0:
-        kinds += [(r, 1) for r in range(lay.pp)]
+        kinds += [(r, 1) for r in pipeline]
     return [next(c.rank for c in plan.grid if (c.pp, c.ep) == (r, e)) for r, e in kinds]
 
 
