@@ -96,7 +96,7 @@ G32, PP2, TP2 = "training.global_batch_size=32", "parallel.pp=2", "parallel.tp=2
 SP, RECOMPUTE = "parallel.sequence_parallel=true", "training.activation_checkpointing=true"
 FOLD, DENSE = "parallel.fold_experts=true", "model.preset=tiny"
 MATRIX = [  # (world, rank, overrides): dense and MoE; tp, pp, vpp, ep (folded too), dp, ZeRO-1, SP,
-    # recompute full / selective; float32 (the default here) and bf16
+    # recompute full / selective; float32 (the default here) and bf16; dropout
     (1, 0, [DENSE]),
     (1, 0, [BF16]),
     (2, 0, [TP2]),
@@ -118,6 +118,7 @@ MATRIX = [  # (world, rank, overrides): dense and MoE; tp, pp, vpp, ep (folded t
     (2, 0, [PP2, G32, RECOMPUTE, "training.recompute=selective"]),
     (2, 1, ["model.preset=gpt2-small-tiny", "data.seq_len=64", PP2, G32, BF16]),
     (2, 0, [PP2, G32, BF16, "model.fp32_residual=true"]),
+    (2, 0, ["model.preset=gpt2-small-tiny", "data.seq_len=64", "model.dropout=0.1", PP2, G32, BF16]),
 ]
 
 

@@ -120,14 +120,21 @@ def attention_acts(m: ModelConfig, z: Sizes) -> int:
     """norm, GEMM input, q|k|v [T, (H_l + 2 K_l) Dh] (one fused GEMM, which keeps no weight copy),
     RoPE's rotated q and k (a copy each), SDPA's output [T, H_l Dh] and log-sum-exp [b, H_l, s]
     (float32), the output transposed back to [T, H_l Dh] (a copy when q was contiguous, i.e.
-    after RoPE), and the residual sum [T_n, D]."""
+    after RoPE), and the residual sum [T_n, D]. With dropout the CPU runs SDPA's math path, which
+    keeps float32 q, k and v (not q|k|v or RoPE's copies), the softmax, its dropout mask and the
+    dropped weights [b, H_l, s, s] (a GPU's flash kernels keep none of these), and the residual
+    dropout keeps its mask."""
     h, kv, dh, d = m.n_heads // z.tp, m.kv_heads // z.tp, m.dim_head, m.d_model
     qkv = (h + 2 * kv) * dh
-    out = norm_acts(m, z) + _tp_input(m, z) + z.T * qkv * z.c
-    if m.positions == "rope":
-        out += z.T * (h + kv) * dh * z.c + z.T * h * dh * z.c
-    out += z.T * h * dh * z.c + z.b * h * z.s * _F32
-    return out + z.residual * d
+    out = norm_acts(m, z) + _tp_input(m, z)
+    if m.dropout:  # SDPA's math path on the CPU: float32 q, k, v, then softmax, mask, dropped
+        out += 3 * z.T * h * dh * _F32 + 3 * z.b * h * z.s * z.s * _F32 + z.T * h * dh * z.c
+    else:
+        out += z.T * qkv * z.c
+        if m.positions == "rope":
+            out += z.T * (h + kv) * dh * z.c + z.T * h * dh * z.c
+        out += z.T * h * dh * z.c + z.b * h * z.s * _F32
+    return out + _residual(m, z)
 
 
 def mlp_acts(m: ModelConfig, z: Sizes, width: int, residual: bool = True) -> int:
@@ -139,7 +146,12 @@ def mlp_acts(m: ModelConfig, z: Sizes, width: int, residual: bool = True) -> int
         out = z.T * 2 * f * z.c + 2 * z.T * f * z.c
     else:
         out = 2 * z.T * f * z.c
-    return out + (z.residual * d if residual else 0)
+    return out + (_residual(m, z) if residual else 0)
+
+
+def _residual(m: ModelConfig, z: Sizes) -> int:
+    """A block half's residual sum [T_n, D] when its norm keeps it, and its dropout's mask."""
+    return z.residual * m.d_model + (z.T_n * m.d_model * z.c if m.dropout else 0)
 
 
 def routed_rows(m: ModelConfig, z: Sizes) -> tuple[int, int]:
@@ -169,9 +181,11 @@ def moe_acts(m: ModelConfig, z: Sizes) -> int:
     out += rows * (d + 2 * width) * z.c + n * d * z.c
     out += 2 * rows * _I64 if z.ep > 1 else 0
     if m.shared_expert_ffn_dim:  # its GEMM keeps the gathered sequence, or the bf16 norm output
-        gemm_input = z.T * d * z.c if z.sp else (z.T_n * d * z.c if z.c != _F32 else 0)
+        gemm_input = z.T * d * z.c                   # the gathered sequence, or
+        if not z.sp:                                 # the bf16 norm output (float32: the router's)
+            gemm_input = z.T_n * d * z.c if z.c != _F32 else 0
         out += gemm_input + mlp_acts(m, z, m.shared_expert_ffn_dim, False)
-    return out + z.residual * d
+    return out + _residual(m, z)
 
 
 def block_acts(m: ModelConfig, z: Sizes, layer: int) -> int:
@@ -231,6 +245,8 @@ def input_acts(m: ModelConfig, z: Sizes, first: bool, recompute: str | None) -> 
         out += z.T * (_I64 + 1)
     if first and m.positions == "learned":
         out += z.s * _I64
+    if first and m.dropout:
+        out += z.T_n * m.d_model * z.c  # the embedding dropout's mask
     return out
 
 
@@ -262,18 +278,29 @@ def loss_bwd_spike(m: ModelConfig, z: Sizes) -> int:
 
 def block_bwd_spike(m: ModelConfig, z: Sizes, layer: int) -> int:
     """Early in a block's backward, on top of everything forward kept: the incoming gradient
-    [T_n, D], then the combine's backward (three [N, D] float32: the gathered gradient, the
-    rows' gradient or a float32 copy of bf16 rows, the product for the gate weights; and the
-    rows' gradient cast back to bf16) or the dense MLP's: the gradient of the
-    down projection's input [T, F_l], then SwiGLU's of silu and up (GELU's of its input) while
-    that input, silu * up (GELU's output), is freed."""
+    [T_n, D], then the MLP's first operations (`_mlp_bwd_spike`). With dropout, the attention
+    math path's backward later holds the gradient of the attention weights [b, H_l, s, s] in the
+    compute dtype and in float32, once the MLP's own tensors are freed."""
     incoming = z.T_n * m.d_model * z.r
+    spike = incoming + _mlp_bwd_spike(m, z, layer)
+    if m.dropout:
+        mlp_kept = block_acts(m, z, layer) - attention_acts(m, z)
+        attention = incoming + z.b * (m.n_heads // z.tp) * z.s * z.s * (z.c + _F32)
+        spike = max(spike, attention - mlp_kept)
+    return spike
+
+
+def _mlp_bwd_spike(m: ModelConfig, z: Sizes, layer: int) -> int:
+    """The combine's backward (three [N, D] float32: the gathered gradient, the rows' gradient or
+    a float32 copy of bf16 rows, the product for the gate weights; and the rows' gradient cast
+    back to bf16), or the dense MLP's: the gradient of the down projection's input [T, F_l], then
+    SwiGLU's of silu and up (GELU's of its input) while that input, silu * up (GELU's output), is
+    freed."""
     if m.is_moe_layer(layer):
         n, _ = routed_rows(m, z)
         cast = n * m.d_model * z.c if z.c != _F32 else 0  # the rows' gradient back in bf16
-        return incoming + 3 * n * m.d_model * _F32 + cast
-    f = m.ffn // z.tp
-    return incoming + (2 if m.mlp == "swiglu" else 1) * z.T * f * z.c
+        return 3 * n * m.d_model * _F32 + cast
+    return (2 if m.mlp == "swiglu" else 1) * z.T * (m.ffn // z.tp) * z.c
 
 
 # ---------------------------------------------------------------------------------------------
