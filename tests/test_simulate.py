@@ -118,7 +118,8 @@ MATRIX = [  # (world, rank, overrides): dense and MoE; tp, pp, vpp, ep (folded t
     (2, 0, [PP2, G32, RECOMPUTE, "training.recompute=selective"]),
     (2, 1, ["model.preset=gpt2-small-tiny", "data.seq_len=64", PP2, G32, BF16]),
     (2, 0, [PP2, G32, BF16, "model.fp32_residual=true"]),
-    (2, 0, ["model.preset=gpt2-small-tiny", "data.seq_len=64", "model.dropout=0.1", PP2, G32, BF16]),
+    (2, 0, ["model.preset=gpt2-small-tiny", "data.seq_len=64", "model.dropout=0.1", PP2, G32,
+            BF16]),
 ]
 
 
