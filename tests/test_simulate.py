@@ -96,7 +96,8 @@ G32, PP2, TP2 = "training.global_batch_size=32", "parallel.pp=2", "parallel.tp=2
 SP, RECOMPUTE = "parallel.sequence_parallel=true", "training.activation_checkpointing=true"
 FOLD, DENSE = "parallel.fold_experts=true", "model.preset=tiny"
 MATRIX = [  # (world, rank, overrides): dense and MoE; tp, pp, vpp, ep (folded too), dp, ZeRO-1, SP,
-    # recompute full / selective; float32 (the default here) and bf16; dropout
+    # recompute full / selective; float32 (the default here) and bf16; dropout, q/k and sandwich
+    # norms, a gated shared expert, GLM-4.5-Air's routing (sigmoid, expert bias, first dense)
     (1, 0, [DENSE]),
     (1, 0, [BF16]),
     (2, 0, [TP2]),
@@ -120,6 +121,10 @@ MATRIX = [  # (world, rank, overrides): dense and MoE; tp, pp, vpp, ep (folded t
     (2, 0, [PP2, G32, BF16, "model.fp32_residual=true"]),
     (2, 0, ["model.preset=gpt2-small-tiny", "data.seq_len=64", "model.dropout=0.1", PP2, G32,
             BF16]),
+    (1, 0, [BF16, "model.qk_norm=head", "model.shared_expert_ffn_dim=128",
+            "model.shared_expert_gate=true"]),
+    (2, 1, [TP2, "model.sandwich_norm=true", "model.qk_norm=full"]),
+    (1, 0, ["model.preset=glm4.5-air-tiny", "data.seq_len=64", BF16]),
 ]
 
 

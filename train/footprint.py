@@ -126,7 +126,7 @@ def attention_acts(m: ModelConfig, z: Sizes) -> int:
     dropout keeps its mask."""
     h, kv, dh, d = m.n_heads // z.tp, m.kv_heads // z.tp, m.dim_head, m.d_model
     qkv = (h + 2 * kv) * dh
-    out = norm_acts(m, z) + _tp_input(m, z)
+    out = norm_acts(m, z) + _tp_input(m, z) + _qk_norm_acts(m, z)
     if m.dropout:  # SDPA's math path on the CPU: float32 q, k, v, then softmax, mask, dropped
         out += 3 * z.T * h * dh * _F32 + 3 * z.b * h * z.s * z.s * _F32 + z.T * h * dh * z.c
     else:
@@ -135,6 +135,30 @@ def attention_acts(m: ModelConfig, z: Sizes) -> int:
             out += z.T * (h + kv) * dh * z.c + z.T * h * dh * z.c
         out += z.T * h * dh * z.c + z.b * h * z.s * _F32
     return out + _residual(m, z)
+
+
+def _qk_norm_acts(m: ModelConfig, z: Sizes) -> int:
+    """model.qk_norm. Per head (an RMSNorm over each head's Dh): a float32 copy of bf16 q and k,
+    x * rsqrt in float32, and rsqrt [T, heads]; over the whole projection (ParallelRMSNorm): the
+    float32 input and its normalised copy in the compute dtype, and rsqrt [T] each for q and k."""
+    heads = (m.n_heads + m.kv_heads) // z.tp
+    bf16 = z.c != _F32
+    if m.qk_norm == "head":
+        return heads * (z.T * m.dim_head * (_F32 + _F32 * bf16) + z.T * _F32)
+    if m.qk_norm == "full":
+        return heads * z.T * m.dim_head * (_F32 + z.c * bf16) + 2 * z.T * _F32
+    return 0
+
+
+def _sandwich_acts(m: ModelConfig, z: Sizes) -> int:
+    """model.sandwich_norm: each sublayer's output goes through one more norm before its residual
+    add; RMSNorm keeps that output in float32 (as is, or a copy of bf16) and x * rsqrt, LayerNorm
+    keeps it and its statistics in the compute dtype. Two per block."""
+    if not m.sandwich_norm:
+        return 0
+    if m.norm == "rmsnorm":
+        return 2 * (z.T_n * m.d_model * 2 * _F32 + z.T_n * _F32)
+    return 2 * (z.T_n * m.d_model * z.c + 2 * z.T_n * z.c)
 
 
 def mlp_acts(m: ModelConfig, z: Sizes, width: int, residual: bool = True) -> int:
@@ -185,15 +209,18 @@ def moe_acts(m: ModelConfig, z: Sizes) -> int:
         if not z.sp:                                 # the bf16 norm output (float32: the router's)
             gemm_input = z.T_n * d * z.c if z.c != _F32 else 0
         out += gemm_input + mlp_acts(m, z, m.shared_expert_ffn_dim, False)
+        if m.shared_expert_gate:  # y * sigmoid(x w_gate): keeps y [T_n, D] and the gate [T_n, 1]
+            out += z.T_n * d * z.c + z.T_n * z.c
     return out + _residual(m, z)
 
 
 def block_acts(m: ModelConfig, z: Sizes, layer: int) -> int:
     """Everything one block's forward keeps: attention, then the MoE or the dense MLP (norm,
     GEMM input, MLP)."""
+    out = attention_acts(m, z) + _sandwich_acts(m, z)
     if m.is_moe_layer(layer):
-        return attention_acts(m, z) + moe_acts(m, z)
-    return attention_acts(m, z) + norm_acts(m, z) + _tp_input(m, z) + mlp_acts(m, z, m.ffn)
+        return out + moe_acts(m, z)
+    return out + norm_acts(m, z) + _tp_input(m, z) + mlp_acts(m, z, m.ffn)
 
 
 def selective_acts(m: ModelConfig, z: Sizes, layer: int) -> int:
