@@ -124,7 +124,7 @@ def attention_acts(m: ModelConfig, z: Sizes) -> int:
     keeps float32 q, k and v (not q|k|v or RoPE's copies), the softmax, its dropout mask and the
     dropped weights [b, H_l, s, s] (a GPU's flash kernels keep none of these), and the residual
     dropout keeps its mask."""
-    h, kv, dh, d = m.n_heads // z.tp, m.kv_heads // z.tp, m.dim_head, m.d_model
+    h, kv, dh = m.n_heads // z.tp, m.kv_heads // z.tp, m.dim_head
     qkv = (h + 2 * kv) * dh
     out = norm_acts(m, z) + _tp_input(m, z) + _qk_norm_acts(m, z)
     if m.dropout:  # SDPA's math path on the CPU: float32 q, k, v, then softmax, mask, dropped
@@ -163,9 +163,9 @@ def _sandwich_acts(m: ModelConfig, z: Sizes) -> int:
 
 def mlp_acts(m: ModelConfig, z: Sizes, width: int, residual: bool = True) -> int:
     """Dense MLP of `width` (split over tp). SwiGLU: gate|up [T, 2 F_l] (one fused GEMM), silu(gate)
-    and the product [T, F_l] each; GELU: W1's output and GELU's
-    [T, F_l] each. Then the residual sum [T_n, D] (not for a shared expert)."""
-    f, d = width // z.tp, m.d_model
+    and the product [T, F_l] each; GELU: W1's output and GELU's [T, F_l] each. Then the residual
+    sum [T_n, D] (not for a shared expert)."""
+    f = width // z.tp
     if m.mlp == "swiglu":
         out = z.T * 2 * f * z.c + 2 * z.T * f * z.c
     else:
