@@ -445,6 +445,12 @@ PRESET_TABLE: dict[str, tuple[dict[str, Any], float | None]] = {
                         expert_bias_update_rate=1e-3, aux_loss_scope="sequence", aux_loss_coef=1e-4,
                         z_loss_coef=0.0, **_shape(46, 4096, 96, n_kv_heads=8, head_dim=128)),
                    106e9),
+    # The GPT-4 description in our source material: 120 blocks of shared (dense) MHA attention, 84
+    # heads of 128 (~55B over all blocks), 16 SwiGLU experts of width 28672 (~111B each over all
+    # blocks), top-2, 8K context, a ~100K vocabulary: ~1.83T total, ~280B active. No published size.
+    "gpt4-moe": (dict(_LLAMA, vocab_size=100277, vocab_pad_multiple=128, max_seq_len=8192,
+                      rope_theta=500000.0, n_experts=16, top_k=2, expert_ffn_dim=28672,
+                      **_shape(120, 10752, 84)), None),
     # CPU-sized defaults for the quick start and tests.
     "tiny": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, **_shape(4, 128, 4, n_kv_heads=2, ffn_dim=344)), None),
     "tiny-moe": (dict(_LLAMA, vocab_size=257, vocab_pad_multiple=64, max_seq_len=256, n_experts=8, top_k=2, expert_ffn_dim=128,

@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from parallel.context import ParallelContext, check_divisible
@@ -386,6 +387,9 @@ def enable_float8(model: Decoder, recipe: Float8Recipe) -> list[str]:
 def build_empty(cfg: ModelConfig, ctx: ParallelContext | None = None, device="cpu", **stage) -> Decoder:
     """A Decoder with uninitialised weights on `device`, built on the meta device so no time goes
     into random init of weights about to be overwritten."""
+    if detect_fake_mode() is not None:  # FakeTensorMode (the planner's simulation) allocates
+        with torch.device(device):       # nothing, and to_empty cannot swap fake parameters
+            return Decoder(cfg, ctx, **stage)
     with torch.device("meta"):
         model = Decoder(cfg, ctx, **stage)
     model.to_empty(device=device)

@@ -128,7 +128,7 @@ class LocalDispatcher:
     def __init__(self, n_experts: int):
         self.n_local_experts = n_experts
 
-    def dispatch(self, x: torch.Tensor, counts: torch.Tensor):
+    def dispatch(self, x: torch.Tensor, counts: torch.Tensor, host_counts=None):
         return x, counts, None
 
     def combine(self, y: torch.Tensor, meta) -> torch.Tensor:
@@ -183,7 +183,8 @@ class MoELayer(nn.Module):
         if compute_dtype is not None:  # cast the T tokens once, not their N = T*k copies:
             tokens = tokens.to(compute_dtype)  # the experts compute in it
         rows = permute_tokens(tokens, perm)
-        x_local, counts_local, meta = self.dispatcher.dispatch(rows, perm.counts)
+        host_counts = routing.host_counts if keep is None else None  # capacity changes the counts
+        x_local, counts_local, meta = self.dispatcher.dispatch(rows, perm.counts, host_counts)
         y_local = self.experts(x_local, counts_local, self._local_capacity(cap))
         y = unpermute(self.dispatcher.combine(y_local, meta), perm)
         if shard_tokens:

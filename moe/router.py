@@ -57,6 +57,8 @@ class Routing:
     aux_loss: torch.Tensor         # scalar, coefficient applied, differentiable
     z_loss: torch.Tensor           # scalar, coefficient applied, differentiable
     tokens_per_expert: torch.Tensor  # [E] int64 counts over the whole micro-batch (before any dropping)
+    host_counts: list[int] | None = None  # [E] this rank's slots per expert, known on the host
+                                          # without reading the device (forced routing only)
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,24 @@ def forced_experts(n_tokens: int, n_experts: int, top_k: int, imbalance: float =
     return torch.where(busy & (j == 0), 0, 1 + counter % (E - 1))
 
 
+def forced_counts(n_tokens: int, n_experts: int, top_k: int, imbalance: float = 1.0) -> list[int]:
+    """Slots per expert of forced_experts(n_tokens, n_experts, top_k, imbalance), in plain Python.
+
+    Expert-parallel dispatch needs these as split sizes on the host; computing them from the formula
+    saves reading them back from the device (a sync), and is the only way when no device values
+    exist (the planner's fake-tensor simulation). With T k slots: imbalance 1 gives slot s to expert
+    s mod E, so expert e gets floor(T k / E) + [e < T k mod E]; imbalance F gives expert 0
+    n0 = min(T, round(F T k / E)) slots and deals the other T k - n0 round-robin over 1..E-1.
+    """
+    slots, E = n_tokens * top_k, n_experts
+    if imbalance == 1.0:
+        q, r = divmod(slots, E)
+        return [q + (e < r) for e in range(E)]
+    n0 = min(n_tokens, round(imbalance * slots / E))
+    q, r = divmod(slots - n0, E - 1)
+    return [n0] + [q + (e < r) for e in range(E - 1)]
+
+
 class TopKRouter(nn.Module):
     """Linear gate d_model -> E, then the routing math above. The gate weight is replicated on
     every rank (it is tiny); under tp each rank routes its token shard, so the gradient is summed
@@ -253,7 +273,14 @@ class TopKRouter(nn.Module):
         aux, counts = self._balance_loss(probs, experts, stats_group, seq_ids, n_seqs,
                                          global_counts)
         z = z_loss(logits, self.z_coef, stats_group)
-        return Routing(weights, experts, aux, z, counts)
+        return Routing(weights, experts, aux, z, counts, self._host_counts(x.shape[0]))
+
+    def _host_counts(self, n_tokens: int) -> list[int] | None:
+        """Forced routing's slots per expert, known on the host (module docstring of forced_counts);
+        None for learned routing, whose counts only the device knows."""
+        if self.forced_imbalance is None:
+            return None
+        return forced_counts(n_tokens, self.n_experts, self.top_k, self.forced_imbalance)
 
     def _choose(self, scores: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """[T, k] expert ids: top-k of the (biased, group-limited) choice scores, or the forced

@@ -24,6 +24,7 @@ and leave the others waiting: every rank of an ep group must run the same forwar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -116,8 +117,14 @@ class AllToAllDispatcher:
         send_RE = counts.reshape(self.ep, self.n_local_experts).to(torch.int64).contiguous()
         return _all_to_all(send_RE, [1] * self.ep, [1] * self.ep, self.group, "count exchange")
 
-    def dispatch(self, x_sorted: torch.Tensor, counts: torch.Tensor):
-        """x_sorted [N, D] expert-major, counts [E] -> (x_local [M, D] expert-major, counts_local [E_l], meta)."""
+    def dispatch(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                 host_counts: Sequence[int] | None = None):
+        """x_sorted [N, D] expert-major, counts [E] -> (x_local [M, D] expert-major,
+        counts_local [E_l], meta).
+
+        host_counts: `counts` already known on the host, the same on every rank of the group
+        (forced routing: equal token counts routed by one formula); the split sizes then come
+        from them instead of a device read (see `split_sizes`)."""
         # 1. exchange counts (one small collective on x's device): counts_RE[r, e] = rows rank r sends
         #    to our local expert e
         # 2. split sizes: send_splits[j] = our rows for rank j's experts; recv_splits[r] = row sums of counts_RE
@@ -129,7 +136,7 @@ class AllToAllDispatcher:
         self._check_counts(counts)
         counts = counts.to(x_sorted.device, torch.int64)
         counts_RE = self.exchange_counts(counts)
-        send_splits, recv_splits = torch.stack([counts.reshape(self.ep, -1).sum(1), counts_RE.sum(1)]).tolist()
+        send_splits, recv_splits = self.split_sizes(counts, counts_RE, host_counts)
         if sum(send_splits) != x_sorted.shape[0]:  # checked before the uneven all-to-all, which would abort
             raise ValueError(f"dispatch: x_sorted has {x_sorted.shape[0]} rows but counts sum to "
                              f"{sum(send_splits)}: pass the rows and counts of the same permutation")
@@ -138,6 +145,25 @@ class AllToAllDispatcher:
         meta = DispatchMeta(tuple(send_splits), tuple(recv_splits),
                             rank_major_to_expert_major(counts_RE, M), rank_major_to_expert_major(counts_RE.t(), M))
         return x_recv.index_select(0, meta.to_expert_major), counts_RE.sum(0), meta
+
+    def split_sizes(self, counts: torch.Tensor, counts_RE: torch.Tensor,
+                    host_counts: Sequence[int] | None) -> tuple[list[int], list[int]]:
+        """(send_splits, recv_splits): rows for each ep rank's experts and rows from each ep rank.
+
+        Read from the device (one sync), or from host_counts when every rank of the group holds
+        those same counts: send_j = sum of host_counts over rank j's experts, and every source
+        sends us send_{our ep rank}. That is how a fake-tensor simulation, which has no device
+        values to read, learns the sizes of the all-to-all."""
+        if host_counts is None:
+            sizes = torch.stack([counts.reshape(self.ep, -1).sum(1), counts_RE.sum(1)])
+            send, recv = sizes.tolist()
+            return send, recv
+        if len(host_counts) != self.n_experts:
+            raise ValueError(f"dispatch: host_counts has {len(host_counts)} entries, expected "
+                             f"{self.n_experts} (one per global expert, model.n_experts)")
+        E_l = self.n_local_experts
+        send = [sum(host_counts[j * E_l:(j + 1) * E_l]) for j in range(self.ep)]
+        return send, [send[dist.get_rank(self.group)]] * self.ep
 
     def combine(self, y_local: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         """y_local [M, D] expert-major -> y_sorted [N, D] in dispatch's x_sorted order (the inverse path)."""

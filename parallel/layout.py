@@ -124,6 +124,17 @@ def param_layouts(module: nn.Module, ctx: ParallelContext) -> dict[str, ParamLay
     return out
 
 
+def zero1_ranks(sizes: list[int], n: int) -> list[int]:
+    """ZeRO-1 ownership of parameters of these sizes (in parameter order) over a group of n: the
+    group rank of each, assigned in backward order (reverse parameter order) to the rank of the
+    parameter's midpoint in the running total, so each rank owns a contiguous run of ~1/n."""
+    total, done, ranks = sum(sizes), 0, []
+    for size in reversed(sizes):
+        ranks.append(min(n - 1, (2 * done + size) * n // (2 * max(total, 1))))
+        done += size
+    return ranks[::-1]
+
+
 class LayoutTable:
     """The records of every parameter a rank holds (all its pipeline chunks), with the run's
     decisions: which parameters form a tied pair across stages, and ZeRO-1 owners."""
@@ -150,11 +161,9 @@ class LayoutTable:
                    if r.grad_group == kind and not r.tied and p.requires_grad]
             if group is None:
                 continue
-            n, total, done = dist.get_world_size(group), sum(p.numel() for _, p, _ in run), 0
-            for key, p, r in reversed(run):
-                mid = min(n - 1, (2 * done + p.numel()) * n // (2 * max(total, 1)))
-                done += p.numel()
-                self._entries[key] = (p, replace(r, owner=dist.get_global_rank(group, mid)))
+            ranks = zero1_ranks([p.numel() for _, p, _ in run], dist.get_world_size(group))
+            for (key, p, r), rank in zip(run, ranks):
+                self._entries[key] = (p, replace(r, owner=dist.get_global_rank(group, rank)))
 
     def __getitem__(self, p: torch.Tensor) -> ParamLayout:
         return self._entries[id(p)][1]

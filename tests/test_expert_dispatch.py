@@ -82,3 +82,23 @@ def test_dispatcher_validates_before_any_collective():
         AllToAllDispatcher(6, None, 4)
     with pytest.raises(ValueError, match=r"ep_group has size None but parallel.ep is 2"):
         AllToAllDispatcher(8, None, 2)
+
+
+def test_split_sizes_from_host_counts_equal_the_device_read():
+    """Under forced routing every rank of the group sends the same counts, so the sizes the
+    dispatcher takes from the host equal those it would read from the exchanged counts (here on
+    torch's fake process group: rank 2 of an ep group of 4, 8 experts, 2 per rank)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=2, world_size=4)
+    try:
+        d = AllToAllDispatcher(8, dist.new_group([0, 1, 2, 3]), 4)
+        for host in ([3, 1, 0, 4, 2, 2, 5, 0], [9, 1, 1, 1, 1, 1, 1, 1]):
+            counts = torch.tensor(host)
+            counts_RE = counts.view(4, 2)[2].repeat(4, 1)  # every source sends our experts the same
+            assert d.split_sizes(counts, counts_RE, host) == d.split_sizes(counts, counts_RE, None)
+        with pytest.raises(ValueError, match="host_counts has 3 entries"):
+            d.split_sizes(counts, counts_RE, [1, 2, 3])
+    finally:
+        dist.destroy_process_group()

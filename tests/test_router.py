@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from moe.router import TopKRouter, load_balancing_loss, z_loss
+from moe.router import (TopKRouter, expert_counts, forced_counts, forced_experts,
+                        load_balancing_loss, z_loss)
 
 LOGITS = [[1.0, 2.0, 0.0, -1.0],
           [0.0, 1.0, 3.0, 0.5],
@@ -326,3 +327,18 @@ def test_forced_routing_with_sigmoid_scaling_and_groups():
     assert r.experts.tolist() == [[0, 1], [2, 3], [0, 1]]
     s = torch.tensor(SIGMOID).gather(1, r.experts)
     torch.testing.assert_close(r.weights, 2.0 * s / s.sum(-1, keepdim=True), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("T, E, k, imbalance", [(7, 4, 2, 1.0), (16, 8, 2, 1.0), (5, 3, 1, 1.0),
+                                                (1, 4, 2, 1.0), (64, 8, 2, 2.5), (10, 4, 2, 2.0),
+                                                (9, 16, 2, 8.0), (33, 6, 3, 1.7)])
+def test_forced_counts_match_the_device_choice(T, E, k, imbalance):
+    """The host-side counts (the expert all-to-all's split sizes without a device read, and the
+    only sizes a fake-tensor simulation has) equal the counts of the device's forced choice."""
+    experts = forced_experts(T, E, k, imbalance)
+    assert forced_counts(T, E, k, imbalance) == expert_counts(experts, E).tolist()
+    r = TopKRouter(8, E, k, 0.01, 1e-3, forced_imbalance=imbalance)
+    torch.nn.init.normal_(r.weight)
+    assert r(torch.randn(T, 8)).host_counts == expert_counts(experts, E).tolist()
+    learned = TopKRouter(8, E, k, 0.01, 1e-3)(torch.randn(T, 8))
+    assert learned.host_counts is None  # learned routing: unknown until read from the device

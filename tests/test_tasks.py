@@ -463,8 +463,8 @@ def test_task_section_is_documented():
 
 
 def test_finetune_launcher_errors_are_one_line(tmp_path, capsys):
-    """A bad record: one line naming file:line, status 1 (found while building the run); a
-    pretraining config: status 2 before any work; no starting weights: a warning."""
+    """A bad record: one line naming file:line, status 2 (bad input, found while building the
+    run); a pretraining config: status 2 before any work; no starting weights: a warning."""
     from launchers.finetune import main
 
     data = write_jsonl(tmp_path / "pairs.jsonl", dpo_records(3) + [{"prompt": "p", "chosen": "c"}])
@@ -473,10 +473,10 @@ def test_finetune_launcher_errors_are_one_line(tmp_path, capsys):
             f"run_dir={tmp_path / 'run'}"]
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
-    assert main([str(config), *args]) == 1
+    assert main([str(config), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("warning: checkpoint.init_from is not set")
-    assert err[1:] == [f"error (rank 0): {data}:4: missing field 'rejected' "
+    assert err[1:] == [f"error: {data}:4: missing field 'rejected' "
                        f"(task.kind=dpo reads prompt, chosen and rejected)"]
     assert main([str(config), *args, "task.kind=lm"]) == 2
     assert capsys.readouterr().err.startswith("error: task.kind is lm (pretraining): set task.kind")

@@ -6,22 +6,19 @@ parameters each GPU holds after tensor/expert sharding, an estimate of each GPU'
 of one step and the pipeline bubble. `format_plan(plan)` turns it into the text the planning CLI
 (launchers/plan.py) prints; nothing here prints or touches files.
 
-Memory model, per GPU of pipeline rank r (bytes; P = that GPU's parameters after sharding), the
-layout of parallel/optimizer.py:
-    weights      2 P     the model's parameters: bf16 under precision=bf16, 4 P in float32
-    main         4 P     precision=bf16 only: the optimizer's float32 main weights; with
-                         parallel.zero1 the dense part is divided by dp and the expert part by edp
-    gradients    4 P     the float32 gradient-accumulation buffers (every parameter, every rank)
-    optimizer    8 P     AdamW exp_avg + exp_avg_sq in float32, divided like the main weights
-    activations  see `activation_bytes_per_layer`, times the layers of one schedule unit, times
-                 the micro-batches in flight on rank r (parallel.partition.activation_microbatches_
-                 in_flight), plus the last stage's logits.
-Not counted: the CUDA context and allocator fragmentation (typically 1-3 GiB), communication
-buffers (gradient buckets, all-to-all and p2p buffers) and the embedding/head gradient spikes.
+Memory, per GPU of pipeline rank r (train/footprint.py has the tensor-by-tensor model): the
+parameters, their gradients, the AdamW state (divided by dp, experts by edp, under parallel.zero1),
+the activations the schedule keeps alive at the rank's peak and the transient tensors at that
+moment, found by replaying the rank's pipeline schedule action by action. The categories are those
+`train/simulate.py` measures on the real step (`launchers/plan.py --simulate`). MoE layouts are
+sized for forced routing (model.forced_routing_imbalance, 1 = balanced when unset) on the busiest
+ep rank. Not counted: the CUDA context and allocator fragmentation (typically 1-3 GiB) and the
+caching allocator's 512-byte rounding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -34,10 +31,10 @@ from parallel.partition import (activation_microbatches_in_flight, bubble_fracti
                                 chunks_of_rank, format_partition)
 
 from .config import TrainConfig, check_world
+from .footprint import rank_memory
 from .metrics import model_flops_per_token
 
 GIB = 2 ** 30
-_OPTIM_BYTES = 8  # AdamW: two float32 moments per parameter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,17 +64,18 @@ class Layout:
 
 @dataclass(frozen=True)
 class Memory:
-    """Estimated bytes on one GPU (see the module docstring for each term)."""
+    """Bytes on one GPU at its peak, by the categories the simulation measures."""
 
-    weights: int
-    main: int
-    grads: int
+    parameters: int
+    gradients: int
     optimizer: int
     activations: int
+    temporaries: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.main + self.grads + self.optimizer + self.activations
+        return (self.parameters + self.gradients + self.optimizer + self.activations
+                + self.temporaries)
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,7 @@ class Plan:
     flops_per_gpu: float
     bubble: float
     gpu_mem_bytes: int
-    attention_scores: bool                # activations include materialised attention scores
+    imbalance: float | None               # forced routing the MoE memory is sized for
     notes: list[str] = field(default_factory=list)
 
 
@@ -201,23 +199,30 @@ def stage_param_counts(cfg: ModelConfig, chunks: list[tuple[list[int], bool, boo
     return full, local, expert
 
 
-def activation_bytes_per_layer(s: int, b: int, h: int, a: int, tp: int, sp: bool,
-                               attention_scores: bool, act_bytes: int = 2) -> float:
-    """Activation bytes one transformer layer keeps for backward, per micro-batch, per GPU.
+def stage_memory(cfg: TrainConfig, layout: Layout, partition: list[list[int]], rank: int) -> Memory:
+    """Pipeline rank `rank`'s bytes at its peak (train/footprint.py), on data-parallel rank 0 and
+    the busiest ep rank."""
+    t = cfg.training
+    recompute = t.recompute if t.activation_checkpointing else None
+    vstages = list(range(rank, len(partition), layout.pp))
+    chunks = chunks_of_rank(partition, layout.pp, rank)
+    mem = rank_memory(sizing_model(cfg), layout, chunks, vstages, len(partition), rank, recompute,
+                      cfg.parallel.zero1, t.precision)
+    return Memory(**mem)
 
-    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
-    16-bit activations, no recomputation: s b h (34 + 5 a s / h) bytes; with tensor parallelism
-    and sequence parallelism everything divides by t: s b h (34 + 5 a s / h) / t; with tensor
-    parallelism alone the norms/dropout part stays replicated: s b h (10 + 24 / t + 5 a s / (h t)).
-    The 5 a s / h term is the materialised attention scores (softmax, dropout mask and output);
-    fused SDPA / flash attention never stores them, so it is dropped unless `attention_scores`.
-    The 34 assumes a 4h GELU MLP; an MoE block's top_k SwiGLU experts are of the same order
-    (moe16x: 2 experts x 3 tensors of 1.5 h vs 2 tensors of 4 h), so the formula is used as is.
-    act_bytes = 4 (fp32 training) doubles it.
-    """
-    scores = 5 * a * s / h if attention_scores else 0.0
-    per_token = (34 + scores) / tp if sp or tp == 1 else 10 + 24 / tp + scores / tp
-    return s * b * h * per_token * act_bytes / 2
+
+def rank_kinds(m: ModelConfig, partition: list[list[int]], pp: int) -> list[int]:
+    """The first pipeline rank of each kind. Ranks whose chunks hold the same blocks (MoE or dense,
+    and neither the embedding nor the head) keep the same tensors, and every schedule keeps the
+    most micro-batches in flight on the lowest of them, so it is the heaviest of its kind."""
+    seen, ranks = set(), []
+    for r in range(pp):
+        blocks = tuple(tuple(m.is_moe_layer(i) for i in chunk) for chunk in partition[r::pp])
+        kind = (r == 0, r == pp - 1, blocks)
+        if kind not in seen:
+            seen.add(kind)
+            ranks.append(r)
+    return ranks
 
 
 def _in_flight(layout: Layout, rank: int) -> int:
@@ -229,45 +234,13 @@ def _in_flight(layout: Layout, rank: int) -> int:
                                              layout.n_micro, rank)
 
 
-def stage_activation_bytes(cfg: TrainConfig, layout: Layout, n_layers: int, rank: int,
-                           attention_scores: bool) -> int:
-    """in_flight x layers per schedule unit x per-layer bytes (+ recompute, + logits on the last).
-
-    A schedule unit is the rank's whole share of layers, or one chunk (n_layers / vpp on average)
-    under the interleaved schedule. With activation checkpointing a layer keeps only its input
-    (2 s b h bytes, / t with sequence parallelism) and one layer at a time is recomputed in full.
-    The last rank adds its logits, kept by the loss: s b V / t x act_bytes (the softmax is recomputed
-    in backward, nothing float32 of that size is kept), for one micro-batch (all of them under GPipe).
-    The checkpointed layer inputs are the residual stream: float32 under model.fp32_residual.
-    """
-    m, s, b = cfg.model, layout.seq_len, layout.micro_batch
-    act_bytes = 2 if cfg.training.precision == "bf16" else 4
-    per_layer = activation_bytes_per_layer(s, b, m.d_model, m.n_heads, layout.tp,
-                                           layout.sequence_parallel, attention_scores, act_bytes)
-    unit_layers = n_layers / layout.vpp
-    in_flight = _in_flight(layout, rank)
-    if cfg.training.activation_checkpointing and cfg.training.recompute == "full":  # selective keeps most
-        residual_bytes = 4 if m.fp32_residual else act_bytes
-        kept = s * b * m.d_model * residual_bytes / (layout.tp if layout.sequence_parallel else 1)
-        total = in_flight * unit_layers * kept + (per_layer if n_layers else 0.0)
-    else:
-        total = in_flight * unit_layers * per_layer
-    if rank == layout.pp - 1:
-        logits_alive = layout.n_micro if layout.schedule == "gpipe" else 1
-        total += logits_alive * s * b * m.padded_vocab_size / layout.tp * act_bytes
-    return int(math.ceil(total))
-
-
-def stage_memory(cfg: TrainConfig, layout: Layout, params: int, expert_params: int,
-                 activations: int) -> Memory:
-    """Weights, main weights, gradients and AdamW state for `params` (see the module docstring)."""
-    dense = params - expert_params
-    owned = params
-    if cfg.parallel.zero1:
-        owned = math.ceil(dense / layout.dp) + math.ceil(expert_params / layout.edp)
-    bf16 = cfg.training.precision == "bf16"
-    return Memory((2 if bf16 else 4) * params, 4 * owned if bf16 else 0, 4 * params, _OPTIM_BYTES * owned,
-                  activations)
+def sizing_model(cfg: TrainConfig) -> ModelConfig:
+    """The model as the planner and the simulation size it: routing forced (balanced when
+    model.forced_routing_imbalance is unset), so the expert all-to-all has known sizes."""
+    m = cfg.model
+    if not m.n_experts or m.forced_routing_imbalance is not None:
+        return m
+    return dataclasses.replace(m, forced_routing_imbalance=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,14 +248,14 @@ def stage_memory(cfg: TrainConfig, layout: Layout, params: int, expert_params: i
 # ---------------------------------------------------------------------------------------------
 
 
-def plan_layout(cfg: TrainConfig, nodes: int = 1, gpus_per_node: int = 1, gpu_mem_gb: float = 80.0,
-                attention_scores: bool = False) -> Plan:
+def plan_layout(cfg: TrainConfig, nodes: int = 1, gpus_per_node: int = 1,
+                gpu_mem_gb: float = 80.0) -> Plan:
     """Everything the planner reports for cfg on nodes x gpus_per_node GPUs (see the module doc)."""
     if not (isinstance(gpu_mem_gb, (int, float)) and gpu_mem_gb > 0):
         raise ValueError(f"--gpu-mem-gb ({gpu_mem_gb!r}) must be a number > 0 (GiB per GPU)")
     layout = resolve_layout(cfg, nodes, gpus_per_node)
     partition, costs, first_extra, last_extra = plan_partition(cfg)
-    stages = [_stage_plan(cfg, layout, partition, r, attention_scores) for r in range(layout.pp)]
+    stages = [_stage_plan(cfg, layout, partition, r) for r in range(layout.pp)]
     total, active = param_counts(build_model(cfg.model, device="meta"))
     replica = sum(s.full_params for s in stages) - total
     tokens = cfg.training.global_batch_size * layout.seq_len
@@ -294,13 +267,14 @@ def plan_layout(cfg: TrainConfig, nodes: int = 1, gpus_per_node: int = 1, gpu_me
     plan = Plan(cfg, layout, rank_grid(layout.world, layout.tp, layout.pp, layout.dp, layout.ep, fold),
                 group_ranks(layout.world, layout.tp, layout.pp, layout.dp, layout.ep, fold), partition,
                 costs, first_extra, last_extra, stages, total, active, replica, tokens, step,
-                step / layout.world, bubble, int(gpu_mem_gb * GIB), attention_scores)
+                step / layout.world, bubble, int(gpu_mem_gb * GIB),
+                sizing_model(cfg).forced_routing_imbalance)
     plan.notes.extend(_notes(plan))
     return plan
 
 
-def _stage_plan(cfg: TrainConfig, layout: Layout, partition: list[list[int]], rank: int,
-                attention_scores: bool) -> StagePlan:
+def _stage_plan(cfg: TrainConfig, layout: Layout, partition: list[list[int]],
+                rank: int) -> StagePlan:
     """Layers, parameter counts and memory of pipeline rank `rank`."""
     n_vstages = len(partition)
     vstages = list(range(rank, n_vstages, layout.pp))
@@ -308,10 +282,9 @@ def _stage_plan(cfg: TrainConfig, layout: Layout, partition: list[list[int]], ra
     specs = [(layers, v == 0, v == n_vstages - 1) for v, layers in zip(vstages, chunks)]
     full, local, expert = stage_param_counts(cfg.model, specs, layout.tp, layout.ep)
     layers = [i for chunk in chunks for i in chunk]
-    acts = stage_activation_bytes(cfg, layout, len(layers), rank, attention_scores)
-    return StagePlan(rank, vstages, chunks, [i for i in layers if cfg.model.is_moe_layer(i)], full,
-                     local, expert, _in_flight(layout, rank),
-                     stage_memory(cfg, layout, local, expert, acts))
+    moe_layers = [i for i in layers if cfg.model.is_moe_layer(i)]
+    return StagePlan(rank, vstages, chunks, moe_layers, full, local, expert,
+                     _in_flight(layout, rank), stage_memory(cfg, layout, partition, rank))
 
 
 def _notes(plan: Plan) -> list[str]:
@@ -447,36 +420,28 @@ def _format_partition(plan: Plan) -> str:
 
 
 def _format_memory(plan: Plan) -> str:
-    """Per-GPU parameters and memory for each pipeline rank, in GiB (MiB for small models)."""
+    """Per-GPU parameters and memory at each pipeline rank's peak, in GiB (MiB for small models)."""
     lay = plan.layout
     unit, name = (GIB, "GiB") if max(s.memory.total for s in plan.stages) >= GIB else (2 ** 20, "MiB")
-    rows = [f"Per GPU, by pipeline rank (parameters after tp {lay.tp} / ep {lay.ep} sharding; memory in {name}, "
-            f"budget {plan.gpu_mem_bytes / GIB:g} GiB per GPU):",
-            f"  {'rank':>4} {'layers':>6} {'params':>8} {'experts':>8} {'weights':>7} {'main':>6} "
-            f"{'grads':>6} {'optim':>6} {'activ':>7} {'inflight':>8} {'total':>7} {'fits':>4}"]
+    rows = [f"Per GPU at its peak, by pipeline rank (parameters after tp {lay.tp} / ep {lay.ep} "
+            f"sharding; memory in {name}, budget {plan.gpu_mem_bytes / GIB:g} GiB per GPU):",
+            f"  {'rank':>4} {'layers':>6} {'params':>8} {'experts':>8} {'weights':>7} {'grads':>6} "
+            f"{'optim':>6} {'activ':>7} {'temp':>6} {'inflight':>8} {'total':>7} {'fits':>4}"]
     for s in plan.stages:
         mem, n_layers = s.memory, sum(len(c) for c in s.chunks)
+        widths = ((mem.parameters, 7), (mem.gradients, 6), (mem.optimizer, 6),
+                  (mem.activations, 7), (mem.temporaries, 6))
+        cells = " ".join(f"{v / unit:>{w}.2f}" for v, w in widths)
+        fits = "yes" if mem.total <= plan.gpu_mem_bytes else "NO"
         rows.append(f"  {s.rank:>4} {n_layers:>6} {_count(s.params):>8} {_count(s.expert_params):>8} "
-                    f"{mem.weights / unit:>7.2f} {mem.main / unit:>6.2f} {mem.grads / unit:>6.2f} "
-                    f"{mem.optimizer / unit:>6.2f} {mem.activations / unit:>7.2f} {s.in_flight:>8} "
-                    f"{mem.total / unit:>7.2f} {'yes' if mem.total <= plan.gpu_mem_bytes else 'NO':>4}")
-    rows.append(f"  activations: {activation_formula(lay.tp, lay.sequence_parallel, plan.attention_scores)} "
-                f"bytes per layer per micro-batch [Korthikanti et al. 2022] x layers per schedule unit x "
-                f"units in flight; weights bf16 (fp32 under precision=fp32), main weights fp32 (bf16 "
-                f"only), grads fp32, AdamW 2 x fp32; main and AdamW / dp (experts / edp) under ZeRO-1")
+                    f"{cells} {s.in_flight:>8} {mem.total / unit:>7.2f} {fits:>4}")
+    routing = "" if plan.imbalance is None else (f"; MoE sized for forced routing, imbalance "
+                                                 f"{plan.imbalance:g}, on the busiest ep rank")
+    rows.append(f"  tensor by tensor (train/footprint.py): activations alive at the peak of the "
+                f"replayed schedule, temporaries of the loss or of the first backward op{routing}")
     if plan.tied_replica_params:
         rows.append(f"  the tied LM head is replicated on the last stage (+{plan.tied_replica_params:,} parameters)")
     return "\n".join(rows)
-
-
-def activation_formula(tp: int, sp: bool, attention_scores: bool) -> str:
-    """The per-layer activation formula `activation_bytes_per_layer` applies, as text."""
-    scores = " + 5 a s / h" if attention_scores else ""
-    if tp == 1:
-        return f"s b h (34{scores})"
-    if sp:
-        return f"s b h (34{scores}) / tp"
-    return f"s b h (10 + 24 / tp{scores.replace('/ h', '/ (h tp)')})"
 
 
 def _format_compute(plan: Plan) -> str:

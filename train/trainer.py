@@ -58,7 +58,10 @@ def pick_device(cfg: TrainConfig, ctx: ParallelContext) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, log=print):
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, log=print, batches=None):
+        """batches: instead of the configured token files, an object whose next_batch() returns
+        this data-parallel rank's [global_batch / dp, seq_len + 1] token ids; such a trainer reads
+        and writes no files (no metrics, no resume); the planner's simulation runs its steps."""
         self.cfg, self.ctx, self.log_fn = cfg, ctx, log
         self.dp = check_world(cfg, ctx.world_size)
         t = cfg.training
@@ -68,11 +71,18 @@ class Trainer:
         self.is_logger = ctx.rank == 0
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        self.run_start = self._start_run()
+        self.in_memory = batches is not None
+        if self.in_memory and cfg.task.kind != "lm":
+            raise ValueError(f"task.kind={cfg.task.kind}: in-memory batches (the planner's "
+                             f"simulation) feed pretraining only; plan with task.kind=lm")
+        self.run_start = RunStart("in-memory", None, 0, None) if self.in_memory else self._start_run()
         torch.manual_seed(t.seed)
         self.task = make_task(cfg)  # the objective: pretraining's LM, or a post-training task
         self.model = self._build_model()
-        self.train_data, self.valid_data = self.task.build_data(self)
+        if self.in_memory:
+            self.train_data = self.valid_data = batches
+        else:
+            self.train_data, self.valid_data = self.task.build_data(self)
         self.task.attach(self.chunks, t.seed)  # heads (a classifier: one output per label)
         self._build_optimizer()
         self.step = 0
@@ -86,7 +96,8 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)  # matmuls only
         self.peak = peak_flops(self.device)
         self.task.prepare(self)
-        self._maybe_resume()
+        if not self.in_memory:
+            self._maybe_resume()
 
     # ------------------------------------------------------------ setup
     def _build_model(self) -> torch.nn.Module:
@@ -434,8 +445,8 @@ class Trainer:
         c = self.cfg.logging
         images = c.interval if c.expert_load_images else 0  # expert-load pictures every interval
         top_k = self.cfg.model.top_k if self.cfg.model.n_experts else None
-        return MetricsLogger(self.run_dir, self.is_logger, c.tensorboard, c.histograms,
-                             purge_step=purge_step, image_interval=images, top_k=top_k)
+        return MetricsLogger(self.run_dir, self.is_logger and not self.in_memory, c.tensorboard,
+                             c.histograms, purge_step=purge_step, image_interval=images, top_k=top_k)
 
     def _maybe_resume(self) -> None:
         path = self.run_start.resume_from

@@ -71,6 +71,15 @@ def _squeue(name: str) -> tuple[str, str, str] | None:
     return tuple(out[:3]) if len(out) >= 3 else None
 
 
+def _submit(name: str, nodes: int, out: Path, overrides: list[str], env: dict) -> subprocess.Popen:
+    """sbatch --wait of pretrain.sbatch on configs/tiny.yaml, one task per node."""
+    return subprocess.Popen(["sbatch", "--wait", "--job-name", name, "--nodes", str(nodes),
+                             "--ntasks-per-node", "1", "--output", str(out),
+                             "launchers/slurm/pretrain.sbatch", "configs/tiny.yaml", *overrides],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
 def _slurm(*args: str) -> None:
     subprocess.run(list(args), env={**os.environ, "SLURM_CONF": SLURM_CONF}, check=True, timeout=30)
 
@@ -86,18 +95,19 @@ def test_sbatch_job_preempted_requeued_and_resumed_matches_single_process(tmp_pa
     run, out, name = tmp_path / "slurm", tmp_path / "slurm.out", f"requeue-{os.getpid()}"
     env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT), "SLURM_CONF": SLURM_CONF,
            "SRUN_WAIT": "20"}
-    job = subprocess.Popen(["sbatch", "--wait", "--job-name", name, "--nodes", "2",
-                            "--ntasks-per-node", "1", "--output", str(out),
-                            "launchers/slurm/pretrain.sbatch", "configs/tiny.yaml", *common,
-                            f"run_dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    job = _submit(name, 2, out, [*common, f"run_dir={run}"], env)
     try:
         deadline, signalled, released = time.monotonic() + 300, False, False
-        while job.poll() is None:
+        returned_early = False  # sbatch --wait returned while the requeued job was still queued
+        while True:
             assert time.monotonic() < deadline, "job not done after 300 s"
             metrics = run / "metrics.jsonl"
             rows = metrics.read_text().splitlines() if metrics.exists() else []
             queued = _squeue(name)
+            if job.poll() is not None:
+                if not queued:
+                    break
+                returned_early = True
             if not signalled and len(rows) >= 2 and queued and queued[1] == "RUNNING":
                 _slurm("scancel", "--signal=USR1", queued[0])  # to its tasks, as --signal does
                 signalled = True
@@ -112,7 +122,10 @@ def test_sbatch_job_preempted_requeued_and_resumed_matches_single_process(tmp_pa
         subprocess.run(["scancel", "--name", name], env={**os.environ, "SLURM_CONF": SLURM_CONF},
                        capture_output=True, timeout=30)  # a no-op unless the test failed mid-job
     log = out.read_text() if out.exists() else ""
-    assert job.returncode == 0 and signalled and released, f"{stdout}\n{stderr}\n{log[-4000:]}"
+    # Under load sbatch --wait can return (status 1) at the requeue while the job goes on: then
+    # the finished job is what the log and the losses below show.
+    assert (job.returncode == 0 or returned_early) and signalled and released, \
+        f"{stdout}\n{stderr}\n{log[-4000:]}"
     stop = re.search(r"SIGUSR1: stopping at step (\d+) with a final checkpoint", log)
     assert stop and 2 <= int(stop.group(1)) < 20, log[-4000:]
     assert "stopped with a checkpoint (exit 75): requeueing job" in log
@@ -132,11 +145,7 @@ def test_cancelled_job_saves_and_stays_cancelled(tmp_path):
     common = [*OVERRIDES, f"data.paths=[{prefix}]", "training.max_steps=100000"]
     run, out, name = tmp_path / "slurm", tmp_path / "slurm.out", f"cancel-{os.getpid()}"
     env = {**os.environ, "PYTHON": sys.executable, "REPO": str(ROOT), "SLURM_CONF": SLURM_CONF}
-    job = subprocess.Popen(["sbatch", "--wait", "--job-name", name, "--nodes", "1",
-                            "--ntasks-per-node", "1", "--output", str(out),
-                            "launchers/slurm/pretrain.sbatch", "configs/tiny.yaml", *common,
-                            f"run_dir={run}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    job = _submit(name, 1, out, [*common, f"run_dir={run}"], env)
     try:
         deadline = time.monotonic() + 180
         while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
