@@ -245,3 +245,17 @@ def test_cli_plans_moe16x_on_four_nodes_of_eight():
     out = _run_cli(str(MOE16X), "--nodes", "4", "--gpus-per-node", "8")
     assert out.returncode == 0, out.stderr
     assert "tp 2 x pp 2 x dp 8" in out.stdout and "-- node 3 --" in out.stdout
+
+
+def test_rank_grid_names_each_gpus_expert_rank_when_folded():
+    """Folded over tp x dp, the two tp ranks of one dp row hold different experts: each cell says
+    which expert-parallel rank it is (unfolded, the row's (ep, edp) covers its tp ranks)."""
+    over = ["model.preset=tiny-moe", "model.n_experts=4", "parallel.tp=2", "parallel.ep=4",
+            "training.global_batch_size=4", "training.micro_batch_size=1"]
+    folded = format_plan(plan_layout(load(None, [*over, "parallel.fold_experts=true"]), 1, 4))
+    assert "cells: global rank:e<ep rank>" in folded
+    assert [line.split() for line in folded.splitlines() if line.strip().startswith(("0 ", "1 "))
+            and ":e" in line] == [["0", "0:e0", "1:e1"], ["1", "2:e2", "3:e3"]]
+    unfolded = format_plan(plan_layout(load(None, [*over[:3], "parallel.ep=2",
+                                                   *over[4:]]), 1, 4))
+    assert "1 (1, 0)           2   3" in unfolded

@@ -372,12 +372,18 @@ def _short_list(ranks: list[int], keep: int = 8) -> str:
 
 
 def _format_grid(plan: Plan, pp_rank: int, max_rows: int) -> str:
-    """Global ranks of one pipeline stage: a row per dp rank, a column per tp rank, node lines."""
+    """Global ranks of one pipeline stage: a row per dp rank, a column per tp rank, node lines.
+    Unfolded, a row's (ep, edp) is its dp rank's; with experts folded over tp x dp every cell
+    carries its own expert-parallel rank (rank:e<ep>)."""
     lay, g = plan.layout, plan.layout.gpus_per_node
-    width = max(len(str(lay.world - 1)), 3)
+    folded = plan.cfg.parallel.fold_experts
+    coords = {c.rank: c for c in plan.grid}
+    width = max(len(str(lay.world - 1)), 3) + (len(str(lay.ep - 1)) + 2 if folded else 0)
     head = " ".join(f"{f'tp{t}':>{width}}" for t in range(lay.tp))
-    rows = [f"Rank grid, pipeline rank {pp_rank} (rows: dp rank = edp*ep + ep; columns: tp rank):",
-            f"  {'dp (ep, edp)':<16} {head}"]
+    what = ("rows: dp rank; columns: tp rank; cells: global rank:e<ep rank>, experts folded over "
+            "tp x dp" if folded else "rows: dp rank = edp*ep + ep; columns: tp rank")
+    rows = [f"Rank grid, pipeline rank {pp_rank} ({what}):",
+            f"  {'dp' if folded else 'dp (ep, edp)':<16} {head}"]
     shown = _shown_rows(lay.dp, max_rows)
     last_node = None
     for d in range(lay.dp):
@@ -390,8 +396,9 @@ def _format_grid(plan: Plan, pp_rank: int, max_rows: int) -> str:
             if d - 1 in shown:
                 rows.append(f"  ... ({lay.dp - len(shown)} rows)")
             continue
-        label = f"{d} ({d % lay.ep}, {d // lay.ep})"
-        cells = " ".join(f"{r:>{width}}" for r in ranks)
+        label = f"{d}" if folded else f"{d} ({d % lay.ep}, {d // lay.ep})"
+        texts = [f"{r}:e{coords[r].ep}" if folded else str(r) for r in ranks]
+        cells = " ".join(f"{t:>{width}}" for t in texts)
         split = "  (row spans nodes " + ", ".join(map(str, nodes)) + ")" if len(nodes) > 1 else ""
         rows.append(f"  {label:<16} {cells}{split}")
     return "\n".join(rows)
