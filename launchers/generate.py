@@ -50,7 +50,8 @@ def generate(model: Decoder, ids: list[int], max_new_tokens: int, temperature: f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="run_dir (latest checkpoint) or a step_XXXXXXXX directory")
+    p.add_argument("checkpoint",
+                   help="run_dir (its newest checkpoint that verifies) or a step_XXXXXXXX directory")
     p.add_argument("--prompt", default="def ", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -125,3 +125,22 @@ def test_summaries_read_back_by_tensorboard(tmp_path):
     assert np.array_equal(decode_png(event.encoded_image_string), rgb)
     assert [(e.step, e.value) for e in ea.Scalars("moe/layer0/load_cv")] == [(3, 0.5), (4, 0.25)]
     assert ea.SummaryMetadata("moe/layer0/load_cv").summary_description == DESCRIPTIONS["load_cv"]
+
+
+def test_only_per_layer_tags_carry_the_per_layer_descriptions(tmp_path):
+    """The step's overall train/dropped_fraction is not the per-layer figure the description
+    explains: only moe/layerN/<figure> tags get DESCRIPTIONS."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, enabled=True, histograms=False)
+    logger.log(1, {"dropped_fraction": 0.1}, dropped={0: 0.2})
+    logger.close()
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert ea.SummaryMetadata("moe/layer0/dropped_fraction").summary_description == \
+        DESCRIPTIONS["dropped_fraction"]
+    assert "train/dropped_fraction" in ea.Tags()["scalars"]
+    plain = ea.summary_metadata.get("train/dropped_fraction")  # a plain add_scalar has none
+    assert plain is None or plain.summary_description == ""

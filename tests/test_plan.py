@@ -6,7 +6,6 @@ FLOPs from 6 N tokens + 12 L d S tokens (N the active matmul parameters), the 1F
 (p - 1) / (m + p - 1).
 """
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +258,15 @@ def test_rank_grid_names_each_gpus_expert_rank_when_folded():
     unfolded = format_plan(plan_layout(load(None, [*over[:3], "parallel.ep=2",
                                                    *over[4:]]), 1, 4))
     assert "1 (1, 0)           2   3" in unfolded
+
+
+@pytest.mark.parametrize("kind", ["classify", "sft", "dpo"])
+def test_post_training_configs_are_refused_not_planned_wrong(kind):
+    """A post-training step is not the pretraining step the planner sizes (dpo: two rows per
+    example): plan, search (and so simulate) refuse it in one line naming the key."""
+    from train.search import search_layouts
+
+    cfg = load(None, [*TINY_DENSE, f"task.kind={kind}"])
+    for run in (lambda: plan_layout(cfg, 1, 1), lambda: search_layouts(cfg, 1, 1)):
+        with pytest.raises(ValueError, match=f"task.kind={kind}: the planner sizes pretraining"):
+            run()

@@ -491,3 +491,20 @@ def test_global_batch_prepass_routes_packed_rows_as_training_does(tmp_path):
     assert stats["loads"] and set(t.step_loads) == set(stats["loads"])
     for layer, trained in stats["loads"].items():
         assert torch.equal(t.step_loads[layer].long(), trained), layer
+
+
+def test_resumed_run_logs_its_step_zero_rows_once(tmp_path):
+    """The truncation report and the step-0 validation belong to the run's start: a resumed run
+    (whose metrics.jsonl already holds them up to its step) does not append them again."""
+    first = task_cfg(tmp_path, "sft", "training.max_steps=2", "training.eval_interval=2")
+    trainer(first).train()
+    again = task_cfg(tmp_path, "sft", "training.max_steps=4", "training.eval_interval=2",
+                     "checkpoint.resume=auto")
+    t = trainer(again)
+    assert t.step == 2
+    t.train()
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    at_zero = [r.get("split", "train") for r in rows if r["step"] == 0]
+    assert sorted(at_zero) == ["data", "valid"]
+    assert [r["step"] for r in rows if "split" not in r] == [1, 2, 3, 4]

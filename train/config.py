@@ -93,7 +93,7 @@ class CheckpointConfig:
     resume: str = "none"              # none | auto (newest checkpoint in run_dir/checkpoints that verifies) | path to a checkpoint
     overwrite: bool = False           # a new run where checkpoints exist moves them to checkpoints/aside/ (never deletes); false = refuse the run
     dir: str | None = None            # null = <run_dir>/checkpoints
-    init_from: str | None = None      # weights that start the run (step 0, fresh optimizer), sharded for any layout: an HF directory (safetensors; a family in docs/hf.md) or one of our checkpoints (a step_XXXXXXXX directory, or a run_dir: its latest)
+    init_from: str | None = None      # weights that start the run (step 0, fresh optimizer), sharded for any layout: an HF directory (safetensors; a family in docs/hf.md) or one of our checkpoints (a step_XXXXXXXX directory, or a run_dir: its newest that verifies)
     upcycle: bool = False             # with init_from: a dense checkpoint becomes this MoE model (each expert a copy or a slice of the dense MLP, router drawn small); the step-0 loss equals the dense model's
 
 

@@ -1,11 +1,11 @@
 """checkpoint.init_from: the whole-model weights a run starts from (fresh optimizer, step 0).
 
 A source is an HF directory (config.json + safetensors, moe/hf.py) or one of our checkpoints (a
-step_XXXXXXXX directory with meta.json, or a run_dir / checkpoints folder: its latest; any layout,
-read whole by train/checkpoint.py). Without
-checkpoint.upcycle the source must describe the same network as model (training-only fields may
-differ); with it, the source is a dense model upcycled into model's MoE shape (moe/upcycle.py).
-Every rank reads the whole tensors and cuts its own shards (moe.model.load_full_state_dict).
+step_XXXXXXXX directory with meta.json, or a run_dir / checkpoints folder: its newest checkpoint
+that verifies; any layout, read whole by train/checkpoint.py). Without checkpoint.upcycle the
+source must describe the same network as model (training-only fields may differ); with it, the
+source is a dense model upcycled into model's MoE shape (moe/upcycle.py). Every rank reads the
+whole tensors and cuts its own shards (moe.model.load_full_state_dict).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def _is_ours(path: str) -> bool:
 
 
 def resolve_source(path: str) -> str:
-    """A run_dir or checkpoints folder of ours -> its latest step_XXXXXXXX directory; a checkpoint,
-    an HF directory or anything else (read_source names what it expected) unchanged."""
+    """A run_dir or checkpoints folder of ours -> its newest step_XXXXXXXX directory that verifies
+    (train.checkpoint.find_checkpoint); a checkpoint, an HF directory or anything else
+    (read_source names what it expected) unchanged."""
     if _is_ours(path) or (Path(path) / "config.json").is_file():
         return path
     try:

@@ -106,9 +106,11 @@ class MetricsLogger:
             self._expert_picture(step, loads or {})
 
     def _add_scalar(self, tag: str, value: float, step: int) -> None:
-        """add_scalar, except that a tag with a description (DESCRIPTIONS, by its last part) gets it
-        with its first value, so TensorBoard shows what the number means."""
-        description = None if tag in self._described else DESCRIPTIONS.get(tag.rsplit("/", 1)[-1])
+        """add_scalar, except that a per-layer MoE tag (moe/layerN/<figure>) with a description
+        (DESCRIPTIONS) gets it with its first value, so TensorBoard shows what the number means."""
+        per_layer = tag.startswith("moe/layer")
+        known = tag not in self._described and per_layer
+        description = DESCRIPTIONS.get(tag.rsplit("/", 1)[-1]) if known else None
         if description is None:
             self.writer.add_scalar(tag, value, step)
             return

@@ -121,6 +121,16 @@ class Plan:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_pretraining(cfg: TrainConfig) -> None:
+    """The planner sizes pretraining steps (one row of seq_len tokens per example, causal
+    attention): a post-training task's step differs (DPO runs two rows per example, packed SFT
+    rows carry a [B, 1, S, S] document mask), so it is refused rather than planned wrong."""
+    if cfg.task.kind != "lm":
+        raise ValueError(f"task.kind={cfg.task.kind}: the planner sizes pretraining steps only "
+                         f"(dpo runs two rows per example, packed sft rows a document mask); "
+                         f"plan the same model and layout with task.kind=lm")
+
+
 def resolve_layout(cfg: TrainConfig, nodes: int, gpus_per_node: int) -> Layout:
     """Validate the config against nodes x gpus_per_node GPUs; one-line ValueError on a bad layout."""
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
@@ -253,6 +263,7 @@ def plan_layout(cfg: TrainConfig, nodes: int = 1, gpus_per_node: int = 1,
     """Everything the planner reports for cfg on nodes x gpus_per_node GPUs (see the module doc)."""
     if not (isinstance(gpu_mem_gb, (int, float)) and gpu_mem_gb > 0):
         raise ValueError(f"--gpu-mem-gb ({gpu_mem_gb!r}) must be a number > 0 (GiB per GPU)")
+    check_pretraining(cfg)
     layout = resolve_layout(cfg, nodes, gpus_per_node)
     partition, costs, first_extra, last_extra = plan_partition(cfg)
     stages = [_stage_plan(cfg, layout, partition, r) for r in range(layout.pp)]

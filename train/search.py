@@ -30,8 +30,8 @@ from parallel.partition import bubble_fraction
 from .config import TrainConfig
 from .footprint import rank_params
 from .metrics import model_flops_per_token
-from .plan import (GIB, Layout, plan_partition, rank_kinds, resolve_layout, sizing_model,
-                   stage_memory)
+from .plan import (GIB, Layout, check_pretraining, plan_partition, rank_kinds, resolve_layout,
+                   sizing_model, stage_memory)
 
 PEAK_FLOPS = 989e12        # H100 SXM dense bf16 (float32 runs at half: TF32)
 EFFICIENCY = 0.5           # fraction of peak the GEMMs reach
@@ -111,6 +111,7 @@ def search_layouts(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu_mem_gb:
     parallelism, full recompute, micro-batch 1); a family that does not fit then is rejected with
     its peak, one that is invalid with the planner's error, and the variants of the others are
     sized and timed."""
+    check_pretraining(cfg)
     world = nodes * gpus_per_node
     if not 0.0 <= headroom < 1.0:
         raise ValueError(f"--headroom ({headroom}) must be a fraction in [0, 1), e.g. 0.05")

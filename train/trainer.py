@@ -253,7 +253,8 @@ class Trainer:
         backward (under 1F1B micro-batch 0's backward precedes micro-batch 1's forward): count them
         in a no-grad forward of every micro-batch through the same pipeline, sum over dp, and refill
         step_loads, which the training chunks read. Exact (the weights and inputs are the same)
-        for one extra forward per step; the RNG is forked so training draws the same dropout."""
+        for one extra forward per step: dropout keys restart for the training pass
+        (_start_dropout_step) and the RNG is forked, so router jitter draws the same noise."""
         if self.count_executor is None:
             return
         self._counted.clear()
@@ -481,6 +482,9 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         c = self.cfg
+        if self.in_memory:
+            raise RuntimeError("a trainer on in-memory batches (the planner's simulation) runs "
+                               "train_step only: train() writes a run directory and checkpoints")
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(c, self.run_dir / "config.yaml")

@@ -87,14 +87,16 @@ class ExampleTask(Task):
 
     # ------------------------------------------------------------ before the loop, validation
     def prepare(self, trainer) -> None:
-        """Executors for validation (every rank, same order); the truncation report in metrics;
-        a validation at step 0 for a fresh run, the baseline the learning is measured against."""
+        """Executors for validation (every rank, same order); for a run that starts at step 0 (not
+        a resumed one, whose metrics already hold them), the truncation report in metrics and a
+        validation at step 0, the baseline the learning is measured against."""
         fns = [self.chunk_fn(c, 1.0, mode="eval") for c in trainer.chunks]
         self.eval_executor = trainer.make_executor(fns)
+        if trainer.run_start.resume_from is not None:
+            return
         fractions = {f"truncated_fraction/{s}": t.fraction for s, t in self.truncation.items()}
         trainer.logger.log(0, fractions, prefix="data")
-        c = trainer.cfg
-        if c.training.eval_interval and c.checkpoint.resume == "none":
+        if trainer.cfg.training.eval_interval:
             v = trainer.evaluate()
             trainer.logger.log(0, v, prefix="valid")
             trainer._log(f"validation at step 0: {self.describe(v)}")
