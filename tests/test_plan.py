@@ -263,10 +263,12 @@ def test_rank_grid_names_each_gpus_expert_rank_when_folded():
 @pytest.mark.parametrize("kind", ["classify", "sft", "dpo"])
 def test_post_training_configs_are_refused_not_planned_wrong(kind):
     """A post-training step is not the pretraining step the planner sizes (dpo: two rows per
-    example): plan, search (and so simulate) refuse it in one line naming the key."""
+    example): plan, search and simulate refuse it in one line naming the key."""
     from train.search import search_layouts
+    from train.simulate import simulate_rank
 
     cfg = load(None, [*TINY_DENSE, f"task.kind={kind}"])
-    for run in (lambda: plan_layout(cfg, 1, 1), lambda: search_layouts(cfg, 1, 1)):
+    for run in (lambda: plan_layout(cfg, 1, 1), lambda: search_layouts(cfg, 1, 1),
+                lambda: simulate_rank(cfg, 1, 1, 0)):
         with pytest.raises(ValueError, match=f"task.kind={kind}: the planner sizes pretraining"):
             run()

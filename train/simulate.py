@@ -38,7 +38,7 @@ from parallel.context import ParallelContext, RankCoords, rank_grid
 
 from .config import TrainConfig, check_world
 from .memory import CATEGORIES, WINDOWS, MemoryTracker
-from .plan import rank_kinds
+from .plan import check_pretraining, rank_kinds
 
 _FLOAT_PLACEHOLDER = 1.0
 _SHORT = ("weights", "grads", "optim", "activ", "temp")  # CATEGORIES, as the plan prints them
@@ -109,6 +109,7 @@ def simulation_config(cfg: TrainConfig, imbalance: float | None) -> TrainConfig:
 
     imbalance None keeps model.forced_routing_imbalance when set, else routes evenly (1.0).
     """
+    check_pretraining(cfg)
     m = cfg.model
     if m.n_experts and m.capacity_factor is not None:
         raise ValueError(f"model.capacity_factor ({m.capacity_factor}) cannot be simulated: "

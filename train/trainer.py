@@ -71,10 +71,7 @@ class Trainer:
         self.is_logger = ctx.rank == 0
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        self.in_memory = batches is not None
-        if self.in_memory and cfg.task.kind != "lm":
-            raise ValueError(f"task.kind={cfg.task.kind}: in-memory batches (the planner's "
-                             f"simulation) feed pretraining only; plan with task.kind=lm")
+        self.in_memory = batches is not None  # pretraining rows (train.simulate checks the task)
         self.run_start = RunStart("in-memory", None, 0, None) if self.in_memory else self._start_run()
         torch.manual_seed(t.seed)
         self.task = make_task(cfg)  # the objective: pretraining's LM, or a post-training task
