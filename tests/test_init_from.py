@@ -61,6 +61,13 @@ def test_init_from_hf_with_mismatched_model_names_the_field(tmp_path, mixtral_di
     with pytest.raises(ValueError, match=r"model\.rope_theta .* set model\.rope_theta=1000000\.0"):
         Trainer(_config(tmp_path, mixtral_dir[0], "model.rope_theta=500000.0"), ParallelContext.single())
 
+    # the mismatch is found from config.json alone, before any weight is read
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((mixtral_dir[0] / "config.json").read_bytes())
+    with pytest.raises(ValueError, match=r"model\.rope_theta .* in its config\.json"):
+        Trainer(_config(tmp_path, config_only, "model.rope_theta=500000.0"), ParallelContext.single())
+
 
 def _tp_ep_worker(rank, world, tmp, hf_dir):
     from parallel.context import ParallelContext
