@@ -273,7 +273,9 @@ class Trainer:
         lm = sum((loss.float() for loss in result.losses), torch.zeros((), device=self.device))
         scalars = torch.stack([lm, merged["aux_loss"], merged["z_loss"], merged["dropped"]])
         task = self.task.step_sums(result.infos, self.device)  # the task's scalars (none for LM)
-        sums = torch.cat([scalars, merged["aux_layers"], task])
+        capacity = m.capacity_factor is not None  # per-layer dropped shares exist only then
+        dropped_layers = merged["dropped_layers"] if capacity else merged["dropped_layers"][:0]
+        sums = torch.cat([scalars, merged["aux_layers"], dropped_layers, task])
         loads = merged["loads"]
         if self.ctx.pp > 1:
             dist.all_reduce(sums, group=self.ctx.pp_group)
@@ -282,34 +284,24 @@ class Trainer:
         sums[3] /= max(len(moe_layers), 1)
         sums /= self.n_micro
         lm, aux, z, dropped = sums[:4].unbind(0)
+        drop_at = 4 + m.n_layers  # capacity mode: each layer's dropped share of its routed slots
         return {"lm": lm, "aux": aux, "z": z, "dropped": dropped,
                 "loads": {i: loads[i].long() for i in moe_layers},
                 "aux_layers": {i: sums[4 + i] for i in moe_layers},
-                "dropped_layers": self._dropped_per_layer(merged["dropped_layers"], moe_layers),
-                "task": list(sums[4 + m.n_layers:].unbind(0))}
-
-    def _dropped_per_layer(self, dropped: torch.Tensor, moe_layers: list[int]) -> dict[int, float]:
-        """Capacity mode only: each MoE layer's dropped share of routed slots, mean over the step's
-        micro-batches and the data-parallel ranks (every micro-batch routes as many slots).
-        dropped [n_layers]: this rank's sums over micro-batches (zero for layers it lacks)."""
-        if self.cfg.model.capacity_factor is None or not moe_layers:
-            return {}
-        if self.ctx.pp > 1:
-            dist.all_reduce(dropped, group=self.ctx.pp_group)
-        if self.dp > 1:
-            dist.all_reduce(dropped, group=self.ctx.dp_group)
-        per_layer = (dropped / (self.n_micro * self.dp)).tolist()
-        return {i: per_layer[i] for i in moe_layers}
+                "dropped_layers": {i: sums[drop_at + i] for i in moe_layers} if capacity else {},
+                "task": list(sums[drop_at + len(dropped_layers):].unbind(0))}
 
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
         apply_lr(self.optimizer.adamw, lr)
         stats = self.forward_backward()
-        per_layer, n_task = stats["aux_layers"], len(stats["task"])
+        per_layer, dropped_layers = stats["aux_layers"], stats["dropped_layers"]
         lm, aux, z, dropped, *rest = self._mean_over_dp(
             stats["lm"], stats["aux"], stats["z"], stats["dropped"], *per_layer.values(),
-            *stats["task"])
-        aux_layers, task = rest[:len(rest) - n_task], rest[len(rest) - n_task:]
+            *dropped_layers.values(), *stats["task"])
+        n_aux, n_drop = len(per_layer), len(dropped_layers)
+        aux_layers, task = rest[:n_aux], rest[n_aux + n_drop:]
+        dropped_layers = dict(zip(dropped_layers, rest[n_aux:n_aux + n_drop]))
         loads = self._sum_loads_over_dp(stats["loads"])
         grad_norm = self.optimizer.clip(self.cfg.optimizer.grad_clip)
         loss = lm + aux + z
@@ -324,7 +316,7 @@ class Trainer:
         return {"loss": loss, self.task.loss_key: lm, "aux_loss": aux, "z_loss": z, "lr": lr,
                 "grad_norm": grad_norm, "dropped_fraction": dropped,
                 **dict(zip(self.task.scalar_names, task)), "loads": loads,
-                "expert_bias": self._expert_biases(), "dropped_layers": stats["dropped_layers"],
+                "expert_bias": self._expert_biases(), "dropped_layers": dropped_layers,
                 **{f"moe/layer{i}/aux_loss": v for i, v in zip(per_layer, aux_layers)}}
 
     def _expert_biases(self) -> dict[int, torch.Tensor]:
