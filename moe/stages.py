@@ -20,7 +20,7 @@ from parallel.partition import check_partition, partition_layers
 from parallel.rng import ParallelRNG
 
 from .config import ModelConfig
-from .model import Decoder, DecoderOutput, build_model
+from .model import Decoder, DecoderOutput, build_empty, build_model
 
 # ---------------------------------------------------------------------------------------------
 # Costs (forward FLOPs for one sequence of seq_len tokens; backward is ~2x of each, so ratios hold)
@@ -98,11 +98,12 @@ def plan_stages(cfg: ModelConfig, pp: int, vpp: int, seq_len: int, stage_layers:
 
 
 def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[list[int]], seed: int = 0,
-                       device: str | torch.device | None = None) -> list[Decoder]:
+                       device: str | torch.device | None = None, init: bool = True) -> list[Decoder]:
     """This rank's chunks, chunk c = virtual stage c * pp + pp_rank, initialised with init_weights(seed).
 
     Init is layout-independent (each parameter drawn whole from a (seed, name) generator, tied head
     drawn under the embedding's name), so the chunks hold exactly the single-process weights.
+    init=False leaves the weights uninitialised (build_empty), for a caller that loads every one.
     """
     n_stages = ctx.pp * ctx.vpp
     if len(partition) != n_stages:
@@ -112,8 +113,9 @@ def build_stage_chunks(cfg: ModelConfig, ctx: ParallelContext, partition: list[l
     chunks, rng = [], ParallelRNG(seed, ctx)  # one dropout tracker for all of this rank's chunks
     for c in range(ctx.vpp):
         v = c * ctx.pp + ctx.pp_rank
-        chunks.append(build_model(cfg, ctx, seed=seed, device=device, layer_ids=partition[v],
-                                  pre=v == 0, post=v == n_stages - 1, rng=rng))
+        build = build_model if init else build_empty
+        chunks.append(build(cfg, ctx, seed=seed, device=device or "cpu", layer_ids=partition[v],
+                            pre=v == 0, post=v == n_stages - 1, rng=rng))
     return chunks
 
 

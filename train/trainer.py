@@ -103,8 +103,10 @@ class Trainer:
         c, p = self.cfg, self.cfg.parallel
         partition = plan_stages(c.model, p.pp, p.vpp, c.data.seq_len, stage_layers=p.stage_layers,
                                 first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
-        self.chunks = build_stage_chunks(c.model, self.ctx, partition, seed=c.training.seed, device=self.device)
-        if c.checkpoint.init_from:
+        start = c.checkpoint.init_from  # loads every weight: no random init to throw away
+        self.chunks = build_stage_chunks(c.model, self.ctx, partition, seed=c.training.seed,
+                                         device=self.device, init=not start)
+        if start:
             self._init_from(self.chunks, c.checkpoint.init_from)
         if self.fp8 is not None:
             self._enable_float8()

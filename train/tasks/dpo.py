@@ -129,8 +129,9 @@ class DPOTask(ExampleTask):
     def prepare(self, trainer) -> None:
         """Reference log-probabilities of every train and valid pair, then ExampleTask.prepare."""
         ref_path = self.cfg.task.reference
-        saved = [{k: v.detach().clone() for k, v in c.state_dict().items()} for c in trainer.chunks]
-        if ref_path:
+        if ref_path:  # the policy's own weights are kept aside while the reference is loaded
+            saved = [{k: v.detach().clone() for k, v in c.state_dict().items()}
+                     for c in trainer.chunks]
             full = _reference_state(ref_path, trainer.cfg.model)
             for chunk in trainer.chunks:
                 load_full_state_dict(chunk, full)
