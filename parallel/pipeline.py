@@ -37,6 +37,7 @@ plan runs with the same default tag everywhere, so gloo matches by order exactly
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
@@ -79,13 +80,20 @@ def build_schedule(kind: str, pp: int, vpp: int, n_micro: int) -> list[list[Acti
                  micro-batches go through the chunks in groups of pp (needs m % pp == 0).
     vpp > 1 only for "interleaved" (the checks are parallel/partition.py's).
     """
+    return [list(rank_schedule(kind, pp, vpp, n_micro, rank)) for rank in range(pp)]
+
+
+@functools.lru_cache(maxsize=1024)
+def rank_schedule(kind: str, pp: int, vpp: int, n_micro: int, rank: int) -> tuple[Action, ...]:
+    """Pipeline rank `rank`'s row of build_schedule, cached (immutable): the planner replays one
+    rank's schedule for many layouts that share it."""
     _check_schedule_args(kind, pp, vpp, n_micro)
     if kind == "interleaved" and n_micro % pp:
         raise ValueError(f"n_micro ({n_micro}) must be a multiple of pp ({pp}) for the interleaved schedule "
                          f"(micro-batches go through the chunks in groups of pp): use n_micro in "
                          f"{{{pp}, {2 * pp}, {3 * pp}, ...}} or schedule '1f1b'")
     build = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "interleaved": _interleaved}[kind]
-    return [build(pp, vpp, n_micro, rank) for rank in range(pp)]
+    return tuple(build(pp, vpp, n_micro, rank))
 
 
 def _gpipe(pp: int, vpp: int, n_micro: int, rank: int) -> list[Action]:

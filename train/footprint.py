@@ -2,7 +2,7 @@
 
 The model follows our own code, not a rule of thumb: for each block it counts the tensors that
 forward leaves for backward (named below after the ops that make them), for each rank it replays
-the pipeline schedule's actions (parallel.pipeline.build_schedule) to find the moment of the peak,
+the pipeline schedule's actions (parallel.pipeline.rank_schedule) to find the moment of the peak,
 and at that moment it adds the transient tensors of the loss (forward) or of the first backward op
 (the "spikes"). train/simulate.py measures the same step on fake tensors; tests/test_simulate.py
 checks that the two agree within 3% over a matrix of layouts.
@@ -27,11 +27,12 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from moe.config import ModelConfig
 from moe.router import forced_counts
 from parallel.layout import zero1_ranks
-from parallel.pipeline import Action, build_schedule
+from parallel.pipeline import Action, rank_schedule
 
 _F32, _I64 = 4, 8
 
@@ -355,7 +356,7 @@ def chunk_footprint(m: ModelConfig, z: Sizes, layers: list[int], first: bool, la
     return ChunkFootprint(acts, loss_fwd_spike(m, z) if last else 0, spike)
 
 
-def replay(actions: list[Action], chunks: list[ChunkFootprint]) -> tuple[int, int]:
+def replay(actions: Sequence[Action], chunks: list[ChunkFootprint]) -> tuple[int, int]:
     """(activations, transient) bytes at the peak of this rank's schedule: a forward adds its
     chunk's activations (a candidate with the forward spike), a backward is a candidate with its
     spike before it frees them."""
@@ -452,6 +453,6 @@ def rank_memory(m: ModelConfig, layout, chunks: list[list[int]], vstages: list[i
     state = state_bytes(params, owned(params, zero1, layout.dp, layout.edp), precision == "bf16")
     foot = [chunk_footprint(m, z, layers, first, last, recompute) for layers, first, last in specs]
     kind = "1f1b" if layout.pp == 1 else layout.schedule
-    acts, spike = replay(build_schedule(kind, layout.pp, layout.vpp, layout.n_micro)[pp_rank], foot)
+    acts, spike = replay(rank_schedule(kind, layout.pp, layout.vpp, layout.n_micro, pp_rank), foot)
     batch = z.rows * (layout.seq_len + 1) * _I64
     return {**state, "activations": acts + batch, "temporaries": spike}
