@@ -511,3 +511,16 @@ def test_sigterm_stops_with_a_final_checkpoint_and_exit_status_75(tmp_path, toke
     final = list_checkpoints(run / "checkpoints")
     assert [p.name for p in final] == [f"step_{last:08d}"]
     assert json.loads((final[0] / "meta.json").read_text())["step"] == last
+
+
+def test_each_token_file_is_read_once_at_start(tmp_path, tokens, monkeypatch):
+    """Opening a token file checks every id (a full pass over it): the train and valid splits
+    share one opening, so a run's start reads each file once."""
+    from train import data
+
+    checked = []
+    check = data.TokenFile._check_ids
+    monkeypatch.setattr(data.TokenFile, "_check_ids",
+                        lambda self, *a, **k: (checked.append(self.prefix), check(self, *a, **k)))
+    make_trainer(make_cfg(tmp_path, tokens))
+    assert checked == [tokens]

@@ -556,12 +556,14 @@ class PretrainData:
 
     def __init__(self, prefixes: Sequence[str], weights: Sequence[float] | None, seq_len: int,
                  global_batch_size: int, seed: int, split: str, valid_fraction: float,
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, files: Sequence[TokenFile] | None = None):
+        """files: the prefixes already opened (TokenFile checks every id when it opens a file:
+        the train and valid splits of one run share one opening)."""
         _check_sampler_args(prefixes, seq_len, global_batch_size, seed, split, valid_fraction,
                             dp_rank, dp_size)
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
         self.split, self.dp_rank, self.dp_size = split, dp_rank, dp_size
-        self.files = [TokenFile(p) for p in prefixes]
+        self.files = list(files) if files is not None else [TokenFile(p) for p in prefixes]
         _check_same_vocab(self.files)
         self.vocab_size = self.files[0].vocab_size
         self.windows = [self._split_of(f, valid_fraction) for f in self.files]

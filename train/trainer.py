@@ -37,7 +37,7 @@ from parallel.pipeline import PipelineExecutor
 from .checkpoint import (choose_checkpoint, restore_training_state, rng_state, save_checkpoint,
                          step_of, training_state)
 from .config import TrainConfig, check_world, save_config
-from .data import PretrainData, load_tokenizer, resolve_data_paths
+from .data import PretrainData, TokenFile, load_tokenizer, resolve_data_paths
 from .init_from import initial_state
 from .metrics import MetricsLogger, Throughput, format_eta, model_flops_per_token, peak_flops
 from .optim import LRSchedule, apply_lr, build_parallel_optimizer
@@ -168,7 +168,8 @@ class Trainer:
         prefixes = self._prepare_corpus(c, tok)
         kw = dict(prefixes=prefixes, weights=c.data.weights, seq_len=c.data.seq_len,
                   seed=c.training.seed, valid_fraction=c.data.valid_fraction,
-                  dp_rank=self.ctx.dp_rank, dp_size=self.dp)
+                  dp_rank=self.ctx.dp_rank, dp_size=self.dp,
+                  files=[TokenFile(p) for p in prefixes])  # opened (and checked) once
         train = PretrainData(global_batch_size=c.training.global_batch_size, split="train", **kw)
         valid = PretrainData(global_batch_size=c.training.global_batch_size, split="valid", **kw)  # layout-independent
         if train.vocab_size > c.model.vocab_size:
