@@ -27,17 +27,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import train.checkpoint as ckpt  # noqa: E402
+from benchmarks import markdown_table, median_ms  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
 from train.data import ByteTokenizer, TokenFile, ensure_default_corpus, write_token_file  # noqa: E402
 
 
 def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_ms(fn, repeats, 0, torch.device("cpu")) / 1e3
 
 
 def checkpoint_rows(mib: int, repeats: int, root: Path) -> list[tuple[str, float, float]]:
@@ -99,11 +95,9 @@ def token_rows(cache_dir: Path, max_bytes: int, tokens_m: int, repeats: int,
 
 
 def format_table(rows: list[tuple[str, float, float]]) -> str:
-    lines = ["| what | bytes | time | GB/s |", "|---|---|---|---|"]
-    for what, seconds, size in rows:
-        lines.append(f"| {what} | {size / 2**20:.1f} MiB | {seconds * 1e3:.1f} ms | "
-                     f"{size / max(seconds, 1e-9) / 1e9:.2f} |")
-    return "\n".join(lines)
+    return markdown_table(["what", "bytes", "time", "GB/s"],
+                          [[what, f"{size / 2**20:.1f} MiB", f"{seconds * 1e3:.1f} ms",
+                            f"{size / max(seconds, 1e-9) / 1e9:.2f}"] for what, seconds, size in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

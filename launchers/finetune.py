@@ -13,13 +13,12 @@ after saving (run again with --resume); 1 anything else.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launchers.pretrain import main as train_main  # noqa: E402
+from launchers.pretrain import _launch_rank, main as train_main  # noqa: E402
 
 
 def check(cfg) -> None:
@@ -28,7 +27,7 @@ def check(cfg) -> None:
         raise ValueError("task.kind is lm (pretraining): set task.kind to classify, sft or dpo, or "
                          "run launchers/pretrain.py")
     fresh = not cfg.checkpoint.init_from and cfg.checkpoint.resume == "none"
-    if fresh and os.environ.get("RANK", "0") == "0":
+    if fresh and _launch_rank() == 0:
         print("warning: checkpoint.init_from is not set, so post-training starts from random "
               "weights: set it to a run_dir, a checkpoint or an HF directory", file=sys.stderr)
 

@@ -42,7 +42,7 @@ def check_upcycle(dense: ModelConfig, moe: ModelConfig) -> None:
         raise ValueError(f"checkpoint.upcycle turns a dense checkpoint into an MoE model, but the "
                          f"source has model.n_experts {dense.n_experts} and this run "
                          f"{moe.n_experts}")
-    all_moe = all(moe.is_moe_layer(i) for i in range(moe.n_layers))  # then no block keeps ffn_dim
+    all_moe = len(moe.moe_layer_ids) == moe.n_layers  # then no block keeps ffn_dim
     skip = TRAINING_ONLY | MOE_FIELDS | ({"ffn_dim"} if all_moe else set())
     diff = first_difference(moe, dense, skip=skip)
     if diff is not None:
@@ -73,7 +73,7 @@ def upcycle_state(dense_state: dict[str, torch.Tensor], dense: ModelConfig, moe:
                   seed: int = 0) -> dict[str, torch.Tensor]:
     """The MoE model's whole-model state dict (our names, full tensors) made from a dense one's."""
     check_upcycle(dense, moe)
-    moe_blocks = [i for i in range(moe.n_layers) if moe.is_moe_layer(i)]
+    moe_blocks = list(moe.moe_layer_ids)
     mlp_prefixes = tuple(f"layers.{i}.mlp." for i in moe_blocks)
     out = {k: v for k, v in dense_state.items() if not k.startswith(mlp_prefixes)}
     for i in moe_blocks:

@@ -159,18 +159,17 @@ def choose_checkpoint(resume: str, root: str | Path, ctx=None,
     return ResumeChoice(None, skipped)
 
 
-def find_checkpoint(path: str | Path, warn=None) -> Path:
+def find_checkpoint(path: str | Path) -> Path:
     """A step_XXXXXXXX directory, or the newest one that verifies under RUN_DIR/checkpoints or the
-    given folder; each newer one that does not is passed to `warn` (default: a line on stderr)."""
+    given folder; each newer one that does not is named on stderr."""
     path = Path(path)
     if (path / "meta.json").is_file():
         return path
-    warn = warn or (lambda line: print(line, file=sys.stderr))
     for root in (path / "checkpoints", path):
         if list_checkpoints(root):
             choice = choose_checkpoint("auto", root)
             for name, why in choice.skipped:
-                warn(f"warning: skipped checkpoint {name}: {why}")
+                print(f"warning: skipped checkpoint {name}: {why}", file=sys.stderr)
             return choice.path
     raise FileNotFoundError(f"no checkpoint under {path}: pass a run_dir or a step_XXXXXXXX "
                             f"directory")

@@ -17,6 +17,7 @@ import yaml
 
 from moe.config import ModelConfig, dataclass_from_dict
 from moe.model import RECOMPUTE
+from parallel.fp8 import RECIPES as FP8_RECIPES
 
 
 @dataclass
@@ -200,7 +201,7 @@ def _check_fp8(t: TrainingConfig) -> None:
     operands."""
     if t.fp8 is False:
         t.fp8 = "off"
-    _check(t.fp8 in ("off", "tensorwise", "rowwise"),
+    _check(t.fp8 in ("off", *FP8_RECIPES),
            f"training.fp8 ({t.fp8!r}) must be off, tensorwise or rowwise")
     _check(t.fp8 == "off" or t.precision == "bf16",
            f"training.fp8={t.fp8} needs training.precision=bf16 (got {t.precision}): float8 GEMMs "

@@ -47,12 +47,13 @@ def flops_per_token(matmul_params: int, n_layers: int, d_attn: int, seq_len: int
     return 6.0 * matmul_params + 12.0 * n_layers * d_attn * seq_len
 
 
-def model_flops_per_token(cfg, seq_len: int) -> float:
+def model_flops_per_token(cfg, seq_len: int, model=None) -> float:
     """flops_per_token of the whole model of ModelConfig `cfg` at sequence length `seq_len`,
-    the same for every layout (its matmul parameters are counted on the meta device, free)."""
+    the same for every layout (its matmul parameters are counted on the meta device, free;
+    `model`: that whole model when the caller has built it already)."""
     from moe.model import build_model, matmul_params
 
-    n = matmul_params(build_model(cfg, device="meta"))
+    n = matmul_params(model if model is not None else build_model(cfg, device="meta"))
     return flops_per_token(n, cfg.n_layers, cfg.n_heads * cfg.dim_head, seq_len)
 
 

@@ -81,22 +81,15 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     fused: bool | None = None,
-    only: set[int] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups(model, weight_decay)`; fused kernel where possible, else foreach.
 
     Update per param (decoupled decay, Loshchilov & Hutter):
         p <- p - lr * wd_group * p - lr * m_hat / (sqrt(v_hat) + eps)
     `lr` here is only the initial value; the trainer overwrites it each step with `apply_lr`.
-    `only`: ids of the parameters this rank updates (ZeRO-1 ownership); None = all.
     """
     _check_hyper(lr, betas, eps)
     groups = param_groups(model, weight_decay)
-    if only is not None:
-        for g in groups:
-            keep = [i for i, p in enumerate(g["params"]) if id(p) in only]
-            g["params"] = [g["params"][i] for i in keep]
-            g["names"] = [g["names"][i] for i in keep]
     use_fused = _resolve_fused([p for g in groups for p in g["params"]], fused)
     kernel = {"fused": True} if use_fused else {"foreach": True}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kernel)

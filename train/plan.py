@@ -267,11 +267,12 @@ def plan_layout(cfg: TrainConfig, nodes: int = 1, gpus_per_node: int = 1,
     layout = resolve_layout(cfg, nodes, gpus_per_node)
     partition, costs, first_extra, last_extra = plan_partition(cfg)
     stages = [_stage_plan(cfg, layout, partition, r) for r in range(layout.pp)]
-    total, active = param_counts(build_model(cfg.model, device="meta"))
+    whole = build_model(cfg.model, device="meta")
+    total, active = param_counts(whole)
     replica = sum(s.full_params for s in stages) - total
     tokens = cfg.training.global_batch_size * layout.seq_len
     m = cfg.model
-    step = model_flops_per_token(m, layout.seq_len) * tokens
+    step = model_flops_per_token(m, layout.seq_len, whole) * tokens
     bubble = 0.0 if layout.pp == 1 else bubble_fraction(layout.schedule, layout.pp, layout.vpp,
                                                        layout.n_micro)
     fold = cfg.parallel.fold_experts

@@ -89,8 +89,9 @@ class Trainer:
         self.last_saved_step = -1
         self.rolled_back_to = -1
         self.logger = self._open_logger(self.run_start.purge_step)
-        _, self.active_params = param_counts(build_model(cfg.model, device="meta"))  # whole model, any layout
-        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len)  # matmuls only
+        whole = build_model(cfg.model, device="meta")  # the whole model, any layout: counts only
+        _, self.active_params = param_counts(whole)
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len, whole)  # matmuls
         self.peak = peak_flops(self.device)
         self.task.prepare(self)
         if not self.in_memory:
@@ -212,10 +213,8 @@ class Trainer:
         counts routing (routing_count_fn), run before each step by _count_step_loads."""
         self.count_executor, self._counted = None, {}
         if self.cfg.model.n_experts and self.cfg.model.aux_loss_scope == "global_batch":
-            self.count_executor = PipelineExecutor(
-                [routing_count_fn(chunk, self._counted) for chunk in self.chunks], self.ctx,
-                self._schedule_kind(), self.n_micro, act_shape=self.executor.act_shape,
-                act_dtype=self.executor.act_dtype)
+            self.count_executor = self.make_executor(
+                [routing_count_fn(chunk, self._counted) for chunk in self.chunks])
 
     # ------------------------------------------------------------ one step
     def _residual_dtype(self) -> torch.dtype:
@@ -283,7 +282,7 @@ class Trainer:
         if self.ctx.pp > 1:
             dist.all_reduce(sums, group=self.ctx.pp_group)
             dist.all_reduce(loads, group=self.ctx.pp_group)
-        moe_layers = [i for i in range(m.n_layers) if m.is_moe_layer(i)]
+        moe_layers = list(m.moe_layer_ids)
         sums[3] /= max(len(moe_layers), 1)
         sums /= self.n_micro
         lm, aux, z, dropped = sums[:4].unbind(0)
@@ -331,7 +330,7 @@ class Trainer:
         table = expert_bias_table(self.chunks, m.n_layers, m.n_experts, self.device)
         if self.ctx.pp > 1:
             dist.all_reduce(table, group=self.ctx.pp_group)
-        return {i: table[i].cpu() for i in range(m.n_layers) if m.is_moe_layer(i)}
+        return {i: table[i].cpu() for i in m.moe_layer_ids}
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
         """The update is not applied. Past training.max_bad_steps in a row: stop with an error, or
@@ -386,12 +385,7 @@ class Trainer:
         return t.tolist()
 
     def _sum_loads_over_dp(self, loads: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        if self.dp > 1 and loads:
-            keys = sorted(loads)
-            t = torch.stack([loads[k].float() for k in keys])
-            dist.all_reduce(t, group=self.ctx.dp_group)
-            loads = dict(zip(keys, t.long().unbind(0)))
-        return {k: v.cpu() for k, v in loads.items()}
+        return {k: v.long().cpu() for k, v in reduce_loads_over_dp(loads, self.ctx).items()}
 
     # ------------------------------------------------------------ validation
     def evaluate(self) -> dict[str, float]:
@@ -405,11 +399,11 @@ class Trainer:
         self.valid_data.reset()
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.training.eval_steps):
-            micro = self.valid_data.next_batch().to(self.device).split(self.cfg.training.micro_batch_size)
+            batch = self.valid_data.next_batch().to(self.device)
+            mb = self.task.micro_batches(batch, self.cfg.training.micro_batch_size)
             with self._autocast():
-                losses = self.executor.forward_only(len(micro), [mb[:, :-1] for mb in micro],
-                                                    [mb[:, 1:] for mb in micro])
-            total += sum(loss.float() for loss in losses) / len(micro) if losses else 0.0
+                losses = self.executor.forward_only(len(mb.inputs), mb.inputs, mb.targets)
+            total += sum(loss.float() for loss in losses) / len(mb.inputs) if losses else 0.0
         self.model.train()
         if self.ctx.pp > 1:
             dist.all_reduce(total, group=self.ctx.pp_group)
