@@ -241,6 +241,13 @@ def chunks_of_rank(partition: list[list[int]], pp: int, rank: int) -> list[list[
     return [list(stage) for stage in partition[rank::pp]]
 
 
+def chunk_specs(partition: list[list[int]], pp: int, rank: int) -> list[tuple[list[int], bool, bool]]:
+    """(layers, holds the embedding, holds the head) of each chunk rank `rank` builds."""
+    last = len(partition) - 1
+    return [(layers, v == 0, v == last)
+            for v, layers in zip(range(rank, len(partition), pp), chunks_of_rank(partition, pp, rank))]
+
+
 def stage_loads(partition: list[list[int]], costs: list[float], first_extra: float = 0.0,
                 last_extra: float = 0.0) -> list[float]:
     """load(s) = sum of costs of stage s's layers, + first_extra on stage 0, + last_extra on the last."""

@@ -376,9 +376,8 @@ def rank_params(m: ModelConfig, specs: list[tuple[list[int], bool, bool]], tp: i
                 ep: int) -> list[list[Param]]:
     """Per chunk, in the trainer's order (the blocks, then the embedding, then the final norm and
     head), each parameter as this GPU holds it."""
-    out = []
+    out, key = [], dataclasses.astuple(m)
     for layers, pre, post in specs:
-        key = dataclasses.astuple(m)
         sizes = [p for i in layers for p in _piece_params(key, tp, ep, "block", m.is_moe_layer(i))]
         if pre:
             sizes += _piece_params(key, tp, ep, "embedding", post)
@@ -437,18 +436,17 @@ def state_bytes(params: list[Param], mine: list[Param], bf16: bool) -> dict[str,
             "gradients": 4 * sum(p.n for p in params), "optimizer": optimizer}
 
 
-def rank_memory(m: ModelConfig, layout, chunks: list[list[int]], vstages: list[int],
-                n_vstages: int, pp_rank: int, recompute: str | None, zero1: bool,
-                precision: str) -> dict[str, int]:
+def rank_memory(m: ModelConfig, layout, specs: list[tuple[list[int], bool, bool]], pp_rank: int,
+                recompute: str | None, zero1: bool, precision: str) -> dict[str, int]:
     """Bytes by category (train.memory.CATEGORIES) at this rank's peak; `layout` is the
     planner's Layout (tp, pp, vpp, dp, ep, edp, schedule, n_micro, micro_batch, seq_len,
     sequence_parallel). The state (parameters, gradient buffers, optimizer) lives all step; the
     peak of the forward and backward passes adds the activations and transients the schedule
-    replay finds, plus the batch of token ids."""
+    replay finds, plus the batch of token ids. `specs`: the rank's chunks
+    (parallel.partition.chunk_specs)."""
     c = 4 if precision == "fp32" else 2
     z = Sizes(layout.micro_batch, layout.seq_len, layout.tp, layout.sequence_parallel, layout.ep, c,
               4 if m.fp32_residual else c, layout.n_micro * layout.micro_batch, m.norm == "rmsnorm")
-    specs = [(layers, v == 0, v == n_vstages - 1) for v, layers in zip(vstages, chunks)]
     params = [p for chunk in rank_params(m, specs, layout.tp, layout.ep) for p in chunk]
     state = state_bytes(params, owned(params, zero1, layout.dp, layout.edp), precision == "bf16")
     foot = [chunk_footprint(m, z, layers, first, last, recompute) for layers, first, last in specs]

@@ -19,7 +19,6 @@ caching allocator's 512-byte rounding.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -28,10 +27,10 @@ from moe.model import build_model, param_counts, validate_layout
 from moe.stages import embedding_cost, head_cost, layer_costs, plan_stages
 from parallel.context import GROUP_KINDS, RankCoords, group_ranks, rank_grid, rank_of, resolve_sizes
 from parallel.partition import (activation_microbatches_in_flight, bubble_fraction, check_partition,
-                                chunks_of_rank, format_partition)
+                                chunk_specs, chunks_of_rank, format_partition)
 
 from .config import TrainConfig, check_world
-from .footprint import rank_memory
+from .footprint import rank_memory, rank_params
 from .metrics import model_flops_per_token
 
 GIB = 2 ** 30
@@ -188,25 +187,12 @@ def plan_partition(cfg: TrainConfig) -> tuple[list[list[int]], list[float], floa
 
 def stage_param_counts(cfg: ModelConfig, chunks: list[tuple[list[int], bool, bool]], tp: int,
                        ep: int) -> tuple[int, int, int]:
-    """(unsharded, per-GPU, per-GPU expert) parameters of a rank holding `chunks`.
-
-    Each chunk (layer_ids, pre, post) is built with tp = ep = 1 on the meta device (free at any
-    size); a parameter whose layout record has a tp dim is split over tp and one with an ep dim
-    over ep, which is exactly how the sharded layers size their local tensors (divisibility was
-    validated).
-    """
-    full = local = expert = 0
-    for layer_ids, pre, post in chunks:
-        model = build_model(cfg, device="meta", layer_ids=layer_ids, pre=pre, post=post)
-        for name, rec in model.layouts().items():
-            n = math.prod(rec.global_shape)
-            full += n
-            n //= tp if rec.tp_dim is not None else 1
-            if rec.expert:
-                n //= ep
-                expert += n
-            local += n
-    return full, local, expert
+    """(unsharded, per-GPU, per-GPU expert) parameters of a rank holding `chunks`, from the
+    memory model's per-parameter sizes (train.footprint.rank_params: each piece built once on the
+    meta device and cut as its layout records say)."""
+    local = [p for chunk in rank_params(cfg, chunks, tp, ep) for p in chunk]
+    full = sum(p.n for chunk in rank_params(cfg, chunks, 1, 1) for p in chunk)
+    return full, sum(p.n for p in local), sum(p.n for p in local if p.expert)
 
 
 def stage_memory(cfg: TrainConfig, layout: Layout, partition: list[list[int]], rank: int) -> Memory:
@@ -214,10 +200,8 @@ def stage_memory(cfg: TrainConfig, layout: Layout, partition: list[list[int]], r
     the busiest ep rank."""
     t = cfg.training
     recompute = t.recompute if t.activation_checkpointing else None
-    vstages = list(range(rank, len(partition), layout.pp))
-    chunks = chunks_of_rank(partition, layout.pp, rank)
-    mem = rank_memory(sizing_model(cfg), layout, chunks, vstages, len(partition), rank, recompute,
-                      cfg.parallel.zero1, t.precision)
+    mem = rank_memory(sizing_model(cfg), layout, chunk_specs(partition, layout.pp, rank), rank,
+                      recompute, cfg.parallel.zero1, t.precision)
     return Memory(**mem)
 
 
@@ -288,11 +272,10 @@ def plan_layout(cfg: TrainConfig, nodes: int = 1, gpus_per_node: int = 1,
 def _stage_plan(cfg: TrainConfig, layout: Layout, partition: list[list[int]],
                 rank: int) -> StagePlan:
     """Layers, parameter counts and memory of pipeline rank `rank`."""
-    n_vstages = len(partition)
-    vstages = list(range(rank, n_vstages, layout.pp))
+    vstages = list(range(rank, len(partition), layout.pp))
     chunks = chunks_of_rank(partition, layout.pp, rank)
-    specs = [(layers, v == 0, v == n_vstages - 1) for v, layers in zip(vstages, chunks)]
-    full, local, expert = stage_param_counts(cfg.model, specs, layout.tp, layout.ep)
+    specs = chunk_specs(partition, layout.pp, rank)
+    full, local, expert = stage_param_counts(sizing_model(cfg), specs, layout.tp, layout.ep)
     layers = [i for chunk in chunks for i in chunk]
     moe_layers = [i for i in layers if cfg.model.is_moe_layer(i)]
     return StagePlan(rank, vstages, chunks, moe_layers, full, local, expert,

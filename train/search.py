@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from parallel.partition import bubble_fraction
+from parallel.partition import bubble_fraction, chunk_specs, chunks_of_rank, stage_loads
 
 from .config import TrainConfig
 from .footprint import rank_params
@@ -236,12 +236,10 @@ def step_seconds(cfg: TrainConfig, layout: Layout, partition, costs, first: floa
     """The module docstring's model, for the slowest pipeline stage."""
     lay, fp32 = layout, cfg.training.precision == "fp32"
     peak = PEAK_FLOPS / (2 if fp32 else 1) * EFFICIENCY
-    n = len(partition)
-    loads = [sum(costs[i] for i in stage) for stage in partition]
-    loads[0], loads[-1] = loads[0] + first, loads[-1] + last   # embedding, head
-    per_rank = [sum(loads[v] for v in range(r, n, lay.pp)) for r in range(lay.pp)]
+    loads = stage_loads(partition, costs, first, last)  # + the embedding and the head
+    per_rank = [sum(loads[r::lay.pp]) for r in range(lay.pp)]
     slow = max(range(lay.pp), key=lambda r: per_rank[r])
-    layers = [i for v in range(slow, n, lay.pp) for i in partition[v]]
+    layers = [i for chunk in chunks_of_rank(partition, lay.pp, slow) for i in chunk]
     redo = _RECOMPUTE_COST[cfg.training.recompute] if cfg.training.activation_checkpointing else 0.0
     t_mb = (3 + redo) * lay.micro_batch * per_rank[slow] / lay.tp / peak
     t_mb += _comm_per_micro_batch(cfg, lay, layers, 4 if fp32 else 2)
@@ -270,9 +268,8 @@ def _comm_per_micro_batch(cfg: TrainConfig, lay: Layout, layers: list[int], c: i
 def _grad_reduce_seconds(cfg: TrainConfig, lay: Layout, partition, rank: int) -> float:
     """All-reduce (or reduce + broadcast under ZeRO-1: the same bytes) of the float32 gradients:
     dense ones over dp, expert ones over edp (both span tp x dp consecutive ranks)."""
-    specs = [(layers, v == 0, v == len(partition) - 1)
-             for v, layers in enumerate(partition) if v % lay.pp == rank]
-    params = [p for chunk in rank_params(cfg.model, specs, lay.tp, lay.ep) for p in chunk]
+    specs = chunk_specs(partition, lay.pp, rank)
+    params = [p for chunk in rank_params(sizing_model(cfg), specs, lay.tp, lay.ep) for p in chunk]
     expert = sum(p.n for p in params if p.expert)
     dense = sum(p.n for p in params) - expert
     bw = _bandwidth(lay.tp * lay.dp, lay.gpus_per_node)
