@@ -34,11 +34,11 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from parallel.context import ParallelContext, RankCoords, rank_grid
+from parallel.context import ParallelContext, RankCoords
 
 from .config import TrainConfig, check_world
 from .memory import CATEGORIES, WINDOWS, MemoryTracker
-from .plan import check_pretraining, rank_kinds
+from .plan import check_pretraining, rank_kinds, sizing_model
 
 _FLOAT_PLACEHOLDER = 1.0
 _SHORT = ("weights", "grads", "optim", "activ", "temp")  # CATEGORIES, as the plan prints them
@@ -104,11 +104,10 @@ class _SyntheticBatches:
         return torch.zeros(self.rows, self.seq_len + 1, dtype=torch.long)  # [G / dp, S + 1]
 
 
-def simulation_config(cfg: TrainConfig, imbalance: float | None) -> TrainConfig:
-    """The config the simulation runs: forced routing, CPU, nothing read from disk, no compile.
-
-    imbalance None keeps model.forced_routing_imbalance when set, else routes evenly (1.0).
-    """
+def simulation_config(cfg: TrainConfig) -> TrainConfig:
+    """The config the simulation runs: the planner's sizing model (train.plan.sizing_model:
+    model.forced_routing_imbalance when set, else routing evenly), CPU, nothing read from disk,
+    no compile."""
     check_pretraining(cfg)
     m = cfg.model
     if m.n_experts and m.capacity_factor is not None:
@@ -119,10 +118,7 @@ def simulation_config(cfg: TrainConfig, imbalance: float | None) -> TrainConfig:
         raise ValueError(f"model.expert_backend ({m.expert_backend!r}) cannot be simulated (it "
                          f"reads expert sizes on the host): simulate with "
                          f"model.expert_backend=grouped_mm")
-    model = m
-    if m.n_experts:
-        forced = imbalance if imbalance is not None else (m.forced_routing_imbalance or 1.0)
-        model = dataclasses.replace(m, forced_routing_imbalance=float(forced))
+    model = sizing_model(cfg)
     training = dataclasses.replace(cfg.training, device="cpu", compile=False)
     checkpoint = dataclasses.replace(cfg.checkpoint, init_from=None, resume="none")
     return dataclasses.replace(cfg, model=model, training=training, checkpoint=checkpoint)
@@ -135,7 +131,7 @@ def check_rank(rank: int, world: int) -> None:
 
 
 def simulate_rank(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int,
-                  imbalance: float | None = None, warmup: bool = False) -> RankSimulation:
+                  warmup: bool = False) -> RankSimulation:
     """Simulate global `rank` of nodes x gpus_per_node running cfg (see the module docstring).
 
     The measured step is a step after the first: optimizer state alive from the start. By default
@@ -146,7 +142,7 @@ def simulate_rank(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int,
     world = nodes * gpus_per_node
     check_rank(rank, world)
     check_world(cfg, world)
-    cfg = simulation_config(cfg, imbalance)
+    cfg = simulation_config(cfg)
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialised in this process: run the "
                            "simulation in a process of its own")
@@ -156,18 +152,18 @@ def simulate_rank(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int,
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         with FakeTensorMode():
-            mode = _run_step(cfg, world, rank, warmup)
+            mode, coords = _run_step(cfg, world, rank, warmup)
     finally:
         dist.destroy_process_group()
-    p = cfg.parallel
-    coords = rank_grid(world, p.tp, p.pp, p.dp, p.ep, p.fold_experts)[rank]
     peak, at_peak = steady_peak(mode)
     return RankSimulation(coords, peak, at_peak, mode.breakdown(),
                           cfg.model.forced_routing_imbalance, time.perf_counter() - start, mode.ops)
 
 
-def _run_step(cfg: TrainConfig, world: int, rank: int, warmup: bool) -> _SimulationMode:
-    """Build the trainer on fake tensors and run its train_step under the tracker."""
+def _run_step(cfg: TrainConfig, world: int, rank: int,
+              warmup: bool) -> tuple[_SimulationMode, RankCoords]:
+    """Build the trainer on fake tensors and run its train_step under the tracker; the rank's
+    coordinates with it."""
     from .trainer import Trainer  # the runtime, imported only when a simulation runs
 
     p = cfg.parallel
@@ -184,7 +180,7 @@ def _run_step(cfg: TrainConfig, world: int, rank: int, warmup: bool) -> _Simulat
         buffers = [b.buffer for r in opt.reducers for b in r.buckets]  # float32 accumulation
         mode.watch(list(trainer.model.parameters()), opt.adamw, buffers)
         trainer.train_step()
-    return mode
+    return mode, ctx.coords
 
 
 def steady_peak(mode: MemoryTracker) -> tuple[int, dict[str, int]]:
