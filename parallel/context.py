@@ -78,6 +78,11 @@ def check_divisible(what: str, value: int, by_what: str, by: int) -> None:
         raise ValueError(f"{what} ({value}) must be divisible by {by_what} ({by}): use {short} in {{{options}}}")
 
 
+def expert_dp_size(tp: int, dp: int, ep: int, fold: bool) -> int:
+    """edp: the copies of each expert shard, the expert domain (dp ranks, or tp x dp folded) / ep."""
+    return dp * (tp if fold else 1) // ep
+
+
 def resolve_sizes(world_size: int, tp: int, pp: int, dp: int, ep: int, fold: bool = False) -> int:
     """Validate the degrees against world_size and return dp (dp=0 means world // (tp * pp)).
     fold: experts are cut over the tp x dp ranks of a stage instead of over dp alone."""
@@ -234,7 +239,7 @@ class ParallelContext:
         self.world_size, self.rank, self.local_rank = world_size, rank, local_rank
         self.tp, self.pp, self.ep, self.vpp = tp, pp, ep, vpp
         self.fold_experts = bool(fold_experts)
-        self.edp = self.dp * (tp if self.fold_experts else 1) // ep
+        self.edp = expert_dp_size(tp, self.dp, ep, self.fold_experts)
         self.sequence_parallel = bool(sequence_parallel) and tp > 1
         self.backend, self.device = backend, torch.device(device)
         c = rank_grid(world_size, tp, pp, self.dp, ep, self.fold_experts)[rank]

@@ -25,7 +25,8 @@ from types import SimpleNamespace
 from moe.config import ModelConfig
 from moe.model import build_model, param_counts, validate_layout
 from moe.stages import embedding_cost, head_cost, layer_costs, plan_stages
-from parallel.context import GROUP_KINDS, RankCoords, group_ranks, rank_grid, rank_of, resolve_sizes
+from parallel.context import (GROUP_KINDS, RankCoords, expert_dp_size, group_ranks, rank_grid, rank_of,
+                              resolve_sizes)
 from parallel.partition import (activation_microbatches_in_flight, bubble_fraction, check_partition,
                                 chunk_specs, chunks_of_rank, format_partition)
 
@@ -142,7 +143,7 @@ def resolve_layout(cfg: TrainConfig, nodes: int, gpus_per_node: int) -> Layout:
     n_micro = t.global_batch_size // (dp * t.micro_batch_size)
     _check_pipeline(cfg, n_micro)
     schedule = p.pp_schedule if p.pp > 1 else "none"
-    edp = dp * (p.tp if p.fold_experts else 1) // p.ep
+    edp = expert_dp_size(p.tp, dp, p.ep, p.fold_experts)
     return Layout(nodes, gpus_per_node, world, p.tp, p.pp, p.vpp, dp, p.ep, edp, schedule,
                   n_micro, t.micro_batch_size, cfg.data.seq_len, p.sequence_parallel and p.tp > 1)
 
