@@ -47,9 +47,12 @@ class ParallelOptimizer:
         self.adamw = torch.optim.AdamW(main_groups, lr=lr, betas=tuple(betas), eps=eps, **kernel)
         self.reducers = [GradReducer(ps, table, bucket_mb) for ps in chunk_params]
         self._reducer_of = {id(p): r for r, ps in zip(self.reducers, chunk_params) for p in ps}
-        updated = [(self.main[id(p)], table[p]) for p in self.params if id(p) in self.main]
-        self.clip_buckets = norm_buckets(updated, self.ctx)
-        self.tied_replicas = [m for m, rec in updated if rec.tied_to is not None]
+        # (model parameter, its main tensor) for every parameter this rank updates, fixed from here
+        self._pairs = [(p, self.main[id(p)]) for p in self.params if id(p) in self.main]
+        self._tied_mains = [m for p, m in self._pairs if table[p].tied]
+        self._copies = [(p, m) for p, m in self._pairs if m is not p]  # written after each step
+        self.clip_buckets = norm_buckets([(m, table[p]) for p, m in self._pairs], self.ctx)
+        self.tied_replicas = [m for p, m in self._pairs if table[p].tied_to is not None]
         self.zero1 = any(table[p].owner is not None for p in self.params)
 
     def _main_group(self, group: dict) -> dict:
@@ -66,10 +69,9 @@ class ParallelOptimizer:
         two replicas across stages, and give each main parameter its float32 gradient."""
         for r in self.reducers:
             r.finish()
-        for p, main in self._mains():
+        for p, main in self._pairs:
             main.grad = self._reducer_of[id(p)].grad(p)
-        tied = [m.grad for p, m in self._mains() if self.table[p].tied]
-        sync_tied_grads(tied, self.ctx)
+        sync_tied_grads([m.grad for m in self._tied_mains], self.ctx)
 
     def clip(self, max_norm: float) -> float:
         """Global gradient norm over every rank's pieces; gradients scaled so it is <= max_norm."""
@@ -85,9 +87,8 @@ class ParallelOptimizer:
     def write_model(self) -> None:
         """Model parameters <- main parameters (a cast for a bf16 model) and, under ZeRO-1, the
         owners' values broadcast to every replica: once per step, and after loading a checkpoint."""
-        pairs = [(p, m) for p, m in self._mains() if m is not p]
-        if pairs:
-            torch._foreach_copy_([p.data for p, _ in pairs], [m for _, m in pairs])
+        if self._copies:
+            torch._foreach_copy_([p.data for p, _ in self._copies], [m for _, m in self._copies])
         if self.zero1:
             broadcast_from_owners(self.params, self.table)
 
@@ -100,10 +101,6 @@ class ParallelOptimizer:
             main.grad = None
         for p in self.params:
             p.grad = None
-
-    def _mains(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-        """(model parameter, its main tensor) for every parameter this rank updates."""
-        return [(p, self.main[id(p)]) for p in self.params if id(p) in self.main]
 
     def master(self, p: torch.nn.Parameter) -> torch.Tensor | None:
         """The float32 tensor holding p's exact value on this rank (what a checkpoint saves and
