@@ -72,15 +72,26 @@ class ParamLayout:
         if tuple(full.shape) != self.global_shape:
             raise ValueError(f"{self.name}: full tensor has shape {tuple(full.shape)}, expected "
                              f"{self.global_shape}")
-        cuts = ((self.tp_dim, ctx.tp_rank, ctx.tp), (self.ep_dim, ctx.ep_rank, ctx.ep))
-        piece = full
-        for dim, rank, size in cuts:
-            if dim is not None and size > 1:
-                n = full.shape[dim] // size
-                piece = piece.narrow(dim, rank * n, n)
-        if piece.shape == full.shape:
-            return full
-        return piece.clone(memory_format=torch.contiguous_format)
+        piece = shard_tensor(full, self.tp_dim, ctx.tp_rank, ctx.tp)  # no split cuts both dims
+        return shard_tensor(piece, self.ep_dim, ctx.ep_rank, ctx.ep)
+
+
+def shard_tensor(full: torch.Tensor, tp_dim: int | None, rank: int, size: int) -> torch.Tensor:
+    """This rank's contiguous chunk of `full` along tp_dim, of `size` chunks (a copy; tp_dim None =
+    replicated, returned as is). ParamLayout.shard cuts a tp dim and an ep dim with it.
+
+    Model init generates each full tensor from the same seed on every rank and keeps its shard, so
+    every TP layout starts from exactly the single-process weights.
+    """
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"shard_tensor: rank ({rank}) must be in [0, size ({size}))")
+    if tp_dim is None or size == 1:
+        return full
+    if full.shape[tp_dim] % size:
+        raise ValueError(f"shard_tensor: dim {tp_dim} of shape {tuple(full.shape)} is not divisible by the "
+                         f"tp size ({size}): pad that dimension or choose tp dividing {full.shape[tp_dim]}")
+    n = full.shape[tp_dim] // size
+    return full.narrow(tp_dim, rank * n, n).clone(memory_format=torch.contiguous_format)
 
 
 def _global_shape(local: tuple[int, ...], split: Split, ctx: ParallelContext) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from torch import nn
 from parallel.context import ParallelContext, check_divisible
 from parallel.fp8 import Float8Recipe, float8_fused_linear, float8_linear
 from parallel.kernels import autocast_dtype, ce_shard_grad, ce_shard_stats
-from parallel.layout import Split
+from parallel.layout import Split, shard_tensor  # noqa: F401 (shard_tensor: re-exported)
 
 SEQUENCE_DIM = 1  # activations are [B, S, D]
 
@@ -217,23 +217,6 @@ def scatter_to_sp(x: torch.Tensor, group, dim: int = SEQUENCE_DIM) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------- sharding helpers
-
-def shard_tensor(full: torch.Tensor, tp_dim: int | None, rank: int, size: int) -> torch.Tensor:
-    """This rank's contiguous chunk of `full` along tp_dim (a copy; tp_dim None = replicated, returned as is).
-
-    Model init generates each full tensor from the same seed on every rank and keeps its shard, so
-    every TP layout starts from exactly the single-process weights.
-    """
-    if size < 1 or not 0 <= rank < size:
-        raise ValueError(f"shard_tensor: rank ({rank}) must be in [0, size ({size}))")
-    if tp_dim is None or size == 1:
-        return full
-    if full.shape[tp_dim] % size:
-        raise ValueError(f"shard_tensor: dim {tp_dim} of shape {tuple(full.shape)} is not divisible by the "
-                         f"tp size ({size}): pad that dimension or choose tp dividing {full.shape[tp_dim]}")
-    n = full.shape[tp_dim] // size
-    return full.narrow(tp_dim, rank * n, n).clone(memory_format=torch.contiguous_format)
-
 
 @torch.no_grad()
 def _init_shard_(param: nn.Parameter, tp_dim: int, full_shape: tuple, std: float, rank: int, size: int,
