@@ -129,6 +129,15 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     return HFTokenizer(str(path))
 
 
+def tokenizer_for(cfg) -> ByteTokenizer | HFTokenizer:
+    """The run's data.tokenizer (a TrainConfig), checked to fit its model.vocab_size."""
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {cfg.data.tokenizer!r} has {tok.vocab_size} ids but "
+                         f"model.vocab_size is {cfg.model.vocab_size}: raise model.vocab_size")
+    return tok
+
+
 # --------------------------------------------------------------------------------------------
 # Token files
 # --------------------------------------------------------------------------------------------

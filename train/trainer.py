@@ -37,7 +37,7 @@ from parallel.pipeline import PipelineExecutor
 from .checkpoint import (choose_checkpoint, restore_training_state, rng_state, save_checkpoint,
                          step_of, training_state)
 from .config import TrainConfig, check_world, save_config
-from .data import PretrainData, TokenFile, load_tokenizer, resolve_data_paths
+from .data import PretrainData, TokenFile, resolve_data_paths, tokenizer_for
 from .init_from import initial_state
 from .metrics import MetricsLogger, Throughput, format_eta, model_flops_per_token, peak_flops
 from .optim import LRSchedule, apply_lr, build_parallel_optimizer
@@ -162,10 +162,7 @@ class Trainer:
 
     def _build_data(self) -> tuple[PretrainData, PretrainData]:
         c = self.cfg
-        tok = load_tokenizer(c.data.tokenizer)
-        if tok.vocab_size > c.model.vocab_size:
-            raise ValueError(f"tokenizer {c.data.tokenizer!r} has {tok.vocab_size} ids but model.vocab_size is "
-                             f"{c.model.vocab_size}: raise model.vocab_size")
+        tok = tokenizer_for(c)
         prefixes = self._prepare_corpus(c, tok)
         kw = dict(prefixes=prefixes, weights=c.data.weights, seq_len=c.data.seq_len,
                   seed=c.training.seed, valid_fraction=c.data.valid_fraction,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..data import load_tokenizer
+from ..data import tokenizer_for
 from .base import Task, TaskInfo
 from .embedded import embedded_dataset
 from .examples import ExampleStream, Truncation, read_jsonl, split_records
@@ -33,11 +33,7 @@ class ExampleTask(Task):
     # ------------------------------------------------------------ data
     def build_data(self, trainer) -> tuple[ExampleStream, ExampleStream]:
         c, ctx = trainer.cfg, trainer.ctx
-        self.tokenizer = load_tokenizer(c.data.tokenizer)
-        if self.tokenizer.vocab_size > c.model.vocab_size:
-            raise ValueError(f"tokenizer {c.data.tokenizer!r} has {self.tokenizer.vocab_size} "
-                             f"ids but model.vocab_size is {c.model.vocab_size}: raise "
-                             f"model.vocab_size")
+        self.tokenizer = tokenizer_for(c)
         train, valid = self._records(c)
         self.truncation = {"train": Truncation(), "valid": Truncation()}
         self.items = {"train": self.encode(train, "train"), "valid": self.encode(valid, "valid")}
