@@ -524,3 +524,9 @@ def test_each_token_file_is_read_once_at_start(tmp_path, tokens, monkeypatch):
                         lambda self, *a, **k: (checked.append(self.prefix), check(self, *a, **k)))
     make_trainer(make_cfg(tmp_path, tokens))
     assert checked == [tokens]
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_in_one_line(tmp_path, tokens):
+    with pytest.raises(ValueError, match=r"tokenizer 'byte' has 257 ids but model\.vocab_size is "
+                                         r"200: raise model\.vocab_size"):
+        make_trainer(make_cfg(tmp_path, tokens, "model.vocab_size=200"))
