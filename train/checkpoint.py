@@ -249,7 +249,8 @@ def _file_records(paths: list[Path]) -> dict[str, dict[str, Any]]:
 
 def _gather_checksums(ctx, tmp: Path) -> dict[str, dict[str, Any]]:
     """Collective: every rank checksums the DCP files it wrote (__<rank>_*.distcp); rank 0 adds the
-    .metadata index. Returns the merged {file name: {bytes, checksum}} on every rank."""
+    .metadata index. Returns the merged {file name: {bytes, checksum}} on rank 0, which writes
+    meta.json (the other ranks get their own records only)."""
     error, mine = None, {}
     try:
         mine = _file_records(sorted(tmp.glob(f"__{ctx.rank}_*.distcp")))
@@ -261,8 +262,10 @@ def _gather_checksums(ctx, tmp: Path) -> dict[str, dict[str, Any]]:
     agree(ctx, error)
     if ctx.world_size == 1:
         return mine
-    gathered: list = [None] * ctx.world_size
-    dist.all_gather_object(gathered, mine, group=ctx.world_group)
+    gathered: list | None = [None] * ctx.world_size if ctx.rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0, group=ctx.world_group)
+    if ctx.rank != 0:
+        return mine
     return {name: rec for part in gathered for name, rec in part.items()}
 
 
