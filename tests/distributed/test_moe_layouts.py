@@ -12,7 +12,6 @@ control, the micro_batch scope does change with the micro-batch size, so the com
 One 4-rank spawn runs every layout.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 
 from parallel.context import ParallelContext
 from tests.distributed.harness import run_distributed
+from tests.test_trainer import read_jsonl
 from train.checkpoint import list_checkpoints, load_full_model_state
 from train.config import load_config
 from train.data import write_token_file
@@ -74,8 +74,7 @@ def _latest(root: Path) -> str:
 
 def _losses(run_dir: Path) -> torch.Tensor:
     """[steps, 4] loss, lm, aux, z as the run logged them."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return torch.tensor([[r[k] for k in KEYS] for r in rows if "split" not in r],
+    return torch.tensor([[r[k] for k in KEYS] for r in read_jsonl(run_dir) if "split" not in r],
                         dtype=torch.float64)
 
 

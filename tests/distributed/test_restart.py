@@ -16,14 +16,10 @@ import pytest
 
 from tests.distributed.test_launch import (LAUNCHER, _env, _single_process,  # noqa: F401
                                            config_file)
+from tests.test_trainer import train_losses
 
 pytestmark = pytest.mark.slow
 STEPS = 20  # enough that the kill lands mid-run on an idle machine too
-
-
-def _rows(path: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "split" not in r}
 
 
 def _worker_pid(agent_pid: int, rank: int) -> int | None:
@@ -79,15 +75,15 @@ def test_killed_worker_restarts_and_the_job_finishes_with_the_same_losses(
     ckpt = run_dir / "checkpoints" / f"step_{resumed:08d}"
     assert f"resumed from {ckpt} at step {resumed}" in out
 
-    final = _rows(run_dir / "metrics.jsonl")
+    final = train_losses(run_dir)
     assert sorted(final) == list(range(1, STEPS + 1))  # each step once
     (aside,) = (run_dir / "aside").iterdir()
-    killed = _rows(aside / "metrics.jsonl")  # the attempt that lost a worker
+    killed = train_losses(aside)  # the attempt that lost a worker
     redone = [s for s in killed if s > resumed]
     assert redone and all(final[s] == killed[s] for s in killed)  # bit-exact where both ran
 
     _single_process(config_file, tmp_path / "single", f"training.max_steps={STEPS}").train()
-    single = _rows(tmp_path / "single" / "metrics.jsonl")
+    single = train_losses(tmp_path / "single")
     assert [final[s] for s in sorted(final)] == pytest.approx([single[s] for s in sorted(single)],
                                                               rel=1e-5)
 
@@ -100,4 +96,4 @@ def test_killed_worker_restarts_and_the_job_finishes_with_the_same_losses(
     assert again.returncode != 0 and len(ours) == 1, again.stderr
     assert ours[0].startswith(f"error: {run_dir / 'checkpoints'} already holds checkpoints of run")
     assert "exitcode: 2" in again.stderr and "[rank" not in again.stderr, again.stderr
-    assert sorted(_rows(run_dir / "metrics.jsonl")) == list(range(1, STEPS + 1))  # untouched
+    assert sorted(train_losses(run_dir)) == list(range(1, STEPS + 1))  # untouched

@@ -13,7 +13,6 @@ summed over pipeline stages and data-parallel ranks, are checked too. Per step: 
 loss, grad norm and every per-layer MoE figure (relative 1e-5); after 3 steps: the weights in the
 final checkpoint (atol 1e-5). One 4-rank spawn runs both cases, each with its own process groups.
 """
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 
 from parallel.context import ParallelContext
 from tests.distributed.harness import run_distributed
+from tests.test_trainer import read_jsonl
 from train.checkpoint import list_checkpoints, load_full_model_state
 from train.config import load_config
 from train.data import write_token_file
@@ -66,8 +66,7 @@ def trainer_worker(rank: int, world: int, root: str) -> dict:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "split" not in r]
+    return [r for r in read_jsonl(run_dir) if "split" not in r]
 
 
 def _compare(case: str, root: Path) -> float:
